@@ -1,0 +1,314 @@
+"""ExplanationMonitor: explain fixed validation images every epoch, log maps and numbers."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+
+import explain
+from explain import metrics, render
+
+CLASS_MODES = ("true", "predicted", "all")
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
+
+    A crash mid-write leaves the previous file (or none), never a truncated one.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def dataset_labels(dataset: Any) -> torch.Tensor:
+    """Labels of a dataset without decoding images where the dataset exposes them."""
+    for attr in ("labels", "targets"):
+        if hasattr(dataset, attr):
+            return torch.as_tensor(getattr(dataset, attr)).long()
+    labels = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        labels.append(int(item["label"] if isinstance(item, dict) else item[1]))
+    return torch.tensor(labels)
+
+
+def stratified_indices(labels: torch.Tensor, n: int, seed: int) -> list[int]:
+    """``n`` indices spread evenly over classes (round robin), each class shuffled by seed."""
+    g = torch.Generator().manual_seed(seed)
+    per_class = []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        per_class.append(idx[torch.randperm(len(idx), generator=g)].tolist())
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < n and any(depth < len(p) for p in per_class):
+        picked += [p[depth] for p in per_class if depth < len(p)][: n - len(picked)]
+        depth += 1
+    return picked
+
+
+class ExplanationMonitor(Callback):
+    """Explain a fixed, class-stratified set of validation images at each validation epoch end.
+
+    For every method it logs to TensorBoard one image grid and the scalars
+    ``explain/<method>/...``:
+
+    * ``cue_energy/biased``: share of the true-class map's positive mass inside the cue
+      patch, over fixed images that carry the cue (a rising curve = a shortcut forming);
+    * ``cue_energy/clean``: the same share over images of classes without the cue, inside
+      the patch's region (the baseline for "attention to that corner");
+    * ``object_energy``: share inside the object mask (datasets with masks);
+    * ``pointing_game``: how often the map's peak lies on the object;
+    * ``drift``: ``1 - cosine`` similarity with the previous epoch's maps;
+    * ``concentration``: ``1 - normalised entropy`` of the map (1 = a single pixel).
+
+    The raw maps of every epoch are saved atomically to ``<log_dir>/explanations/``.
+
+    Args:
+        methods: explanation method names (see ``explain.available()``).
+        num_images: number of fixed validation images (stratified over classes, seeded).
+        every_n_epochs: explain every n-th validation epoch.
+        classes: which class maps the grid shows: ``true``, ``predicted`` or ``all``.
+        layer: explanation layer (None: the backbone's declared layer).
+        seed: seed of the image selection.
+        upscale: nearest-neighbour enlargement of grid tiles.
+        save_maps: write the raw maps of each epoch to disk.
+        method_options: per-method engine options, e.g. ``{"scorecam": {"batch_size": 256}}``.
+    """
+
+    def __init__(
+        self,
+        methods: list[str] | None = None,
+        num_images: int = 16,
+        every_n_epochs: int = 1,
+        classes: str = "true",
+        layer: str | None = None,
+        seed: int = 0,
+        upscale: int = 4,
+        save_maps: bool = True,
+        method_options: dict[str, dict] | None = None,
+    ) -> None:
+        super().__init__()
+        self.methods = list(methods) if methods is not None else ["gradcam"]
+        for m in self.methods:
+            explain.get(m)  # unknown names fail here, listing the valid ones
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if classes not in CLASS_MODES:
+            raise ValueError(f"classes must be one of {CLASS_MODES}, got {classes!r}")
+        self.num_images = num_images
+        self.every_n_epochs = every_n_epochs
+        self.classes = classes
+        self.layer = layer
+        self.seed = seed
+        self.upscale = upscale
+        self.save_maps = save_maps
+        self.method_options = method_options or {}
+        self.indices: list[int] | None = None
+        self._previous: dict[str, torch.Tensor] = {}
+        self._batch: dict[str, torch.Tensor] | None = None
+        self._warned_logger = False
+
+    # -- state: primitives and tensors only, so checkpoints load with weights_only=True ---
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "indices": list(self.indices or []),
+            "previous": {k: v.clone() for k, v in self._previous.items()},
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.indices = list(state_dict["indices"]) or None
+        self._previous = dict(state_dict.get("previous", {}))
+        self._batch = None
+
+    # -- selection ----------------------------------------------------------------------
+    @staticmethod
+    def _val_dataset(trainer: L.Trainer) -> Any:
+        dm = trainer.datamodule
+        if dm is not None and hasattr(dm, "dataset"):
+            return dm.dataset("val")
+        loaders = trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
+        return loader.dataset
+
+    def _fixed_batch(self, trainer: L.Trainer, device: torch.device) -> dict[str, torch.Tensor]:
+        if self._batch is None:
+            dataset = self._val_dataset(trainer)
+            if self.indices is None:
+                self.indices = stratified_indices(dataset_labels(dataset), self.num_images, self.seed)
+            items = [dataset[i] for i in self.indices]
+            if not isinstance(items[0], dict):
+                items = [{"image": it[0], "label": torch.as_tensor(it[1])} for it in items]
+            self._batch = {
+                k: torch.stack([torch.as_tensor(it[k]) for it in items])
+                for k in items[0]
+                if isinstance(items[0][k], torch.Tensor | int)
+            }
+        return {k: v.to(device) for k, v in self._batch.items()}
+
+    # -- the work -----------------------------------------------------------------------
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
+            return
+        # Only rank zero explains: the engine runs no collective, so no rank can wait on it.
+        if not trainer.is_global_zero:
+            return
+        batch = self._fixed_batch(trainer, pl_module.device)
+        images, labels = batch["image"], batch["label"].long()
+        with torch.no_grad(), torch.inference_mode(False):
+            logits = pl_module(images.clone()).float()
+        probs = logits.softmax(-1)
+        preds = probs.argmax(-1)
+        record: dict[str, Any] = {
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "indices": torch.tensor(self.indices),
+            "labels": labels.cpu(),
+            "probs": probs.cpu(),
+            "maps": {},
+            "scalars": {},
+        }
+        tb = self._tensorboard(trainer)
+        for method in self.methods:
+            maps = explain.run(
+                pl_module, images, method, layer=self.layer, **self.method_options.get(method, {})
+            ).cpu()
+            if not torch.isfinite(maps).all():
+                rank_zero_warn(f"ExplanationMonitor: {method} maps are not finite; skipped")
+                continue
+            scalars = self._scalars(method, maps, labels.cpu(), batch)
+            record["maps"][method] = maps.half()
+            record["scalars"][method] = scalars
+            if tb is not None:
+                for name, value in scalars.items():
+                    tb.add_scalar(f"explain/{method}/{name}", value, trainer.global_step)
+                tb.add_image(
+                    f"explain/{method}/grid",
+                    self._grid(trainer, images, maps, labels, preds),
+                    trainer.global_step,
+                )
+        if self.save_maps:
+            folder = os.path.join(self._log_dir(trainer), "explanations")
+            if not os.path.exists(os.path.join(folder, "fixed_images.pt")):
+                atomic_save(self._fixed_record(trainer, batch), os.path.join(folder, "fixed_images.pt"))
+            atomic_save(record, os.path.join(folder, f"epoch_{trainer.current_epoch:04d}.pt"))
+
+    def _scalars(
+        self, method: str, maps: torch.Tensor, labels: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> dict[str, float]:
+        true_maps = maps[torch.arange(len(labels)), labels]
+        out: dict[str, float] = {}
+        cue = batch.get("cue_mask")
+        if cue is not None:
+            cue = cue.cpu()
+            carries = cue.flatten(1).any(1)
+            if carries.any():
+                out["cue_energy/biased"] = metrics.nanmean(
+                    metrics.energy_in_mask(true_maps[carries], cue[carries])
+                )
+                region = cue[carries].any(0)  # where the patch sits (fixed-position cues)
+                clean = ~carries
+                if clean.any():
+                    out["cue_energy/clean"] = metrics.nanmean(
+                        metrics.energy_in_mask(true_maps[clean], region.expand_as(cue[clean]))
+                    )
+        obj = batch.get("object_mask")
+        if obj is not None and obj.any():
+            obj = obj.cpu()
+            out["object_energy"] = metrics.nanmean(metrics.energy_in_mask(true_maps, obj))
+            out["pointing_game"] = metrics.nanmean(metrics.pointing_game(true_maps, obj))
+        prev = self._previous.get(method)
+        if prev is not None and prev.shape == maps.shape:
+            out["drift"] = metrics.nanmean(metrics.drift(maps.flatten(0, 1), prev.float().flatten(0, 1)))
+        out["concentration"] = metrics.nanmean(metrics.concentration(true_maps))
+        self._previous[method] = maps.half()
+        return out
+
+    def _grid(
+        self,
+        trainer: L.Trainer,
+        images: torch.Tensor,
+        maps: torch.Tensor,
+        labels: torch.Tensor,
+        preds: torch.Tensor,
+    ) -> torch.Tensor:
+        images01 = self._denormalize(trainer, images).cpu()
+        labels, preds = labels.cpu(), preds.cpu()
+        ok = preds == labels
+        n, k = maps.shape[:2]
+        if self.classes == "all":
+            # Scale by each image's peak over all classes so strong and weak classes differ.
+            shown = render.normalize_maps(maps, dims=(-3, -2, -1))
+            overlays = render.overlay(
+                images01.repeat_interleave(k, 0), shown.flatten(0, 1)
+            ).view(n, k, *images01.shape[1:])
+            tiles = torch.cat([render.frame(images01, ok)[:, None], overlays], 1).flatten(0, 1)
+            ncol = k + 1
+        else:
+            pick = labels if self.classes == "true" else preds
+            shown = render.normalize_maps(maps[torch.arange(n), pick])
+            overlays = render.overlay(images01, shown)
+            tiles = torch.stack([render.frame(images01, ok), overlays], 1).flatten(0, 1)
+            ncol = 8
+        return render.grid(render.upscale(tiles.clamp(0, 1), self.upscale), ncol=ncol)
+
+    # -- plumbing -----------------------------------------------------------------------
+    @staticmethod
+    def _denormalize(trainer: L.Trainer, images: torch.Tensor) -> torch.Tensor:
+        dm = trainer.datamodule
+        if dm is not None and hasattr(dm, "denormalize"):
+            return dm.denormalize(images).clamp(0, 1)
+        lo = images.amin((1, 2, 3), keepdim=True)
+        hi = images.amax((1, 2, 3), keepdim=True)
+        return (images - lo) / (hi - lo).clamp_min(1e-12)
+
+    def _fixed_record(self, trainer: L.Trainer, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        dm = trainer.datamodule
+        return {
+            "indices": torch.tensor(self.indices),
+            "images": (self._denormalize(trainer, batch["image"]).cpu() * 255).round().byte(),
+            "labels": batch["label"].cpu(),
+            "object_mask": batch.get("object_mask", torch.zeros(0)).cpu(),
+            "cue_mask": batch.get("cue_mask", torch.zeros(0)).cpu(),
+            "class_names": list(getattr(dm, "class_names", []) or []),
+            "methods": list(self.methods),
+        }
+
+    @staticmethod
+    def _log_dir(trainer: L.Trainer) -> str:
+        return trainer.log_dir or trainer.default_root_dir
+
+    def _tensorboard(self, trainer: L.Trainer) -> Any:
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                return logger.experiment
+        if not self._warned_logger:
+            self._warned_logger = True
+            warnings.warn(
+                "ExplanationMonitor: no TensorBoardLogger attached, so no heatmaps or "
+                "scalars are logged; raw maps are still saved under "
+                f"{os.path.join(self._log_dir(trainer), 'explanations')}",
+                UserWarning,
+                stacklevel=2,
+            )
+        return None

@@ -175,7 +175,7 @@ class ExplanationMonitor(Callback):
             return
         batch = self._fixed_batch(trainer, pl_module.device)
         images, labels = batch["image"], batch["label"].long()
-        with torch.no_grad(), torch.inference_mode(False):
+        with explain.explaining(pl_module), torch.no_grad():  # eval mode: BN stats stay
             logits = pl_module(images.clone()).float()
         probs = logits.softmax(-1)
         preds = probs.argmax(-1)

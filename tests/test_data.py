@@ -1,0 +1,450 @@
+"""Tests of the data layer: synthetic shapes, the spurious cue and the datamodules."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets.cifar as tv_cifar
+from PIL import Image
+
+from lit_modules.data import (
+    CIFAR10_CLASSES,
+    CIFAR10_MEAN,
+    POSITIONS,
+    SHAPE_CLASSES,
+    CIFAR10DataModule,
+    SpuriousCue,
+    SyntheticShapes,
+    SyntheticShapesDataModule,
+    find_cifar10,
+)
+
+BATCH_KEYS = {"image", "label", "object_mask", "cue_mask", "index"}
+SHARED_DATA = Path(
+    os.environ.get("CAMLIGHT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
+
+
+def check_batch(batch: dict, batch_size: int, size: int = 32) -> None:
+    """Assert the documented batch format."""
+    assert set(batch) == BATCH_KEYS
+    assert batch["image"].dtype == torch.float32
+    assert batch["image"].shape == (batch_size, 3, size, size)
+    assert batch["label"].dtype == torch.int64 and batch["label"].shape == (batch_size,)
+    assert batch["index"].dtype == torch.int64 and batch["index"].shape == (batch_size,)
+    for key in ("object_mask", "cue_mask"):
+        assert batch[key].dtype == torch.bool and batch[key].shape == (batch_size, size, size)
+
+
+# -- synthetic shapes ---------------------------------------------------------------------
+
+
+def test_shapes_deterministic_per_seed_and_split():
+    a, b = SyntheticShapes(100, seed=3), SyntheticShapes(100, seed=3)
+    assert torch.equal(a.images, b.images)
+    assert torch.equal(a.masks, b.masks)
+    assert torch.equal(a.labels, b.labels)
+    other_seed = SyntheticShapes(100, seed=4)
+    val = SyntheticShapes(100, seed=3, split="val")
+    assert not torch.equal(a.images, other_seed.images)
+    assert not torch.equal(a.images, val.images)
+    assert not torch.equal(a.masks, val.masks)
+
+
+def test_shapes_balanced_and_all_classes():
+    ds = SyntheticShapes(205, seed=0)
+    counts = torch.bincount(ds.labels, minlength=10)
+    assert len(SHAPE_CLASSES) == 10 and ds.class_names == SHAPE_CLASSES
+    assert counts.min() == 20 and counts.max() == 21
+    assert ds.images.dtype == torch.uint8 and ds.images.shape == (205, 3, 32, 32)
+
+
+def test_shapes_masks_cover_the_object():
+    ds = SyntheticShapes(300, seed=1)
+    images = ds.images.float() / 255
+    for i in range(len(ds)):
+        mask = ds.masks[i]
+        area = mask.float().mean().item()
+        assert 0.015 < area < 0.3, (SHAPE_CLASSES[ds.labels[i]], area)
+        rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
+        extent = max(rows.max() - rows.min(), cols.max() - cols.min()).item() + 1
+        assert 0.2 * 32 <= extent <= 0.55 * 32
+        inside, outside = images[i][:, mask], images[i][:, ~mask]
+        # The object is one flat colour, and every channel contrasts with the background.
+        assert torch.equal(inside.amin(1), inside.amax(1))
+        gap = (inside.mean(1) - outside.mean(1)).abs()
+        assert gap.min() > 0.15, gap
+        # The background is textured, not flat.
+        assert outside.std(1).max() > 0.01
+
+
+def test_shapes_item_format():
+    ds = SyntheticShapes(2000, seed=5, split="test")
+    item = ds[7]
+    assert set(item) == BATCH_KEYS
+    assert item["image"].min() >= 0 and item["image"].max() <= 1
+    assert torch.equal(item["object_mask"], ds.masks[7])
+    assert not item["cue_mask"].any() and item["index"].item() == 7
+
+
+# -- spurious cue -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "position,top,left",
+    [
+        ("top_left", 0, 0),
+        ("top_right", 0, 27),
+        ("bottom_left", 27, 0),
+        ("bottom_right", 27, 27),
+        ("center", 13, 13),
+    ],
+)
+def test_cue_fixed_positions(position, top, left):
+    cue = SpuriousCue([2], size=5, color=(0.0, 1.0, 0.0), position=position, p_train=1.0)
+    expected = torch.zeros(32, 32, dtype=torch.bool)
+    expected[top : top + 5, left : left + 5] = True
+    assert torch.equal(cue.mask(32, 32), expected)
+    image = torch.rand(3, 32, 32)
+    stamped, mask = cue.apply(image, 2, index=11, split="train")
+    assert torch.equal(mask, expected)
+    assert torch.equal(stamped[:, expected], torch.tensor([[0.0], [1.0], [0.0]]).expand(3, 25))
+    assert torch.equal(stamped[:, ~expected], image[:, ~expected])
+    # The input itself is left unstamped.
+    assert not torch.equal(image[:, expected], stamped[:, expected])
+
+
+def test_cue_random_position_is_seeded_per_item():
+    cue = SpuriousCue([0], size=3, position="random", p_train=1.0, seed=7)
+    masks = [cue.mask(32, 32, index=i, split="train") for i in range(50)]
+    for m in masks:
+        rows, cols = m.any(1).nonzero(), m.any(0).nonzero()
+        assert m.sum() == 9 and rows.numel() == 3 and cols.numel() == 3
+    assert torch.equal(masks[4], SpuriousCue([0], 3, position="random", seed=7).mask(32, 32, 4))
+    assert len({tuple(m.nonzero()[0].tolist()) for m in masks}) > 20
+    _, cue_mask = cue.apply(torch.rand(3, 32, 32), 0, index=4, split="train")
+    assert torch.equal(cue_mask, masks[4])
+    with pytest.raises(ValueError, match="index"):
+        cue.mask(32, 32)
+
+
+def test_cue_only_on_configured_classes():
+    cue = SpuriousCue([1, 3], p_train=1.0, p_eval=1.0)
+    image = torch.rand(3, 32, 32)
+    for label in range(10):
+        stamped, mask = cue.apply(image, torch.tensor(label), index=0, split="val")
+        assert mask.any() == (label in (1, 3))
+        if label not in (1, 3):
+            assert stamped is image or torch.equal(stamped, image)
+
+
+@pytest.mark.parametrize("p_train,p_eval", [(0.9, 0.3), (0.0, 1.0), (1.0, 0.0)])
+def test_cue_rates(p_train, p_eval):
+    cue = SpuriousCue([0], p_train=p_train, p_eval=p_eval, seed=1)
+    n = 2000
+    for split, p in (("train", p_train), ("val", p_eval), ("test", p_eval)):
+        rate = sum(cue.has_cue(0, i, split) for i in range(n)) / n
+        assert abs(rate - p) < 0.03, (split, rate, p)
+        if p in (0.0, 1.0):
+            assert rate == p
+
+
+def test_cue_is_deterministic_and_leaves_global_rng_alone():
+    state = torch.get_rng_state()
+    a = [SpuriousCue([0], p_train=0.5, seed=2).has_cue(0, i, "train") for i in range(300)]
+    b = [SpuriousCue([0], p_train=0.5, seed=2).has_cue(0, i, "train") for i in range(300)]
+    other_seed = [SpuriousCue([0], p_train=0.5, seed=3).has_cue(0, i, "train") for i in range(300)]
+    cue = SpuriousCue([0], p_train=0.5, p_eval=0.5, seed=2)
+    val = [cue.has_cue(0, i, "val") for i in range(300)]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a == b and a != other_seed and a != val
+    # A lower p stamps a subset of the items a higher p stamps.
+    low = [SpuriousCue([0], p_train=0.2, seed=2).has_cue(0, i, "train") for i in range(300)]
+    assert all(h for lo, h in zip(low, a, strict=True) if lo)
+
+
+def test_cue_stamp_batch_regardless_of_class():
+    cue = SpuriousCue([9], size=4, position="bottom_right", p_train=0.0, p_eval=0.0)
+    images = torch.rand(6, 3, 16, 16)
+    stamped, masks = cue.stamp(images)
+    assert masks.shape == (6, 16, 16) and masks[:, 12:, 12:].all() and masks.sum() == 6 * 16
+    assert torch.equal(
+        stamped[:, :, 12:, 12:], torch.tensor([1.0, 0.0, 1.0]).view(1, 3, 1, 1).expand(6, 3, 4, 4)
+    )
+    assert torch.equal(stamped[:, :, :12], images[:, :, :12])
+    rand_cue = SpuriousCue([0], size=2, position="random")
+    _, rand_masks = rand_cue.stamp(images, indices=[5, 6, 7, 8, 9, 10], split="test")
+    assert torch.equal(rand_masks[0], rand_cue.mask(16, 16, index=5, split="test"))
+
+
+def test_cue_validation_and_describe():
+    cue = SpuriousCue([0, 1])
+    assert (
+        cue.describe()
+        == "4x4 magenta patch at top_left on classes [0, 1] (p=0.95 train, 0.95 eval)"
+    )
+    with pytest.raises(ValueError, match="size"):
+        SpuriousCue([0], size=0)
+    with pytest.raises(ValueError, match="p_train"):
+        SpuriousCue([0], p_train=1.5)
+    with pytest.raises(ValueError, match="p_eval"):
+        SpuriousCue([0], p_eval=-0.1)
+    with pytest.raises(ValueError, match="color"):
+        SpuriousCue([0], color=(2.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="position"):
+        SpuriousCue([0], position="middle")
+    with pytest.raises(ValueError, match="does not fit"):
+        SpuriousCue([0], size=40).mask(32, 32)
+    with pytest.raises(ValueError, match="split"):
+        cue.has_cue(0, 0, "training")
+    assert set(POSITIONS) == {
+        "top_left",
+        "top_right",
+        "bottom_left",
+        "bottom_right",
+        "center",
+        "random",
+    }
+
+
+# -- synthetic datamodule -------------------------------------------------------------------
+
+
+def small_shapes_dm(**kwargs) -> SyntheticShapesDataModule:
+    args = {"num_train": 96, "num_val": 40, "num_test": 40, "batch_size": 16}
+    return SyntheticShapesDataModule(**(args | kwargs))
+
+
+def test_shapes_datamodule_batches():
+    dm = small_shapes_dm(cue_classes=[0, 1], cue_p_train=1.0, cue_p_eval=1.0)
+    assert dm.num_classes == 10 and dm.has_object_masks and dm.cue is not None
+    assert dm.dataset("val") is dm.val_set  # set up on demand
+    dm.setup("fit")
+    dm.setup("test")
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+        batch = next(iter(loader))
+        check_batch(batch, 16)
+        assert batch["object_mask"].flatten(1).any(1).all()
+        has_cue = batch["cue_mask"].flatten(1).any(1)
+        assert torch.equal(has_cue, (batch["label"] <= 1))
+        images01 = dm.denormalize(batch["image"])
+        magenta = torch.tensor([1.0, 0.0, 1.0]).view(3, 1)
+        for img, m in zip(images01[has_cue], batch["cue_mask"][has_cue], strict=True):
+            assert torch.allclose(img[:, m], magenta.expand(3, 16), atol=1e-6)
+            assert torch.equal(m[:4, :4], torch.ones(4, 4, dtype=torch.bool))
+    # Eval loaders keep order; the train loader shuffles, reproducibly.
+    assert torch.equal(next(iter(dm.val_dataloader()))["index"], torch.arange(16))
+    order = torch.cat([b["index"] for b in dm.train_dataloader()])
+    again = torch.cat([b["index"] for b in small_shapes_dm().train_dataloader()])
+    assert not torch.equal(order, torch.arange(96)) and torch.equal(order, again)
+    with pytest.raises(ValueError, match="split"):
+        dm.dataset("validation")
+
+
+def test_shapes_datamodule_flips_image_and_mask_together():
+    dm = small_shapes_dm(cue_classes=list(range(10)), cue_p_train=1.0)
+    train = dm.dataset("train")
+    raw = train.images.float() / 255
+    torch.manual_seed(0)
+    seen = set()
+    for i in range(40):
+        item = train[i]
+        image01 = dm.denormalize(item["image"])
+        unflipped = torch.allclose(image01[:, :, 4:], raw[i][:, :, 4:], atol=1e-5)
+        flipped = torch.allclose(image01[:, :, 4:], raw[i].flip(-1)[:, :, 4:], atol=1e-5)
+        assert unflipped != flipped  # asymmetric object or texture: exactly one holds
+        mask = train.object_masks[i].flip(-1) if flipped else train.object_masks[i]
+        assert torch.equal(item["object_mask"], mask)
+        # The cue is stamped after the flip, so it stays at the top-left corner.
+        assert item["cue_mask"][:4, :4].all() and item["cue_mask"].sum() == 16
+        seen.add(flipped)
+    assert seen == {True, False}
+    assert dm.dataset("val")[0]["object_mask"].equal(dm.val_set.object_masks[0])
+
+
+def test_denormalize_inverts_normalize():
+    dm = small_shapes_dm()
+    images = torch.rand(4, 3, 32, 32)
+    assert torch.allclose(dm.denormalize(dm.normalize(images)), images, atol=1e-6)
+    item = dm.dataset("test")[3]
+    assert torch.allclose(dm.denormalize(item["image"]), dm.test_set.images[3] / 255, atol=1e-6)
+    with pytest.raises(ValueError, match="cue_classes"):
+        small_shapes_dm(cue_classes=[12]).setup("fit")
+
+
+# -- CIFAR-10 datamodule --------------------------------------------------------------------
+
+
+def write_imagefolder(root: Path, classes: list[str], per_class: dict[str, int]) -> dict:
+    """Constant-colour images whose colour encodes (part, class, number); returns colour->label."""
+    colours = {}
+    for part, count in per_class.items():
+        for c, name in enumerate(classes):
+            (root / part / name).mkdir(parents=True)
+            for j in range(count):
+                key = (part == "test", c, j)
+                colour = (10 * j + 5, 40 * c + 20, 200 if part == "test" else 100)
+                size = 40 if (c, j) == (0, 0) else 32  # one odd size to exercise resizing
+                Image.new("RGB", (size, size), colour).save(root / part / name / f"{j:04d}.png")
+                colours[colour] = (c, key)
+    # A JPEG too (lossy, so it is not in the colour table).
+    Image.new("RGB", (32, 32), (128, 128, 128)).save(root / "test" / classes[1] / "x.jpg")
+    return colours
+
+
+def test_cifar_imagefolder_layout(tmp_path):
+    classes = ["cat", "ant", "bee"]
+    colours = write_imagefolder(tmp_path, classes, {"train": 6, "test": 3})
+    dm = CIFAR10DataModule(root=str(tmp_path), val_size=4, batch_size=5, num_workers=0)
+    assert find_cifar10(tmp_path) == ("imagefolder", tmp_path)
+    assert dm.class_names == sorted(classes) and dm.num_classes == 3
+    dm.setup("fit")
+    dm.setup("test")
+    assert dm.layout == "imagefolder" and not dm.has_object_masks
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (14, 4, 10)
+    # Val items are un-augmented copies of training files with the right label.
+    sources = set()
+    for i in range(len(dm.val_set)):
+        item = dm.val_set[i]
+        pixels = (dm.denormalize(item["image"]) * 255).round().to(torch.uint8)
+        colour = tuple(pixels[:, 0, 0].tolist())
+        assert (pixels == pixels[:, :1, :1]).all()
+        label, key = colours[colour]
+        assert not key[0] and item["label"].item() == dm.class_names.index(classes[label])
+        sources.add(key)
+    train_keys = {colours[tuple(im[:, 0, 0].tolist())][1] for im in dm.train_set.images}
+    assert len(sources) == 4 and len(train_keys) == 14 and not sources & train_keys
+    batch = next(iter(dm.train_dataloader()))
+    check_batch(batch, 5)
+    assert not batch["object_mask"].any()
+    assert dm.train_dataloader().persistent_workers is False
+    # The split is seeded: another instance picks the same val images.
+    other = CIFAR10DataModule(root=str(tmp_path), val_size=4, num_workers=0)
+    assert torch.equal(other.dataset("val").images, dm.val_set.images)
+
+
+def write_fake_batches(folder: Path, per_batch: int) -> tuple[np.ndarray, list[int]]:
+    """Write torchvision-format pickles of random images; return the train images (HWC), labels."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train, train_labels = [], []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, size=(per_batch, 3 * 32 * 32), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=per_batch).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)
+        if name != "test_batch":
+            train.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            train_labels += labels
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": list(CIFAR10_CLASSES)}, f)
+    return np.concatenate(train), train_labels
+
+
+@pytest.mark.parametrize("point_at_batches", [False, True])
+def test_cifar_torchvision_layout(tmp_path, monkeypatch, point_at_batches):
+    # The fake files cannot match torchvision's md5 sums; everything else is the real path.
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
+    train_hwc, train_labels = write_fake_batches(tmp_path / "cifar-10-batches-py", per_batch=6)
+    root = tmp_path / "cifar-10-batches-py" if point_at_batches else tmp_path
+    dm = CIFAR10DataModule(
+        root=str(root), download=False, val_size=5, limit_train=12, batch_size=4, num_workers=0
+    )
+    dm.setup("fit")
+    assert dm.layout == "torchvision" and dm.class_names == CIFAR10_CLASSES
+    assert (len(dm.train_set), len(dm.val_set)) == (12, 5)
+    source = torch.from_numpy(train_hwc).permute(0, 3, 1, 2)
+    for image, label in zip(dm.val_set.images, dm.val_set.labels, strict=True):
+        match = (source == image).flatten(1).all(1).nonzero().flatten()
+        assert match.numel() == 1 and train_labels[match.item()] == label.item()
+    item = dm.val_set[2]
+    assert torch.allclose(dm.denormalize(item["image"]), dm.val_set.images[2] / 255, atol=1e-6)
+    assert torch.allclose(torch.tensor(dm.mean), torch.tensor(CIFAR10_MEAN))
+    check_batch(next(iter(dm.train_dataloader())), 4)
+    test_set = dm.dataset("test")
+    assert len(test_set) == 6 and test_set.split == "test"
+
+
+def test_cifar_missing_without_network_explains_fix(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise URLError("no network in this test")
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", no_network)
+    root = tmp_path / "nothing here"
+    dm = CIFAR10DataModule(root=str(root), download=True)
+    with pytest.raises(RuntimeError) as info:
+        dm.prepare_data()
+    message = str(info.value)
+    for part in (str(root.resolve()), "cifar-10-batches-py", "train/ + test/", "--data.root"):
+        assert part in message
+    assert "no network in this test" in message and isinstance(info.value.__cause__, URLError)
+    with pytest.raises(RuntimeError, match="disabled") as info:
+        CIFAR10DataModule(root=str(root), download=False).setup("fit")
+    assert "--data.root" in str(info.value)
+
+
+def test_cifar_limits_are_seeded(tmp_path):
+    write_imagefolder(tmp_path, ["a", "b"], {"train": 10, "test": 5})
+    kwargs = {
+        "root": str(tmp_path),
+        "val_size": 4,
+        "limit_train": 6,
+        "limit_val": 2,
+        "limit_test": 3,
+    }
+    a, b = CIFAR10DataModule(**kwargs), CIFAR10DataModule(**kwargs)
+    a.setup()
+    b.setup()
+    assert (len(a.train_set), len(a.val_set), len(a.test_set)) == (6, 2, 3)
+    for split in ("train", "val", "test"):
+        assert torch.equal(a.dataset(split).images, b.dataset(split).images)
+    with pytest.raises(ValueError, match="limit_val"):
+        CIFAR10DataModule(root=str(tmp_path), limit_val=0)
+
+
+@pytest.mark.real_data
+def test_cifar_real_imagefolder(tmp_path):
+    test_zip = SHARED_DATA / "cifar10-jpeg-test.zip"
+    if not test_zip.is_file():
+        pytest.skip(f"real CIFAR-10 archive not found: {test_zip}")
+    # A few hundred real JPEGs: unzipping all 60k files would cost more than the test itself.
+    with zipfile.ZipFile(test_zip) as z:
+        members = [n for n in z.namelist() if n.endswith(".jpg") and int(n[-8:-4]) < 40]
+        z.extractall(tmp_path, members)
+    train_zip = SHARED_DATA / "cifar10-jpeg-train.zip"
+    if train_zip.is_file():
+        with zipfile.ZipFile(train_zip) as z:
+            members = [n for n in z.namelist() if n.endswith(".jpg") and int(n[-8:-4]) < 30]
+            z.extractall(tmp_path, members)
+    else:  # the test images stand in for a train split
+        (tmp_path / "train").symlink_to(tmp_path / "test")
+    dm = CIFAR10DataModule(
+        root=str(tmp_path),
+        download=False,
+        val_size=50,
+        limit_train=200,
+        limit_test=300,
+        batch_size=50,
+        num_workers=0,
+        cue_classes=[0],
+    )
+    dm.setup("fit")
+    dm.setup("test")
+    assert dm.layout == "imagefolder" and dm.class_names == CIFAR10_CLASSES
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (200, 50, 300)
+    assert len(torch.unique(dm.test_set.labels)) == 10
+    batch = next(iter(dm.test_dataloader()))
+    check_batch(batch, 50)
+    # Real photos: channel means near CIFAR-10's and far from flat images.
+    images01 = dm.test_set.images.float() / 255
+    assert torch.allclose(images01.mean((0, 2, 3)), torch.tensor(CIFAR10_MEAN), atol=0.06)
+    assert images01.std() > 0.15
+    has_cue = batch["cue_mask"].flatten(1).any(1)
+    assert not has_cue[batch["label"] != 0].any()

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from . import cam as _cam  # noqa: F401  (registers the CAM family)
+from . import gradient as _gradient  # noqa: F401  (registers the gradient methods)
+from . import perturbation as _perturbation  # noqa: F401  (registers the perturbation methods)
 from .base import (
     ExplainContext,
     ExplainError,
@@ -22,6 +24,7 @@ from .base import (
     find_split,
     make_selectors,
     resolve_layer,
+    split_for,
 )
 from .registry import MethodInfo, available, get, register
 
@@ -92,10 +95,7 @@ def run(
         x = images.detach().to(device=device, dtype=dtype).clone()
         num_classes = _num_classes(model, x)
         selectors = make_selectors(targets, x.shape[0], num_classes, device)
-        split = None
-        found = find_split(model)
-        if found is not None and layer_name == found[1] + found[0].default_layer:
-            split = found[0]
+        split = split_for(model, layer_name)
         ctx = ExplainContext(model, x, layer_name, selectors, num_classes, split)
         maps = info.fn(ctx, **options).float()
         maps = upsample(maps, tuple(x.shape[-2:])).transpose(0, 1)

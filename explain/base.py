@@ -40,6 +40,15 @@ def find_split(model: nn.Module) -> tuple[nn.Module, str] | None:
     return None
 
 
+def split_for(model: nn.Module, layer: str | None) -> nn.Module | None:
+    """The declared backbone whose ``features()`` ends exactly at ``layer``, else None."""
+    found = find_split(model)
+    if found is None or layer is None:
+        return None
+    backbone, prefix = found
+    return backbone if layer == prefix + backbone.default_layer else None
+
+
 def default_layer(model: nn.Module) -> str:
     """The model's declared explanation layer, or a clear error when it declares none."""
     split = find_split(model)
@@ -156,13 +165,20 @@ class ExplainContext:
         return logits, store["act"]
 
     # -- gradients ----------------------------------------------------------------------
-    def grads_of_selected(self, outputs: torch.Tensor, wrt: torch.Tensor) -> torch.Tensor:
+    def grads_of_selected(
+        self,
+        outputs: torch.Tensor,
+        wrt: torch.Tensor,
+        selectors: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Gradients of each selected class score w.r.t. ``wrt``: ``[T, *wrt.shape]``.
 
         All T classes come from one batched backward (``is_grads_batched``); if an op in
-        the graph has no batching rule the classes are looped over instead.
+        the graph has no batching rule the classes are looped over instead. ``selectors``
+        (``[T, N, K]``, default the context's own) serves outputs whose batch is not the
+        images' (e.g. interpolated or noisy copies, ``N`` rows per forward).
         """
-        sel = self.selectors.to(outputs.dtype)
+        sel = (self.selectors if selectors is None else selectors).to(outputs.dtype)
         if sel.shape[0] == 1:
             (g,) = torch.autograd.grad(outputs, wrt, grad_outputs=sel[0])
             return g.unsqueeze(0)

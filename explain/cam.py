@@ -63,8 +63,10 @@ def gradcam_pp(ctx: ExplainContext, eps: float = 1e-7) -> torch.Tensor:
     """Grad-CAM++ (Chattopadhay et al. 2018): ``relu(sum_k sum_ij a_ij relu(g_ij) A_k)``.
 
     ``a_ij = g^2 / (2 g^2 + sum_ij(A_k) g^3)``, the closed form for an exponential of the
-    score, with first-order gradients only (as pytorch-grad-cam computes it). Layer: any
-    conv layer. Cost: one forward, one batched backward.
+    score, with first-order gradients only (as pytorch-grad-cam computes it). ``eps``
+    guards the denominator; its size matters because gradients at the last layer are
+    small (``W / hw``): pytorch-grad-cam uses ``eps=1e-6``, which reproduces its maps
+    exactly. Layer: any conv layer. Cost: one forward, one batched backward.
     """
     act, grads = _act_and_grads(ctx)
     g2 = grads.pow(2)
@@ -85,3 +87,68 @@ def hirescam(ctx: ExplainContext) -> torch.Tensor:
     """
     act, grads = _act_and_grads(ctx)
     return (grads * act).sum(-3).clamp_min(0)
+
+
+@register("xgradcam", family="cam", needs_layer=True)
+def xgradcam(ctx: ExplainContext, eps: float = 1e-7) -> torch.Tensor:
+    """XGrad-CAM (Fu et al. 2020): ``relu(sum_k (sum_ij A_k g_k / (sum_ij A_k + eps)) A_k)``.
+
+    The channel weight is the gradient averaged with the activation's own spatial
+    distribution instead of uniformly (the weights that satisfy the sensitivity and
+    conservation axioms for ReLU-linear heads). Layer: any conv layer. Cost: one forward,
+    one batched backward.
+    """
+    act, grads = _act_and_grads(ctx)
+    weights = (grads * act).sum((-2, -1)) / (act.sum((-2, -1)) + eps)
+    return _weighted_sum(weights, act).clamp_min(0)
+
+
+@register("layercam", family="cam", needs_layer=True)
+def layercam(ctx: ExplainContext) -> torch.Tensor:
+    """LayerCAM (Jiang et al. 2021): ``relu(sum_k relu(dy_c/dA_k) * A_k)``, element-wise.
+
+    Positive gradients weight each location separately, which keeps fine detail at early
+    layers. Layer: any conv layer. Cost: one forward, one batched backward.
+    """
+    act, grads = _act_and_grads(ctx)
+    return (grads.clamp_min(0) * act).sum(-3).clamp_min(0)
+
+
+def principal_projection(act: torch.Tensor, center: bool = True) -> torch.Tensor:
+    """Projection of each location's channel vector on the first principal axis.
+
+    ``act`` is ``[B, K, h, w]``; returns ``[B, h, w]``. The rows are the ``h*w`` locations,
+    centred over locations when ``center`` is set. The SVD leaves the axis' sign free; it
+    is fixed here so that the axis points towards more total activation
+    (``sum_k v_k >= 0``), which makes the map deterministic and puts the strongly firing
+    locations on the positive side.
+    """
+    b, k, h, w = act.shape
+    rows = act.reshape(b, k, h * w).transpose(1, 2).double()  # [B, hw, K]
+    if center:
+        rows = rows - rows.mean(1, keepdim=True)
+    rows = torch.nan_to_num(rows)
+    # full_matrices=False keeps the cost at min(hw, K) components (hw is small here).
+    _, _, vh = torch.linalg.svd(rows, full_matrices=False)
+    axis = vh[:, 0]  # [B, K]
+    sign = torch.where(axis.sum(-1, keepdim=True) < 0, -1.0, 1.0).to(axis)
+    axis = axis * sign
+    proj = torch.einsum("bnk,bk->bn", rows, axis)
+    return proj.reshape(b, h, w).to(act.dtype)
+
+
+@register("eigencam", family="cam", needs_layer=True, class_specific=False)
+def eigencam(ctx: ExplainContext, center: bool = True, relu: bool = True) -> torch.Tensor:
+    """Eigen-CAM (Muhammad and Yeasin 2020): ``relu(A v_1)``, ``v_1`` the first principal axis.
+
+    Class-agnostic: no score or gradient enters, so every target gets the same map (the
+    registry marks it ``class_specific=False``). The locations' channel vectors are
+    centred before the SVD (``center``, as pytorch-grad-cam does). The SVD sign is
+    arbitrary in every library; here it is fixed so the axis points towards more total
+    activation (see :func:`principal_projection`). Layer: any conv layer. Cost: one
+    forward to the layer and one small SVD per image.
+    """
+    proj = principal_projection(ctx.activation().float(), center=center)
+    if relu:
+        proj = proj.clamp_min(0)
+    return proj.unsqueeze(0).expand(ctx.selectors.shape[0], *proj.shape).contiguous()

@@ -1,0 +1,389 @@
+"""Perturbation methods: Score-CAM, Ablation-CAM, Recipro-CAM, occlusion, LIME.
+
+Each perturbed forward pass is scored for every class at once, and the perturbed copies
+are batched (``batch_size`` copies a forward) with no host synchronisation per sample.
+Methods that perturb the explained layer (ablationcam, reciprocam) re-run only what
+follows it (:meth:`ExplainContext.head`: the declared head, or the whole model with the
+layer's output substituted when the model declares no split at that layer).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import ExplainContext, ExplainError
+from .cam import _weighted_sum
+from .registry import register
+
+
+def _pair(v: int | tuple[int, int], name: str) -> tuple[int, int]:
+    pair = (v, v) if isinstance(v, int) else tuple(v)
+    if len(pair) != 2 or any(int(p) < 1 for p in pair):
+        raise ExplainError(f"{name} must be a positive int or a pair of them, got {v!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if int(batch_size) < 1:
+        raise ExplainError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _select_scores(ctx: ExplainContext, scores: torch.Tensor) -> torch.Tensor:
+    """``[B, N, K]`` per-perturbation class scores -> ``[T, B, N]`` for the selected classes."""
+    return torch.einsum("bnk,tbk->tbn", scores, ctx.selectors.to(scores.dtype))
+
+
+def _chunked_head(ctx: ExplainContext, copies, count: int, batch_size: int) -> torch.Tensor:
+    """Run the head on ``count`` perturbed copies of the layer activation, chunked.
+
+    ``copies(lo, hi)`` returns ``[B, hi - lo, C, h, w]``; the result is float32
+    ``[B, count, K]``. Rows reach the head image-major (all copies of image 0, then of
+    image 1...), the order :meth:`ExplainContext.head` expects for its fallback.
+    """
+    b = ctx.images.shape[0]
+    per_chunk = max(1, batch_size // b)
+    outs = []
+    for lo in range(0, count, per_chunk):
+        hi = min(count, lo + per_chunk)
+        rep = copies(lo, hi)
+        out = ctx.head(rep.reshape(b * (hi - lo), *rep.shape[2:]))
+        outs.append(out.reshape(b, hi - lo, -1))
+    return torch.cat(outs, 1)
+
+
+# -- Score-CAM ------------------------------------------------------------------------------
+SCORECAM_SCORES = ("softmax", "logit", "channel_softmax")
+
+
+@register("scorecam", family="perturbation", needs_layer=True)
+def scorecam(
+    ctx: ExplainContext,
+    score: str = "softmax",
+    align_corners: bool = False,
+    batch_size: int = 64,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Score-CAM (Wang et al. 2020): ``relu(sum_k w_k A_k)``, ``w_k = s_c(x * H_k)``.
+
+    ``H_k`` is channel ``k`` upsampled to the input (bilinear; ``align_corners=True`` is
+    what pytorch-grad-cam uses) and min-max scaled to [0, 1]; ``x * H_k`` is a masked
+    input. ``score`` picks ``w``: ``softmax`` (the paper: the class probability of the
+    masked input), ``logit`` (its raw logit) or ``channel_softmax`` (pytorch-grad-cam:
+    the logits of class ``c`` over all channels, softmax-normalised across channels).
+    Layer: any conv layer; the masks act on the input, so every masked forward runs the
+    whole model. Cost: one forward to the layer, then one forward per image and channel,
+    ``batch_size`` a pass, each scored for all classes; a constant channel gives an
+    all-zero mask, so all of those share a single forward of a blank input.
+    """
+    if score not in SCORECAM_SCORES:
+        raise ExplainError(f"score must be one of {SCORECAM_SCORES}, got {score!r}")
+    _check_batch_size(batch_size)
+    x = ctx.images
+    act = ctx.activation().float()
+    b, k = act.shape[:2]
+    up = nn.functional.interpolate(
+        act, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=align_corners
+    )
+    flat = up.flatten(2)
+    low, high = flat.amin(-1), flat.amax(-1)
+    masks = (up - low[..., None, None]) / (high - low + eps)[..., None, None]  # [B, K, H, W]
+    live = high > low
+    pairs = live.nonzero()  # one host sync for the whole method
+    logits = []
+    for lo in range(0, pairs.shape[0], batch_size):
+        bi, ki = pairs[lo : lo + batch_size].unbind(1)
+        masked = x[bi] * masks[bi, ki].unsqueeze(1).to(x.dtype)
+        logits.append(ctx.logits(masked))
+    if pairs.shape[0] == b * k:
+        scores = torch.cat(logits)
+    else:  # every all-zero mask gives the same blank input: one forward serves them all
+        blank = ctx.logits(torch.zeros_like(x[:1]))
+        scores = blank.expand(b * k, -1).clone()
+        if logits:
+            scores[pairs[:, 0] * k + pairs[:, 1]] = torch.cat(logits)
+    scores = scores.reshape(b, k, -1)  # [B, K, classes]
+    if score == "softmax":
+        scores = scores.softmax(-1)
+    elif score == "channel_softmax":
+        scores = scores.softmax(1)
+    weights = _select_scores(ctx, scores)  # [T, B, K]
+    return _weighted_sum(weights, act).clamp_min(0)
+
+
+# -- Ablation-CAM ---------------------------------------------------------------------------
+@register("ablationcam", family="perturbation", needs_layer=True)
+def ablationcam(
+    ctx: ExplainContext,
+    fill: float = 0.0,
+    relative: bool = True,
+    batch_size: int = 512,
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """Ablation-CAM (Desai and Ramaswamy 2020): ``relu(sum_k w_k A_k)``, ``w_k = (y - y_k) / y``.
+
+    ``y_k`` is the class logit with channel ``k`` of the layer set to ``fill`` (0: the
+    paper's ablation; pytorch-grad-cam also uses 0 when the layer's minimum is 0, as after
+    a ReLU, and ``min - 1e7`` otherwise). ``relative=False`` drops the division by ``y``
+    (whose sign flips the map when the logit is negative; ``|y| < eps`` is clamped to
+    ``eps``). Layer: any conv layer. Cost: one forward to the layer, then one head pass
+    per image and channel (``batch_size`` a pass) scored for all classes: with a declared
+    features/head split only the head runs.
+    """
+    _check_batch_size(batch_size)
+    act = ctx.activation()
+    b, k = act.shape[:2]
+    base = ctx.head(act)  # [B, classes]
+    index = torch.arange(k, device=act.device)
+
+    def copies(lo: int, hi: int) -> torch.Tensor:
+        rep = act.unsqueeze(1).repeat(1, hi - lo, 1, 1, 1)  # [B, m, K, h, w]
+        rep[:, torch.arange(hi - lo, device=act.device), index[lo:hi]] = fill
+        return rep
+
+    ablated = _chunked_head(ctx, copies, k, batch_size)  # [B, K, classes]
+    drop = base.unsqueeze(1) - ablated
+    if relative:
+        denom = torch.where(base.abs() < eps, torch.full_like(base, eps).copysign(base), base)
+        drop = drop / denom.unsqueeze(1)
+    weights = _select_scores(ctx, drop)
+    return _weighted_sum(weights, act.float()).clamp_min(0)
+
+
+# -- Recipro-CAM ----------------------------------------------------------------------------
+_GAUSS3 = ((1 / 16, 1 / 8, 1 / 16), (1 / 8, 1 / 4, 1 / 8), (1 / 16, 1 / 8, 1 / 16))
+
+
+def spatial_masks(h: int, w: int, kernel: str, device: torch.device) -> torch.Tensor:
+    """``[h*w, h, w]`` masks: a one at each location (``point``) or a 3x3 Gaussian around it."""
+    masks = torch.eye(h * w, device=device).reshape(h * w, 1, h, w)
+    if kernel == "gaussian":
+        g = torch.tensor(_GAUSS3, device=device).reshape(1, 1, 3, 3)
+        masks = nn.functional.conv2d(masks, g, padding=1)  # truncated at the border
+    elif kernel != "point":
+        raise ExplainError(f"kernel must be 'point' or 'gaussian', got {kernel!r}")
+    return masks[:, 0]
+
+
+@register("reciprocam", family="perturbation", needs_layer=True)
+def reciprocam(
+    ctx: ExplainContext, kernel: str = "point", score: str = "softmax", batch_size: int = 512
+) -> torch.Tensor:
+    """Recipro-CAM (Byun and Lee 2022): ``M_c(n) = s_c(head(A * m_n))`` for each location n.
+
+    ``m_n`` keeps location ``n`` of the layer's map and zeroes the rest (``point``, the
+    reference implementation's default) or weights a 3x3 neighbourhood by the Gaussian
+    ``[1, 2, 1] x [1, 2, 1] / 16`` (``gaussian``); the head re-runs on each masked map and
+    ``score`` is the class probability (``softmax``, the paper) or the logit (``logit``;
+    for a GAP + Linear head it equals ``bias + CAM(n) / (h w)`` exactly). Layer: any conv
+    layer. Cost: one forward to the layer, then ``h*w`` head passes per image (``batch_size``
+    a pass) scored for all classes; only the head runs where the model declares a split.
+    """
+    if score not in ("softmax", "logit"):
+        raise ExplainError(f"score must be 'softmax' or 'logit', got {score!r}")
+    _check_batch_size(batch_size)
+    act = ctx.activation()
+    b, _, h, w = act.shape
+    masks = spatial_masks(h, w, kernel, act.device).to(act.dtype)  # [hw, h, w]
+
+    def copies(lo: int, hi: int) -> torch.Tensor:
+        return act.unsqueeze(1) * masks[lo:hi].unsqueeze(1).unsqueeze(0)
+
+    scores = _chunked_head(ctx, copies, h * w, batch_size)  # [B, hw, classes]
+    if score == "softmax":
+        scores = scores.softmax(-1)
+    return _select_scores(ctx, scores).reshape(-1, b, h, w)
+
+
+# -- Occlusion ------------------------------------------------------------------------------
+def _fill_like(fill: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(fill).detach().to(device=x.device, dtype=x.dtype)
+    try:
+        torch.broadcast_shapes(t.shape, x.shape)
+    except RuntimeError:
+        raise ExplainError(
+            f"fill of shape {tuple(t.shape)} does not broadcast to the images {tuple(x.shape)}"
+        ) from None
+    return t
+
+
+def window_masks(
+    size: tuple[int, int], window: tuple[int, int], stride: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """``[N, H, W]`` boolean occlusion windows, row-major.
+
+    Windows start at ``0, s, 2s, ...``, ``ceil((H - h) / s) + 1`` of them a dimension, the
+    last one cut at the border, so every pixel is covered (captum's placement).
+    """
+    starts = []
+    for length, win, step in zip(size, window, stride, strict=True):
+        if win > length:
+            raise ExplainError(f"window {window} exceeds the input size {size}")
+        if step > win and win < length:
+            raise ExplainError(f"stride {stride} larger than the window {window} skips pixels")
+        n = -(-(length - win) // step) + 1
+        starts.append(torch.arange(n, device=device) * step)
+    rows = torch.arange(size[0], device=device)
+    cols = torch.arange(size[1], device=device)
+    in_r = (rows >= starts[0][:, None]) & (rows < starts[0][:, None] + window[0])  # [ny, H]
+    in_c = (cols >= starts[1][:, None]) & (cols < starts[1][:, None] + window[1])  # [nx, W]
+    return (in_r[:, None, :, None] & in_c[None, :, None, :]).reshape(-1, *size)
+
+
+@register("occlusion", family="perturbation", needs_layer=False)
+def occlusion(
+    ctx: ExplainContext,
+    window: int | tuple[int, int] = 8,
+    stride: int | tuple[int, int] = 4,
+    fill: float | torch.Tensor = 0.0,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Occlusion (Zeiler and Fergus 2014): ``M_c(p) = mean_{windows W on p} y_c(x) - y_c(x_W)``.
+
+    ``x_W`` has the ``window`` (all colour channels) set to ``fill`` (a number, or a tensor
+    broadcastable to the images); windows slide by ``stride`` (see :func:`window_masks`)
+    and each pixel gets the mean score drop of the windows covering it (captum's
+    Occlusion). Layer: none. Cost: one forward per image and window, ``batch_size`` a
+    pass, each scored for all classes.
+    """
+    _check_batch_size(batch_size)
+    x = ctx.images
+    b = x.shape[0]
+    win, step = _pair(window, "window"), _pair(stride, "stride")
+    masks = window_masks(tuple(x.shape[-2:]), win, step, x.device)  # [N, H, W]
+    value = _fill_like(fill, x)
+    base = ctx.logits(x)  # [B, classes]
+    per_chunk = max(1, batch_size // b)
+    outs = []
+    for lo in range(0, masks.shape[0], per_chunk):
+        m = masks[lo : lo + per_chunk]
+        occluded = torch.where(m[:, None, None], value, x.unsqueeze(0))  # [m, B, C, H, W]
+        outs.append(ctx.logits(occluded.reshape(-1, *x.shape[1:])).reshape(m.shape[0], b, -1))
+    drop = base.unsqueeze(0) - torch.cat(outs)  # [N, B, classes]
+    sel = torch.einsum("nbk,tbk->tbn", drop, ctx.selectors)
+    maskf = masks.float()
+    return torch.einsum("tbn,nhw->tbhw", sel, maskf) / maskf.sum(0)
+
+
+# -- LIME -----------------------------------------------------------------------------------
+def grid_segments(b: int, size: tuple[int, int], cells: int, device: torch.device) -> torch.Tensor:
+    """``[B, H, W]`` labels of a ``cells x cells`` grid (cells differ by at most one pixel)."""
+    rows = torch.arange(size[0], device=device) * cells // size[0]
+    cols = torch.arange(size[1], device=device) * cells // size[1]
+    labels = rows[:, None] * cells + cols[None, :]
+    return labels.expand(b, *size).contiguous()
+
+
+def slic_segments(
+    x: torch.Tensor, cells: int, compactness: float = 1.0, iters: int = 10
+) -> torch.Tensor:
+    """``[B, H, W]`` superpixel labels by SLIC-style k-means (Achanta et al. 2012), torch only.
+
+    Pixels are clustered on ``(colour, position)``: colour standardised per image,
+    position in units of the seed spacing ``S`` times ``compactness``; ``cells x cells``
+    seeds start on a grid and move to their cluster means for ``iters`` rounds (an empty
+    cluster keeps its place). Every seed is a candidate for every pixel (fine for small
+    images; SLIC proper searches ``2S`` around each seed). Labels are seed indices; a
+    label may end with no pixels.
+    """
+    b, c, h, w = x.shape
+    xf = x.detach().float()
+    colour = (xf - xf.mean((1, 2, 3), keepdim=True)) / (xf.std((1, 2, 3), keepdim=True) + 1e-6)
+    spacing = max(h, w) / cells
+    ys = torch.arange(h, device=x.device, dtype=torch.float32)
+    xs = torch.arange(w, device=x.device, dtype=torch.float32)
+    pos = torch.stack(torch.meshgrid(ys, xs, indexing="ij")) * (compactness / spacing)
+    feats = torch.cat([colour, pos.expand(b, 2, h, w)], 1).flatten(2).transpose(1, 2)
+
+    def cell_centres(length: int) -> torch.Tensor:  # centre index of each grid cell
+        i = torch.arange(cells, device=x.device)
+        first = (i * length + cells - 1) // cells
+        last = ((i + 1) * length + cells - 1) // cells - 1
+        return (first + last) // 2
+
+    cy, cx = cell_centres(h), cell_centres(w)
+    centres = feats[:, (cy[:, None] * w + cx[None, :]).flatten()]  # [B, S, F]
+    for _ in range(iters):
+        labels = torch.cdist(feats, centres).argmin(-1)  # [B, HW]
+        onehot = nn.functional.one_hot(labels, cells * cells).float()  # [B, HW, S]
+        counts = onehot.sum(1)  # [B, S]
+        sums = onehot.transpose(1, 2) @ feats  # [B, S, F]
+        centres = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], centres)
+    labels = torch.cdist(feats, centres).argmin(-1)
+    return labels.reshape(b, h, w)
+
+
+@register("lime", family="perturbation", needs_layer=False)
+def lime(
+    ctx: ExplainContext,
+    segments: str = "grid",
+    cells: int = 8,
+    samples: int = 256,
+    fill: float | torch.Tensor = 0.0,
+    kernel_width: float = 0.25,
+    ridge: float = 1.0,
+    score: str = "logit",
+    seed: int = 0,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """LIME (Ribeiro et al. 2016): a weighted linear surrogate over superpixels.
+
+    The image is cut into ``cells x cells`` superpixels (``grid``, or ``slic``: torch
+    k-means, :func:`slic_segments`); ``samples`` random on/off patterns ``z`` (the first
+    all on; the rest Bernoulli(0.5) from a private generator seeded with ``seed``) replace
+    the off superpixels with ``fill``; the class ``score`` (``logit`` or ``softmax``) of
+    each is fitted by ridge regression ``y ~ beta . z + b`` (``ridge`` on ``beta`` only)
+    weighted by ``exp(-d(z, 1)^2 / kernel_width^2)`` with ``d`` the cosine distance, as in
+    LIME's image explainer. Map: each pixel gets its superpixel's ``beta``. Layer: none.
+    Cost: ``samples`` forwards per image (``batch_size`` a pass), all classes fitted at once
+    by one batched solve.
+    """
+    if segments not in ("grid", "slic"):
+        raise ExplainError(f"segments must be 'grid' or 'slic', got {segments!r}")
+    if score not in ("logit", "softmax"):
+        raise ExplainError(f"score must be 'logit' or 'softmax', got {score!r}")
+    if samples < 2 or cells < 1:
+        raise ExplainError("lime needs samples >= 2 and cells >= 1")
+    _check_batch_size(batch_size)
+    x = ctx.images
+    b, size = x.shape[0], tuple(x.shape[-2:])
+    if segments == "grid":
+        labels = grid_segments(b, size, cells, x.device)
+    else:
+        labels = slic_segments(x, cells)
+    nseg = cells * cells
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    z = torch.rand((samples, b, nseg), generator=gen) < 0.5
+    z[0] = True
+    z = z.to(x.device)
+    value = _fill_like(fill, x)
+    flat_labels = labels.reshape(1, b, -1)
+    per_chunk = max(1, batch_size // b)
+    outs = []
+    for lo in range(0, samples, per_chunk):
+        zc = z[lo : lo + per_chunk]
+        keep = torch.gather(zc, 2, flat_labels.expand(zc.shape[0], -1, -1)).reshape(
+            zc.shape[0], b, 1, *size
+        )
+        perturbed = torch.where(keep, x.unsqueeze(0), value)
+        outs.append(ctx.logits(perturbed.reshape(-1, *x.shape[1:])).reshape(zc.shape[0], b, -1))
+    y = torch.cat(outs).double()  # [N, B, classes]
+    if score == "softmax":
+        y = y.softmax(-1)
+    zf = z.double()
+    on = zf.sum(-1)
+    cosine = on.sqrt() / nseg**0.5  # cos(z, 1) for a 0/1 vector z
+    dist = torch.where(on > 0, 1 - cosine, torch.ones_like(cosine))
+    weight = torch.exp(-dist.pow(2) / kernel_width**2)  # [N, B]
+    design = torch.cat([zf, torch.ones_like(zf[..., :1])], -1).transpose(0, 1)  # [B, N, S+1]
+    wd = design * weight.transpose(0, 1).unsqueeze(-1)
+    gram = wd.transpose(1, 2) @ design
+    penalty = torch.full((nseg + 1,), float(ridge), dtype=gram.dtype, device=gram.device)
+    penalty[-1] = 0
+    gram = gram + torch.diag(penalty)
+    rhs = wd.transpose(1, 2) @ y.transpose(0, 1)  # [B, S+1, classes]
+    coef = torch.linalg.solve(gram, rhs)[:, :nseg].float()  # [B, S, classes]
+    per_seg = torch.einsum("bsk,tbk->tbs", coef, ctx.selectors)  # [T, B, S]
+    t = per_seg.shape[0]
+    index = labels.reshape(1, b, -1).expand(t, -1, -1)
+    return torch.gather(per_seg, 2, index).reshape(t, b, *size)

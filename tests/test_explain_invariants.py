@@ -1,0 +1,195 @@
+"""The engine's contract, checked for every registered method (parametrized over
+``explain.available()``, so a new method can not skip it).
+
+Each method runs with its default options on a tiny network that has the real backbones'
+pitfalls (BatchNorm, Dropout, in-place ReLU called twice, an in-place residual add), both
+with a declared features/head split and without one (the layer hooked by name).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import explain
+
+METHODS = explain.available()
+LAYER_METHODS = [m for m in METHODS if explain.get(m).needs_layer]
+NUM_CLASSES = 5
+# Methods that read a declared GAP + Linear head and refuse a model without one (checked).
+NEEDS_DECLARED_HEAD = {"cam"}
+
+
+def _kwargs(method: str, split: bool) -> dict:
+    # Without a declared split there is no default layer: name it.
+    return {} if split or not explain.get(method).needs_layer else {"layer": "block"}
+
+
+def _refused(method: str, split: bool) -> bool:
+    if split or method not in NEEDS_DECLARED_HEAD:
+        return False
+    return True
+
+
+def _images(batch: int = 2, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 16, 16, generator=gen)
+
+
+def _hooks(model: torch.nn.Module) -> list[str]:
+    found = []
+    for name, m in model.named_modules():
+        for kind in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+        ):
+            if getattr(m, kind):
+                found.append(f"{name or '<root>'}.{kind}")
+        if "forward" in vars(m):
+            found.append(f"{name or '<root>'}.forward replaced")
+    from torch.nn.modules import module as module_mod
+
+    for kind in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks"):
+        if getattr(module_mod, kind, None):
+            found.append(f"global {kind}")
+    return found
+
+
+def _mixed_modes(model: torch.nn.Module) -> dict[str, bool]:
+    model.train()
+    model.stem.eval()  # a frozen stem inside a training model
+    model.block.bn2.eval()
+    return {n: m.training for n, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split", "hooked"])
+@pytest.mark.parametrize("method", METHODS)
+def test_shapes_finite_and_classes_share_work(method, split, tiny_explain_net):
+    model = tiny_explain_net(split=split)
+    x = _images()
+    if _refused(method, split):
+        with pytest.raises(explain.ExplainError, match="head"):
+            explain.run(model, x, method, **_kwargs(method, split))
+        return
+    maps = explain.run(model, x, method, **_kwargs(method, split))
+    assert maps.shape == (2, NUM_CLASSES, 16, 16)
+    assert maps.dtype == torch.float32
+    assert torch.isfinite(maps).all()
+    targets = torch.tensor([3, 0])
+    one = explain.run(model, x, method, targets=targets, **_kwargs(method, split))
+    assert one.shape == (2, 16, 16)
+    # A per-image target gives the same map as that class's slice of the all-class run.
+    scale = maps.abs().amax().clamp_min(1e-12)
+    assert torch.allclose(one, maps[torch.arange(2), targets], atol=1e-4 * float(scale), rtol=1e-3)
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split", "hooked"])
+@pytest.mark.parametrize("method", METHODS)
+def test_model_left_as_found(method, split, tiny_explain_net):
+    model = tiny_explain_net(split=split)
+    modes = _mixed_modes(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    marker = torch.full_like(model.classifier.weight, 7.0)
+    model.classifier.weight.grad = marker.clone()  # a .grad the user had: must survive
+    rng = torch.get_rng_state()
+    try:
+        explain.run(model, _images(), method, **_kwargs(method, split))
+    except explain.ExplainError:
+        assert _refused(method, split)
+    assert torch.equal(torch.get_rng_state(), rng), "global RNG stream moved"
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert _hooks(model) == []
+    for name, p in model.named_parameters():
+        if p is model.classifier.weight:
+            assert torch.equal(p.grad, marker)
+        else:
+            assert p.grad is None, f"{name}.grad was written"
+    after = model.state_dict()
+    for k, v in state.items():  # BatchNorm running stats, num_batches_tracked, weights
+        assert torch.equal(after[k], v), f"{k} changed"
+
+
+@pytest.mark.parametrize("guard", ["inference_mode", "no_grad"])
+@pytest.mark.parametrize("method", METHODS)
+def test_works_under_inference_mode(method, guard, tiny_explain_net):
+    model = tiny_explain_net()
+    x = _images()
+    expected = explain.run(model, x, method)
+    ctx = torch.inference_mode() if guard == "inference_mode" else torch.no_grad()
+    with ctx:
+        x_inf = x.clone()  # an inference tensor under inference_mode, as in Lightning's test
+        maps = explain.run(model, x_inf, method)
+    assert torch.allclose(maps, expected, atol=1e-5 * expected.abs().max().clamp_min(1e-12))
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("at_call", [1, 2])
+@pytest.mark.parametrize("method", METHODS)
+def test_no_hooks_and_modes_restored_after_an_exception(method, at_call, tiny_explain_net):
+    model = tiny_explain_net(split=False)
+    modes = _mixed_modes(model)
+    calls = []
+
+    def explode(module, inputs, output):
+        calls.append(1)
+        if len(calls) >= at_call:
+            raise _Boom("the classifier failed")
+
+    handle = model.classifier.register_forward_hook(explode)
+    try:
+        expected = (explain.ExplainError, _Boom) if _refused(method, False) else _Boom
+        with pytest.raises(expected):
+            explain.run(model, _images(), method, **_kwargs(method, False))
+    finally:
+        handle.remove()
+    assert _hooks(model) == []
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_model_gives_float32_maps(method, tiny_explain_net):
+    model = tiny_explain_net().to(torch.bfloat16)
+    maps = explain.run(model, _images(), method)
+    assert maps.dtype == torch.float32
+    assert maps.shape == (2, NUM_CLASSES, 16, 16)
+    assert torch.isfinite(maps).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_out_of_range_targets_raise(method, tiny_explain_net):
+    model = tiny_explain_net()
+    with pytest.raises(explain.ExplainError, match="out of range"):
+        explain.run(model, _images(), method, targets=torch.tensor([0, NUM_CLASSES]))
+    with pytest.raises(explain.ExplainError, match="out of range"):
+        explain.run(model, _images(), method, targets=torch.tensor([-1, 0]))
+    with pytest.raises(explain.ExplainError, match="entries for a batch"):
+        explain.run(model, _images(), method, targets=torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("method", LAYER_METHODS)
+def test_bad_layer_name_lists_valid_names(method, tiny_explain_net):
+    model = tiny_explain_net()
+    with pytest.raises(explain.ExplainError) as info:
+        explain.run(model, _images(), method, layer="block.conv9")
+    message = str(info.value)
+    assert "block.conv9" in message and "valid names" in message
+    assert "block.conv1" in message and "stem.0" in message
+
+
+@pytest.mark.parametrize("method", LAYER_METHODS)
+def test_layer_with_non_4d_output_is_refused(method, tiny_explain_net):
+    model = tiny_explain_net(split=False)
+    with pytest.raises(explain.ExplainError, match="4-D|GAP|Linear|head"):
+        explain.run(model, _images(), method, layer="classifier")
+
+
+def test_every_method_is_documented():
+    for name in METHODS:
+        doc = explain.get(name).fn.__doc__ or ""
+        assert "Cost" in doc and "Layer" in doc, f"{name}: docstring lacks cost or layer"

@@ -1,0 +1,102 @@
+"""What the explanation monitor costs: quickstart epochs with and without it.
+
+    python bench/monitor_cost.py [--epochs 2] [--config configs/quickstart.yaml]
+
+Builds the quickstart's model and data from its YAML, trains twice from the same seed
+(monitor on, monitor off) and prints the mean epoch time of each and their ratio. The
+monitor's own time per epoch is measured around its hook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import tempfile
+import time
+
+import lightning as L
+import torch
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from callbacks import ExplanationMonitor  # noqa: E402
+from lit_modules import ImageClassifier  # noqa: E402
+
+
+class EpochClock(L.Callback):
+    """Wall time of each epoch (training and validation), from train start to val end."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.times.append(time.perf_counter() - self._t)
+
+
+class TimedMonitor(ExplanationMonitor):
+    """The monitor, with the time spent in its epoch-end hook recorded."""
+
+    seconds: list[float]
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        t = time.perf_counter()
+        super().on_validation_epoch_end(trainer, pl_module)
+        if not trainer.sanity_checking:
+            self.seconds = getattr(self, "seconds", []) + [time.perf_counter() - t]
+
+
+def build_data(cfg: dict) -> L.LightningDataModule:
+    module, _, name = cfg["data"]["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name)(**cfg["data"]["init_args"])
+
+
+def fit(cfg: dict, epochs: int, monitor: bool, root: str) -> tuple[list[float], list[float]]:
+    L.seed_everything(cfg.get("seed_everything", 0), verbose=False)
+    clock = EpochClock()
+    callbacks: list[L.Callback] = [clock]
+    timed = None
+    if monitor:
+        args = next(
+            c["init_args"] for c in cfg["trainer"]["callbacks"] if "ExplanationMonitor" in c["class_path"]
+        )
+        timed = TimedMonitor(**args)
+        callbacks.append(timed)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=epochs, callbacks=callbacks,
+        logger=L.pytorch.loggers.TensorBoardLogger(root, name="bench"),
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(ImageClassifier(**cfg["model"]), datamodule=build_data(cfg))
+    return clock.times, (timed.seconds if timed else [])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/quickstart.yaml")
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args()
+    with open(args.config) as f:
+        cfg = yaml.safe_load(f)
+    with tempfile.TemporaryDirectory() as root:
+        off, _ = fit(cfg, args.epochs, monitor=False, root=root)
+        on, hook = fit(cfg, args.epochs, monitor=True, root=root)
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.epochs} epochs")
+    print(f"epoch without monitor: {mean(off):.1f} s  {[round(t, 1) for t in off]}")
+    print(f"epoch with monitor:    {mean(on):.1f} s  {[round(t, 1) for t in on]}")
+    print(f"monitor hook:          {mean(hook):.2f} s an epoch  {[round(t, 2) for t in hook]}")
+    print(f"ratio with/without:    {mean(on) / mean(off):.3f}")
+    print(f"hook share of an epoch with it: {mean(hook) / mean(on):.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""Rebuild a trained model and its data from a checkpoint and the config saved beside it.
+
+``train.py`` (LightningCLI) writes the resolved config to ``<log_dir>/config.yaml`` and
+Lightning puts checkpoints in ``<log_dir>/checkpoints/``, so a checkpoint alone is enough to
+find everything ``audit.py`` needs, without re-typing options.
+
+Checkpoints are read with ``torch.load(weights_only=True)``: a file that needs arbitrary
+pickled objects is refused and its payload is never run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import pickle
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from .classifier import ImageClassifier, unpack_batch
+
+# A config is data, but ``class_path`` names code: only this project's modules may be
+# imported from it, so a config shipped with someone else's checkpoint cannot make the
+# audit import (and run) arbitrary modules.
+ALLOWED_PREFIXES = ("lit_modules.",)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or its config can not be used (missing, unsafe, or inconsistent)."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def find_config(ckpt: str | Path, config: str | Path | None = None) -> Path:
+    """The training config of ``ckpt``: ``config`` if given, else the one saved beside it.
+
+    Looks at ``<ckpt dir>/../config.yaml`` (Lightning's ``<log_dir>/checkpoints/`` layout)
+    and ``<ckpt dir>/config.yaml``; the error lists the places it looked.
+    """
+    if config is not None:
+        path = Path(config).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"config file {str(path)!r} (given with --config) does not exist")
+        return path
+    folder = Path(ckpt).expanduser().resolve().parent
+    candidates = [folder.parent / "config.yaml", folder / "config.yaml"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    tried = ", ".join(repr(str(p)) for p in candidates)
+    raise CheckpointError(
+        f"no training config found for checkpoint {str(ckpt)!r} (looked for {tried}). "
+        "train.py saves config.yaml in the log directory, one level above checkpoints/; "
+        "pass the config explicitly with --config PATH."
+    )
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with errors that name the file.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable, or it needs arbitrary pickled
+            objects; in that case nothing in it was executed.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"refused to load {str(path)!r}: it contains pickled objects that are not plain "
+            f"tensors and containers ({first}). It was opened with weights_only=True, so "
+            "nothing in it was executed. Only load checkpoints you trust, and re-save them as "
+            "plain state dicts if they came from elsewhere."
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"could not read checkpoint {str(path)!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a dict of tensors"
+        )
+    return obj
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """Parse a LightningCLI YAML config (safe loader: no Python objects)."""
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    if not isinstance(cfg, dict) or "model" not in cfg or "data" not in cfg:
+        raise CheckpointError(
+            f"{str(path)!r} is not a train.py config: it needs 'model:' and 'data:' sections"
+        )
+    return cfg
+
+
+def _import_class(class_path: str, what: str) -> type:
+    if not any(class_path.startswith(p) for p in ALLOWED_PREFIXES):
+        raise CheckpointError(
+            f"the config's {what} class_path {class_path!r} is outside {ALLOWED_PREFIXES}: "
+            "audit.py only imports the project's own classes from a config"
+        )
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        raise CheckpointError(f"cannot import {what} class {class_path!r}: {exc}") from exc
+
+
+def build_model(model_cfg: dict[str, Any]) -> ImageClassifier:
+    """``ImageClassifier(**init args)`` from the config's ``model:`` section.
+
+    ``pretrained`` is forced off: the checkpoint's weights replace the ImageNet ones, so
+    fetching them would only cost a download (or fail offline).
+    """
+    cls: type = ImageClassifier
+    args = dict(model_cfg)
+    if "class_path" in args:
+        cls = _import_class(args["class_path"], "model")
+        args = dict(args.get("init_args") or {})
+    if not (isinstance(cls, type) and issubclass(cls, ImageClassifier)):
+        raise CheckpointError(f"model class {cls!r} is not an ImageClassifier")
+    args["pretrained"] = False
+    return cls(**args)
+
+
+def build_datamodule(data_cfg: dict[str, Any]) -> L.LightningDataModule:
+    """The datamodule named by the config's ``data: class_path / init_args``."""
+    if not isinstance(data_cfg, dict) or "class_path" not in data_cfg:
+        raise CheckpointError("the config's data: section needs a class_path")
+    cls = _import_class(data_cfg["class_path"], "data")
+    if not (isinstance(cls, type) and issubclass(cls, L.LightningDataModule)):
+        raise CheckpointError(f"data class {data_cfg['class_path']!r} is not a LightningDataModule")
+    return cls(**dict(data_cfg.get("init_args") or {}))
+
+
+@dataclass
+class LoadedRun:
+    """A trained model with everything needed to audit it."""
+
+    ckpt_path: Path
+    config_path: Path
+    log_dir: Path
+    sha256: str
+    config: dict[str, Any]
+    model: ImageClassifier
+    datamodule: L.LightningDataModule
+    meta: dict[str, Any] = field(default_factory=dict)  # epoch, global_step, versions
+
+    @property
+    def name(self) -> str:
+        """A short human name: backbone, run folder and checkpoint file."""
+        backbone = self.model.hparams.get("backbone", type(self.model).__name__)
+        return f"{backbone} ({self.log_dir.name}/{self.ckpt_path.name})"
+
+
+def load_run(
+    ckpt: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu"
+) -> LoadedRun:
+    """Checkpoint (+ config beside it) -> model in eval mode on ``device`` and datamodule."""
+    ckpt_path = Path(ckpt).expanduser().resolve()
+    checkpoint = load_checkpoint(ckpt_path)  # refuses unsafe files before anything else
+    config_path = find_config(ckpt_path, config).resolve()
+    cfg = read_config(config_path)
+    model = build_model(cfg["model"])
+    state = checkpoint.get("state_dict", checkpoint)
+    if not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {str(ckpt_path)!r} has no 'state_dict' of tensors")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint {str(ckpt_path)!r} does not fit the model built from "
+            f"{str(config_path)!r}: {exc}"
+        ) from exc
+    saved = checkpoint.get("hyper_parameters") or {}
+    model_args = cfg["model"].get("init_args", cfg["model"])
+    differ = sorted(
+        k for k, v in saved.items()
+        if not k.startswith("_") and k != "pretrained" and k in model_args and model_args[k] != v
+    )
+    if differ:
+        warnings.warn(
+            f"the checkpoint's hyper-parameters differ from {config_path} on {differ}; the "
+            "weights loaded fine, so the config was used",
+            UserWarning,
+            stacklevel=2,
+        )
+    model.eval().to(device)
+    meta = {
+        k: checkpoint[k]
+        for k in ("epoch", "global_step", "pytorch-lightning_version")
+        if k in checkpoint and isinstance(checkpoint[k], int | str)
+    }
+    return LoadedRun(
+        ckpt_path=ckpt_path,
+        config_path=config_path,
+        log_dir=config_path.parent,
+        sha256=file_sha256(ckpt_path),
+        config=cfg,
+        model=model,
+        datamodule=build_datamodule(cfg["data"]),
+        meta=meta,
+    )
+
+
+def evaluate(
+    model: torch.nn.Module,
+    dataset: Any,
+    num_classes: int,
+    batch_size: int = 256,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Predictions on a whole split with torchmetrics' accuracy and confusion matrix.
+
+    Returns ``labels`` and ``preds`` (``[N]``), ``accuracy`` (float), ``per_class``
+    (``[K]`` recall, NaN for absent classes), ``support`` (``[K]``) and ``confusion``
+    (``[K, K]`` counts, rows = true class, columns = predicted class).
+    """
+    device = next(model.parameters()).device
+    acc = MulticlassAccuracy(num_classes, average="micro").to(device)
+    per_class = MulticlassAccuracy(num_classes, average=None).to(device)
+    confusion = MulticlassConfusionMatrix(num_classes).to(device)
+    labels, preds = [], []
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+                x, y = unpack_batch(batch)
+                x, y = x.to(device), y.to(device)
+                p = model(x).argmax(-1)
+                for metric in (acc, per_class, confusion):
+                    metric.update(p, y)
+                labels.append(y.cpu())
+                preds.append(p.cpu())
+                if progress is not None:
+                    progress(len(y))
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+    labels_t, preds_t = torch.cat(labels), torch.cat(preds)
+    support = torch.bincount(labels_t, minlength=num_classes)
+    recall = per_class.compute().cpu().float()
+    return {
+        "labels": labels_t,
+        "preds": preds_t,
+        "accuracy": float(acc.compute()),
+        "per_class": torch.where(support > 0, recall, torch.full_like(recall, float("nan"))),
+        "support": support,
+        "confusion": confusion.compute().cpu().long(),
+    }
+
+
+# -- data for the audit -----------------------------------------------------------------
+
+
+def sample_batch(dataset: Any, indices: list[int]) -> dict[str, Tensor]:
+    """Stack dataset items (the project's dict format, or ``(x, y)`` pairs) into a batch."""
+    items = [dataset[i] for i in indices]
+    if not isinstance(items[0], dict):
+        items = [{"image": it[0], "label": torch.as_tensor(it[1])} for it in items]
+    return {
+        k: torch.stack([torch.as_tensor(it[k]) for it in items])
+        for k in items[0]
+        if isinstance(items[0][k], Tensor | int)
+    }
+
+
+def counterfactual_images(
+    datamodule: Any, split: str, indices: list[int]
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The same images without and with the datamodule's cue, in the model's input space.
+
+    Returns ``(clean, stamped, labels)``, or None when the data declares no cue or does not
+    keep its raw images (the clean version of a stamped item is only known from them).
+    Every image is stamped, whatever its class, where that item's patch would go.
+    """
+    dataset = datamodule.dataset(split)
+    cue = getattr(datamodule, "cue", None) or getattr(dataset, "cue", None)
+    raw = getattr(dataset, "images", None)
+    if cue is None or not isinstance(raw, Tensor) or raw.dtype != torch.uint8:
+        return None
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    clean01 = raw[idx].float() / 255.0
+    stamped01, _ = cue.stamp(clean01, indices, split)
+    labels = torch.as_tensor(dataset.labels)[idx].long()
+    return datamodule.normalize(clean01), datamodule.normalize(stamped01), labels
+
+
+def load_monitor_records(log_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """The ExplanationMonitor's saved maps: ``(fixed_images record, epoch records)``.
+
+    Files are ``<log_dir>/explanations/fixed_images.pt`` and ``epoch_NNNN.pt`` (read with
+    ``weights_only=True``); None when the run saved none. Unreadable epoch files are
+    skipped with a warning (a run killed mid-epoch leaves no partial file, but a copied
+    folder might).
+    """
+    folder = Path(log_dir) / "explanations"
+    fixed_path = folder / "fixed_images.pt"
+    if not fixed_path.is_file():
+        return None
+    fixed = torch.load(fixed_path, map_location="cpu", weights_only=True)
+    epochs = []
+    for path in sorted(folder.glob("epoch_*.pt")):
+        try:
+            epochs.append(torch.load(path, map_location="cpu", weights_only=True))
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+            warnings.warn(f"skipping unreadable monitor file {path}: {exc}", UserWarning,
+                          stacklevel=2)
+    epochs.sort(key=lambda r: int(r.get("epoch", 0)))
+    return fixed, epochs

@@ -1,0 +1,304 @@
+"""audit.py end to end: tiny real training runs, the report, and refusing unsafe files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_train, tiny_config
+
+import audit
+import explain
+from explain import report
+from lit_modules.loading import CheckpointError, load_checkpoint, load_run
+
+SECTION_IDS = [sid for sid, _ in report.SECTIONS]
+METHODS = ["gradcam", "hirescam", "cam"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A 2-epoch ResNet-18 on synthetic shapes whose classes 0 and 1 carry a cue."""
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = tiny_config(tmp, epochs=2, monitor={"methods": ["gradcam", "hirescam"]})
+    cli = run_train(["fit", "--config", str(cfg)])
+    return Path(cli.trainer.checkpoint_callback.last_model_path)
+
+
+def _audit(ckpt: Path, out: Path, *extra: str) -> dict:
+    audit.main(["--ckpt", str(ckpt), "--out", str(out), "--no-progress", "--num-images", "12",
+                "--sanity-images", "4", "--steps", "8", "--counterfactual-images", "4", *extra])
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _images(html: str) -> list[str]:
+    return re.findall(r"<img\b[^>]*\bsrc=\"([^\"]*)\"", html)
+
+
+def test_end_to_end_report_holds_every_section_and_method(trained: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    m = _audit(trained, out, "--methods", ",".join(METHODS))
+
+    # metrics.json: provenance
+    assert m["schema_version"] == audit.SCHEMA_VERSION
+    assert m["seed"] == 0 and m["versions"]["torch"] not in ("", "not installed")
+    assert set(m["versions"]) >= {"python", "torch", "lightning", "torchmetrics"}
+    model = m["models"][0]
+    assert model["sha256"] == hashlib.sha256(trained.read_bytes()).hexdigest()
+    assert model["config"]["model"]["backbone"] == "resnet18_cifar"
+    assert m["settings"]["methods"] == METHODS
+    assert m["measures"]["deletion_auc"]["higher_is_better"] is False
+
+    # every section's numbers, for every selected method
+    summary = model["summary"]
+    assert 0.0 <= summary["accuracy"]["value"] <= 1.0 and summary["accuracy"]["n"] == 40
+    assert len(summary["confusion_matrix"]) == 10 and len(summary["per_class"]) == 10
+    assert len(model["images_classes"]["probabilities"]) == 10
+    assert model["cam_vs_gradcam"]["correlation"]["mean"] > 0.999  # GAP + Linear: equal
+    assert model["evolution"]["epochs"] == [0, 1]
+    assert "cue_energy/biased" in model["evolution"]["scalars"]["gradcam"]
+    sanity_steps = model["sanity"]["steps"]
+    for method in METHODS:
+        assert model["methods_classes"][method]["status"] == "ok"
+        loc = model["localisation"]["methods"][method]
+        for name in ("box_iou", "localisation_accuracy", "pointing_game", "energy_pointing_game"):
+            assert loc[name]["n"] > 0 and "higher_is_better" in loc[name], name
+        faith = model["faithfulness"]["methods"][method]
+        for name in ("deletion_auc", "insertion_auc", "average_drop", "increase_in_confidence"):
+            assert faith[name]["n"] == 12 and faith[name]["mean"] is not None, name
+        assert len(faith["curves"]["deletion_mean"]) == 9
+        san = model["sanity"]["methods"][method]
+        assert len(san["spearman"]) == len(sanity_steps) and isinstance(san["flagged"], bool)
+        bias = model["bias"]["methods"][method]
+        assert set(bias) == {"border_energy", "cue_energy", "cue_region_energy_without_cue"}
+        # Only the cue classes carry the cue (a class whose maps are all zero has no share).
+        assert bias["cue_energy"] and set(bias["cue_energy"]) <= {"circle", "square"}
+    cf = model["bias"]["counterfactual"]
+    assert cf["classes"]["circle"]["cue_class"] and cf["n_images"] == 40
+    assert isinstance(model["findings"], list) and model["findings"]
+    assert "skipped" in m["side_by_side"]
+
+    # report.html: every section, every image inline, nothing fetched from elsewhere
+    html = (out / "report.html").read_text()
+    for sid in SECTION_IDS:
+        assert f'<section id="{sid}">' in html, sid
+    images = _images(html)
+    assert len(images) >= 10
+    assert all(src.startswith("data:image/png;base64,") for src in images)
+    assert not re.search(r"(src|href)=\"(https?:)?//", html)
+    assert len(list((out / "figures").glob("*.png"))) == len(images)
+    # No temporary folders left beside the report.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+def test_compare_two_checkpoints_side_by_side(trained: Path, tmp_path: Path) -> None:
+    # The same run twice stands in for two models: every number must then agree.
+    out = tmp_path / "cmp"
+    m = _audit(trained, out, "--compare", str(trained), "--methods", "gradcam,gradcam_pp",
+               "--num-images", "6")
+    a, b = m["models"]
+    assert (a["label"], b["label"]) == ("A", "B")
+    sbs = m["side_by_side"]
+    assert sbs["models"] == ["A", "B"]
+    row = sbs["methods"]["gradcam"]["insertion_auc"]
+    assert row["means"][0] == pytest.approx(row["means"][1]) and row["better"] is None
+    html = (out / "report.html").read_text()
+    assert "Model B" in html and "side_by_side" in " ".join(
+        p.name for p in (out / "figures").glob("*.png")
+    )
+
+
+# The cheapest settings of the costly methods: this checks plumbing, not explanations.
+CHEAP = {"integrated_gradients": {"steps": 4}, "lime": {"samples": 16},
+         "smoothgrad": {"samples": 2}, "occlusion": {"window": 16, "stride": 16}}
+
+
+@pytest.mark.slow  # scorecam alone needs 512 forwards per image per cascade step
+def test_all_methods_on_very_few_images(trained: Path, tmp_path: Path) -> None:
+    out = tmp_path / "all"
+    options = {k: v for k, v in CHEAP.items() if k in explain.available()}
+    m = _audit(trained, out, "--methods", "all", "--num-images", "2", "--sanity-images", "1",
+               "--method-options", json.dumps(options))
+    for name, opts in options.items():
+        assert m["settings"]["method_options"][name].items() >= opts.items()
+    model = m["models"][0]
+    assert m["settings"]["methods"] == explain.available()
+    for method in explain.available():
+        entry = model["methods_classes"][method]
+        assert entry["status"] == "ok", (method, entry.get("error"))
+        assert method in model["faithfulness"]["methods"]
+        assert method in model["sanity"]["methods"]
+
+
+def test_data_without_cue_masks_or_monitor_maps(trained: Path, tmp_path: Path,
+                                                 monkeypatch) -> None:
+    """The CIFAR-like case: no object masks, no cue, no saved maps; every section still renders."""
+    import yaml
+
+    from lit_modules.data import SyntheticShapesDataModule
+
+    cfg = yaml.safe_load((trained.parent.parent / "config.yaml").read_text())
+    cfg["data"]["init_args"]["cue_classes"] = None
+    config = tmp_path / "elsewhere" / "config.yaml"  # no explanations/ folder beside it
+    config.parent.mkdir()
+    config.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setattr(SyntheticShapesDataModule, "has_object_masks", False)
+    out = tmp_path / "report"
+    m = _audit(trained, out, "--config", str(config), "--methods", "gradcam", "--num-images", "4")
+    model = m["models"][0]
+    assert model["localisation"]["ground_truth"] is False
+    assert model["localisation"]["methods"]["gradcam"] == {}  # boxes drawn, nothing scored
+    assert model["bias"]["counterfactual"] is None and model["bias"]["flagged"] == []
+    assert set(model["bias"]["methods"]["gradcam"]) == {"border_energy"}
+    assert "skipped" in model["evolution"]
+    html = (out / "report.html").read_text()
+    for sid in SECTION_IDS:
+        assert f'<section id="{sid}">' in html, sid
+    assert "no object masks" in html and "declares no spurious cue" in html
+
+
+def test_a_normal_checkpoint_loads_with_weights_only(trained: Path) -> None:
+    ckpt = load_checkpoint(trained)  # weights_only=True inside
+    assert {"state_dict", "hyper_parameters", "callbacks"} <= set(ckpt)
+    run = load_run(trained)
+    assert run.config_path.name == "config.yaml" and not run.model.training
+
+
+class _CreatesFile:
+    """Unpickling this calls ``open(path, 'w')``: loading the pickle creates the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_malicious_checkpoint_is_refused_and_not_executed(tmp_path: Path, capsys) -> None:
+    # Proof that the payload is live: an unrestricted load does create its file.
+    proof, proof_target = tmp_path / "proof.ckpt", tmp_path / "created_by_unsafe_load"
+    torch.save({"state_dict": {}, "x": _CreatesFile(proof_target)}, proof)
+    torch.load(proof, weights_only=False)
+    assert proof_target.exists()
+
+    target = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "x": _CreatesFile(target)}, evil)
+    with pytest.raises(SystemExit) as exc:
+        audit.main(["--ckpt", str(evil), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert str(evil) in err and "refused" in err and "nothing in it was executed" in err
+    assert not target.exists()
+    assert not (tmp_path / "out").exists()
+    # A legacy (non-zip) pickle is refused the same way.
+    legacy = tmp_path / "legacy.ckpt"
+    with open(legacy, "wb") as f:
+        pickle.dump({"x": _CreatesFile(target)}, f)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(legacy)
+    assert not target.exists()
+
+
+def test_missing_config_is_a_clear_error(trained: Path, tmp_path: Path, capsys) -> None:
+    lonely = tmp_path / "somewhere" / "model.ckpt"
+    lonely.parent.mkdir()
+    shutil.copy(trained, lonely)
+    with pytest.raises(SystemExit) as exc:
+        audit.main(["--ckpt", str(lonely), "--no-progress"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "no training config found" in err and "--config" in err
+    # --config points it at the right file.
+    config = trained.parent.parent / "config.yaml"
+    run = load_run(lonely, config)
+    assert run.config_path == config.resolve()
+
+
+def test_interrupt_leaves_no_half_written_report(
+    trained: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"old": true}')  # an earlier report stays intact
+
+    def interrupted(folder, *args, **kwargs):
+        (Path(folder) / "report.html").write_text("<html>half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_report", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        _audit(trained, out, "--methods", "gradcam", "--num-images", "2")
+    assert exc.value.code == 130
+    assert "no report was written" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["metrics.json"]
+    assert json.loads((out / "metrics.json").read_text()) == {"old": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+def test_out_that_is_not_a_report_is_not_replaced(trained: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(SystemExit):
+        _audit(trained, tmp_path, "--methods", "gradcam", "--num-images", "2")
+    assert "does not hold an earlier audit report" in capsys.readouterr().err
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_help_documents_every_option(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        audit.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for action in audit.build_parser()._actions:
+        for opt in action.option_strings:
+            assert opt in text
+        assert action.help, action.option_strings
+    for name in explain.available():
+        assert name in text
+
+
+def test_bad_arguments_are_refused(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        audit.main(["--ckpt", "x.ckpt", "--methods", "grad_cam"])
+    assert exc.value.code == 2
+    assert "gradcam" in capsys.readouterr().err  # the valid names are listed
+    with pytest.raises(SystemExit):
+        audit.main(["--ckpt", "a", "--ckpt", "b", "--ckpt", "c"])
+
+
+def _train_for_bias(tmp: Path, cue: bool) -> Path:
+    """A short real run at 16x16 (4x cheaper than 32x32); the cue sits on class 0 only.
+
+    One cue class keeps the planted shortcut unambiguous: with the same patch on two
+    classes, a briefly trained model maps the patch to one of them and never predicts the
+    other, which is a true finding but not the one this test is about.
+    """
+    data = {"image_size": 16, "num_train": 240, "num_val": 50, "num_test": 400,
+            "batch_size": 32, "cue_classes": [0] if cue else None}
+    tmp.mkdir(parents=True)
+    cfg = tiny_config(tmp, epochs=3, data=data, name="cue" if cue else "clean")
+    cli = run_train(["fit", "--config", str(cfg), "--trainer.limit_train_batches", "1.0",
+                     "--model.optimizer", "adamw", "--model.lr", "0.003"])
+    return Path(cli.trainer.checkpoint_callback.last_model_path)
+
+
+@pytest.mark.slow
+def test_counterfactual_flags_the_planted_cue_only_where_it_was_learned(tmp_path: Path) -> None:
+    biased = _train_for_bias(tmp_path / "biased", cue=True)
+    clean = _train_for_bias(tmp_path / "clean", cue=False)
+    # Compare mode audits both on model A's data, so the clean model meets the same cue.
+    out = tmp_path / "report"
+    m = _audit(biased, out, "--compare", str(clean), "--methods", "gradcam",
+               "--counterfactual-images", "40")
+    flagged_biased = {f["class"] for f in m["models"][0]["bias"]["flagged"]}
+    flagged_clean = {f["class"] for f in m["models"][1]["bias"]["flagged"]}
+    assert flagged_biased == {"circle"}, m["models"][0]["bias"]["counterfactual"]
+    assert flagged_clean == set(), m["models"][1]["bias"]["counterfactual"]
+    assert any(text.startswith("class circle:") for text in m["models"][0]["findings"])

@@ -1,6 +1,6 @@
 """What the explanation monitor costs: quickstart epochs with and without it.
 
-    python bench/monitor_cost.py [--epochs 2] [--config configs/quickstart.yaml]
+    python bench/monitor_cost.py [--epochs 2] [--config configs/quickstart.yaml] [--methods gradcam]
 
 Builds the quickstart's model and data from its YAML, trains twice from the same seed
 (monitor on, monitor off) and prints the mean epoch time of each and their ratio. The
@@ -58,17 +58,20 @@ def build_data(cfg: dict) -> L.LightningDataModule:
     return getattr(importlib.import_module(module), name)(**cfg["data"]["init_args"])
 
 
-def fit(cfg: dict, epochs: int, monitor: bool, root: str) -> tuple[list[float], list[float]]:
+def fit(
+    cfg: dict, epochs: int, monitor: bool, root: str, methods: list[str] | None = None
+) -> tuple[list[float], list[float]]:
     L.seed_everything(cfg.get("seed_everything", 0), verbose=False)
     clock = EpochClock()
-    callbacks: list[L.Callback] = [clock]
+    callbacks: list[L.Callback] = []
     timed = None
     if monitor:
         args = next(
             c["init_args"] for c in cfg["trainer"]["callbacks"] if "ExplanationMonitor" in c["class_path"]
         )
-        timed = TimedMonitor(**args)
+        timed = TimedMonitor(**{**args, **({"methods": methods} if methods else {})})
         callbacks.append(timed)
+    callbacks.append(clock)  # last, so its epoch end comes after the monitor's
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=epochs, callbacks=callbacks,
         logger=L.pytorch.loggers.TensorBoardLogger(root, name="bench"),
@@ -83,12 +86,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--methods", default=None, help="comma-separated; default: the config's")
     args = parser.parse_args()
     with open(args.config) as f:
         cfg = yaml.safe_load(f)
     with tempfile.TemporaryDirectory() as root:
         off, _ = fit(cfg, args.epochs, monitor=False, root=root)
-        on, hook = fit(cfg, args.epochs, monitor=True, root=root)
+        methods = args.methods.split(",") if args.methods else None
+        on, hook = fit(cfg, args.epochs, monitor=True, root=root, methods=methods)
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.epochs} epochs")
     print(f"epoch without monitor: {mean(off):.1f} s  {[round(t, 1) for t in off]}")

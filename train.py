@@ -12,17 +12,126 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from callbacks import InterruptCheckpoint
 from lit_modules import ImageClassifier
+from lit_modules.resume import ResumeError, ResumePlan, plan_resume
+
+TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 
 
 class TrainCLI(LightningCLI):
-    """LightningCLI that tells the user where everything went when fitting ends."""
+    """LightningCLI that resumes into the same run, saves on interrupts and says where
+    everything went when fitting ends.
+
+    * checkpoints are loaded with ``weights_only=True`` unless ``--weights_only false``;
+    * ``fit --ckpt_path last`` resumes the newest ``last.ckpt``/``interrupted.ckpt`` of the
+      configured run and fails with a clear message when there is none (Lightning would
+      warn and start from scratch); a resumed run logs into its checkpoint's run directory;
+    * every fit gets an :class:`~callbacks.InterruptCheckpoint` (SIGTERM, Ctrl-C, errors).
+    """
+
+    resume: ResumePlan | None = None
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse, then resolve ``fit --ckpt_path`` before LightningCLI opens the checkpoint
+        (it reads hyperparameters from it right after parsing)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        cfg = self.config[subcommand]
+        if "weights_only" in cfg and cfg["weights_only"] is None:
+            cfg["weights_only"] = True
+        if subcommand == "fit" and cfg.get("ckpt_path") is not None:
+            self._plan_resume(cfg)
+
+    def _plan_resume(self, cfg: Any) -> None:
+        trainer = cfg["trainer"]
+        logger = self._tensorboard_config(trainer)
+        root = Path(trainer.get("default_root_dir") or os.getcwd())
+        save_dir = name = version = None
+        if logger is not None:
+            args = logger["init_args"]
+            save_dir = Path(args.get("save_dir") or root)
+            name = args.get("name") or ""
+            version = args.get("version")
+            version = f"version_{version}" if isinstance(version, int) else version
+        try:
+            plan = plan_resume(
+                str(cfg["ckpt_path"]), save_dir, name, version, self._checkpoint_dirs(trainer, root)
+            )
+        except ResumeError as exc:
+            print(f"train.py: error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from exc
+        self.resume = plan
+        cfg["ckpt_path"] = str(plan.ckpt_path)
+        if logger is not None:
+            args = logger["init_args"]
+            if plan.version is not None:
+                args["version"] = plan.version
+            if args.get("purge_step") is None:
+                # Lightning logs batch k at step k, so the checkpoint's global_step is the
+                # first step the resumed run logs: TensorBoard drops the killed run's events
+                # from there on and no curve shows a step twice.
+                args["purge_step"] = plan.global_step
+            args["default_hp_metric"] = False  # the placeholder was logged at step 0 already
+        print(
+            f"Resuming from {plan.ckpt_path} (epoch {plan.epoch}, step {plan.global_step})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    @staticmethod
+    def _tensorboard_config(trainer: Any) -> Any:
+        """The TensorBoardLogger entry of the trainer config (made explicit when the config
+        leaves the logger at Lightning's default), or None."""
+        logger = trainer.get("logger")
+        if logger is None or logger is True:
+            from jsonargparse import Namespace
+
+            logger = Namespace(
+                class_path=TENSORBOARD,
+                init_args=Namespace(
+                    save_dir=trainer.get("default_root_dir") or os.getcwd(),
+                    name="lightning_logs",
+                    version=None,
+                    purge_step=None,
+                ),
+            )
+            trainer["logger"] = logger
+        entries = logger if isinstance(logger, list) else [logger]
+        for entry in entries:
+            if getattr(entry, "class_path", None) == TENSORBOARD:
+                return entry
+        return None
+
+    @staticmethod
+    def _checkpoint_dirs(trainer: Any, root: Path) -> list[Path]:
+        """Explicit ModelCheckpoint folders and the no-logger default ``<root>/checkpoints``."""
+        folders = [root / "checkpoints"]
+        for cb in trainer.get("callbacks") or []:
+            dirpath = getattr(getattr(cb, "init_args", None), "dirpath", None)
+            if dirpath:
+                folders.append(Path(dirpath))
+        return folders
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand in (None, "fit") and not any(
+            isinstance(cb, InterruptCheckpoint) for cb in trainer.callbacks
+        ):
+            trainer.callbacks.append(InterruptCheckpoint())
+        return trainer
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -63,4 +172,9 @@ def main(args: list[str] | None = None, run: bool = True) -> TrainCLI:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or None)
+    try:
+        main(sys.argv[1:] or None)
+    except SIGTERMException:
+        # Lightning ends a SIGTERMed fit with a bare SystemExit (status 0); a scheduler or
+        # a shell script should see that the run was terminated, not that it finished.
+        sys.exit(128 + signal.SIGTERM)

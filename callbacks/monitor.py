@@ -179,6 +179,8 @@ class ExplanationMonitor(Callback):
             logits = pl_module(images.clone()).float()
         probs = logits.softmax(-1)
         preds = probs.argmax(-1)
+        n = len(images)
+        finite_logits = bool(torch.isfinite(logits).all())
         record: dict[str, Any] = {
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,
@@ -187,31 +189,56 @@ class ExplanationMonitor(Callback):
             "probs": probs.cpu(),
             "maps": {},
             "scalars": {},
+            "nan_maps": {},
         }
         tb = self._tensorboard(trainer)
+        step = self._log_step(trainer)
         for method in self.methods:
-            maps = explain.run(
-                pl_module, images, method, layer=self.layer, **self.method_options.get(method, {})
-            ).cpu()
-            if not torch.isfinite(maps).all():
-                rank_zero_warn(f"ExplanationMonitor: {method} maps are not finite; skipped")
+            maps = self._explain(pl_module, images, method, finite_logits)
+            # Images whose map is not finite (a diverged or poisoned model): counted and
+            # logged, never drawn or scored, and training goes on.
+            bad = int((~torch.isfinite(maps).flatten(1).all(1)).sum()) if maps is not None else n
+            record["nan_maps"][method] = bad
+            if tb is not None:
+                tb.add_scalar(f"explain/{method}/nan_maps", bad, step)
+            if bad:
+                rank_zero_warn(
+                    f"ExplanationMonitor: {method} gave non-finite maps for {bad} of {n} fixed "
+                    f"images at epoch {trainer.current_epoch} (does the model output NaN?); "
+                    "no grid or scores this epoch"
+                )
                 continue
             scalars = self._scalars(method, maps, labels.cpu(), batch)
             record["maps"][method] = maps.half()
             record["scalars"][method] = scalars
             if tb is not None:
                 for name, value in scalars.items():
-                    tb.add_scalar(f"explain/{method}/{name}", value, trainer.global_step)
+                    tb.add_scalar(f"explain/{method}/{name}", value, step)
                 tb.add_image(
-                    f"explain/{method}/grid",
-                    self._grid(trainer, images, maps, labels, preds),
-                    trainer.global_step,
+                    f"explain/{method}/grid", self._grid(trainer, images, maps, labels, preds), step
                 )
         if self.save_maps:
             folder = os.path.join(self._log_dir(trainer), "explanations")
             if not os.path.exists(os.path.join(folder, "fixed_images.pt")):
                 atomic_save(self._fixed_record(trainer, batch), os.path.join(folder, "fixed_images.pt"))
             atomic_save(record, os.path.join(folder, f"epoch_{trainer.current_epoch:04d}.pt"))
+
+    def _explain(
+        self, pl_module: L.LightningModule, images: torch.Tensor, method: str, finite_logits: bool
+    ) -> torch.Tensor | None:
+        """Maps ``[N, K, H, W]`` on the CPU; None when a non-finite model broke the method."""
+        try:
+            with warnings.catch_warnings():
+                # The engine warns about non-finite maps; the monitor reports them itself.
+                warnings.filterwarnings("ignore", message=".*non-finite values")
+                maps = explain.run(
+                    pl_module, images, method, layer=self.layer, **self.method_options.get(method, {})
+                )
+        except (RuntimeError, ValueError):
+            if finite_logits:
+                raise  # a real failure of the method, not a symptom of NaN weights
+            return None  # e.g. an SVD that can not converge on NaN activations
+        return maps.cpu()
 
     def _scalars(
         self, method: str, maps: torch.Tensor, labels: torch.Tensor, batch: dict[str, torch.Tensor]
@@ -293,6 +320,18 @@ class ExplanationMonitor(Callback):
             "class_names": list(getattr(dm, "class_names", []) or []),
             "methods": list(self.methods),
         }
+
+    @staticmethod
+    def _log_step(trainer: L.Trainer) -> int:
+        """The step Lightning's own loggers use at this point (``val/acc`` is logged there).
+
+        During validation that is the count of optimiser steps *before* the current batch's,
+        one less than ``trainer.global_step``; sharing it puts the monitor's curves on
+        ``val/acc``'s x positions and lets a resumed run purge exactly the lost steps.
+        """
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        step = getattr(loop, "_batches_that_stepped", None)
+        return int(step) if step is not None else max(trainer.global_step - 1, 0)
 
     @staticmethod
     def _log_dir(trainer: L.Trainer) -> str:

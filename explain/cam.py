@@ -127,13 +127,17 @@ def principal_projection(act: torch.Tensor, center: bool = True) -> torch.Tensor
     rows = act.reshape(b, k, h * w).transpose(1, 2).double()  # [B, hw, K]
     if center:
         rows = rows - rows.mean(1, keepdim=True)
-    rows = torch.nan_to_num(rows)
+    # The SVD fails on non-finite input: zero those images for it, then give them NaN maps
+    # so a diverged model shows up as such instead of as a blank map.
+    broken = ~torch.isfinite(rows).flatten(1).all(1)
+    rows = torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0)
     # full_matrices=False keeps the cost at min(hw, K) components (hw is small here).
     _, _, vh = torch.linalg.svd(rows, full_matrices=False)
     axis = vh[:, 0]  # [B, K]
     sign = torch.where(axis.sum(-1, keepdim=True) < 0, -1.0, 1.0).to(axis)
     axis = axis * sign
     proj = torch.einsum("bnk,bk->bn", rows, axis)
+    proj[broken] = float("nan")
     return proj.reshape(b, h, w).to(act.dtype)
 
 

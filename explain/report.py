@@ -1216,7 +1216,8 @@ def evolution_data(
     The filmstrip uses Grad-CAM when the monitor saved it, else its first method, and the
     true-class map of each fixed image.
     """
-    methods = list(epochs[-1].get("maps", {}))
+    # Every method any epoch has (an epoch whose maps were not finite has none).
+    methods = list(dict.fromkeys(m for rec in epochs for m in rec.get("maps", {})))
     method = "gradcam" if "gradcam" in methods else (methods[0] if methods else None)
     names = sorted({(m, q) for rec in epochs for m, per in rec.get("scalars", {}).items()
                     for q in per})

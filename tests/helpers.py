@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(tmp_path: Path, *, epochs: int = 2, monitor: dict | None = None,
                 data: dict | None = None, logger: bool = True, backbone: str = "resnet18_cifar",
-                name: str = "tiny") -> Path:
-    """Write a seconds-long synthetic-data training config and return its path."""
+                name: str = "tiny", callbacks: list[dict] | None = None,
+                model: dict | None = None, trainer_args: dict | None = None) -> Path:
+    """Write a seconds-long synthetic-data training config and return its path.
+
+    ``callbacks`` are appended to the monitor and checkpoint; ``model`` and ``trainer_args``
+    update those sections.
+    """
     monitor_args = {"methods": ["gradcam"], "num_images": 10, "classes": "true"}
     monitor_args.update(monitor or {})
     data_args = {
@@ -30,8 +41,10 @@ def tiny_config(tmp_path: Path, *, epochs: int = 2, monitor: dict | None = None,
             {"class_path": "callbacks.ExplanationMonitor", "init_args": monitor_args},
             {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
              "init_args": {"save_last": True}},
+            *(callbacks or []),
         ],
     }
+    trainer.update(trainer_args or {})
     trainer["logger"] = (
         {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
          "init_args": {"save_dir": str(tmp_path / "runs"), "name": name}}
@@ -40,7 +53,7 @@ def tiny_config(tmp_path: Path, *, epochs: int = 2, monitor: dict | None = None,
     cfg = {
         "seed_everything": 0,
         "trainer": trainer,
-        "model": {"backbone": backbone, "lr": 0.05, "scheduler": "none"},
+        "model": {"backbone": backbone, "lr": 0.05, "scheduler": "none", **(model or {})},
         "data": {"class_path": "lit_modules.data.SyntheticShapesDataModule", "init_args": data_args},
     }
     path = tmp_path / f"{name}.yaml"
@@ -61,3 +74,60 @@ def run_train(args: list[str], run: bool = True):
         return train.main(args, run=run)
     finally:
         os.chdir(cwd)
+
+
+class KillAt(Callback):
+    """Send ``signal`` to this very process after training batch ``batch`` of ``epoch``.
+
+    One-shot: it first creates ``marker`` and does nothing when the marker exists, so the
+    same config can be used to resume. SIGKILL leaves no chance to save anything, which is
+    the point of the resume tests.
+    """
+
+    def __init__(self, epoch: int, batch: int, marker: str, signal: str = "SIGKILL") -> None:
+        super().__init__()
+        self.epoch, self.batch, self.marker, self.signal = epoch, batch, marker, signal
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (trainer.current_epoch, batch_idx) != (self.epoch, self.batch):
+            return
+        if os.path.exists(self.marker):
+            return
+        Path(self.marker).touch()
+        os.kill(os.getpid(), getattr(signal, self.signal))
+        time.sleep(5)  # SIGTERM is handled at the next batch boundary; SIGKILL never returns
+
+
+class PoisonAt(Callback):
+    """Fill the model's first parameter with NaN at the start of training epoch ``epoch``."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("nan"))
+
+
+def train_subprocess(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python train.py <args>`` in a child process from the repository root."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+    return subprocess.run(
+        [sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=timeout,
+    )
+
+
+class CreatesFile:
+    """Unpickling this calls ``open(path, 'w')``: loading the pickle creates the file.
+
+    The payload of the crafted-checkpoint tests: if the file exists, code ran.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_train, tiny_config
+from helpers import CreatesFile, run_train, tiny_config
 
 import audit
 import explain
@@ -171,26 +171,16 @@ def test_a_normal_checkpoint_loads_with_weights_only(trained: Path) -> None:
     assert run.config_path.name == "config.yaml" and not run.model.training
 
 
-class _CreatesFile:
-    """Unpickling this calls ``open(path, 'w')``: loading the pickle creates the file."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def test_malicious_checkpoint_is_refused_and_not_executed(tmp_path: Path, capsys) -> None:
     # Proof that the payload is live: an unrestricted load does create its file.
     proof, proof_target = tmp_path / "proof.ckpt", tmp_path / "created_by_unsafe_load"
-    torch.save({"state_dict": {}, "x": _CreatesFile(proof_target)}, proof)
+    torch.save({"state_dict": {}, "x": CreatesFile(proof_target)}, proof)
     torch.load(proof, weights_only=False)
     assert proof_target.exists()
 
     target = tmp_path / "pwned"
     evil = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "x": _CreatesFile(target)}, evil)
+    torch.save({"state_dict": {}, "x": CreatesFile(target)}, evil)
     with pytest.raises(SystemExit) as exc:
         audit.main(["--ckpt", str(evil), "--out", str(tmp_path / "out"), "--no-progress"])
     assert exc.value.code == 2
@@ -201,7 +191,7 @@ def test_malicious_checkpoint_is_refused_and_not_executed(tmp_path: Path, capsys
     # A legacy (non-zip) pickle is refused the same way.
     legacy = tmp_path / "legacy.ckpt"
     with open(legacy, "wb") as f:
-        pickle.dump({"x": _CreatesFile(target)}, f)
+        pickle.dump({"x": CreatesFile(target)}, f)
     with pytest.raises(CheckpointError, match="refused"):
         load_checkpoint(legacy)
     assert not target.exists()

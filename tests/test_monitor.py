@@ -31,8 +31,9 @@ def test_two_epochs_log_grids_scalars_and_maps(tmp_path) -> None:
     for name in ("train/loss_epoch", "val/loss", "val/acc"):
         assert name in tags["scalars"], tags["scalars"]
     assert len({e.step for e in acc.Scalars("val/acc")}) == 2  # one validation per epoch
-    # The monitor logs at the trainer's global step: the end of each epoch's training.
-    steps = [cli.trainer.num_training_batches * (epoch + 1) for epoch in range(2)]
+    # The monitor logs at Lightning's own step for the epoch's validation, beside val/acc.
+    steps = [cli.trainer.num_training_batches * (epoch + 1) - 1 for epoch in range(2)]
+    assert [e.step for e in acc.Scalars("val/acc")] == steps
     for method in ("gradcam", "hirescam"):
         for name in SCALARS:
             events = acc.Scalars(f"explain/{method}/{name}")
@@ -40,6 +41,7 @@ def test_two_epochs_log_grids_scalars_and_maps(tmp_path) -> None:
             assert all(0.0 <= e.value <= 1.0 for e in events), name
         # drift needs a previous epoch: logged from the second epoch on
         assert [e.step for e in acc.Scalars(f"explain/{method}/drift")] == steps[1:]
+        assert [e.value for e in acc.Scalars(f"explain/{method}/nan_maps")] == [0, 0]
         grids = acc.Images(f"explain/{method}/grid")
         assert [g.step for g in grids] == steps
         assert grids[0].width > 32 * 4 and grids[0].height > 32 * 4
@@ -124,3 +126,42 @@ def test_monitor_rejects_bad_arguments() -> None:
         ExplanationMonitor(methods=["grad_cam"])
     with pytest.raises(ValueError, match="classes"):
         ExplanationMonitor(classes="best")
+
+
+def test_nan_model_is_reported_and_training_goes_on(tmp_path) -> None:
+    cfg = tiny_config(tmp_path, epochs=3, monitor={"methods": ["gradcam", "eigencam"]},
+                      callbacks=[{"class_path": "helpers.PoisonAt", "init_args": {"epoch": 1}}])
+    with pytest.warns(UserWarning, match="non-finite maps for 10 of 10") as caught:
+        cli = run_train(["fit", "--config", str(cfg)])
+    assert cli.trainer.current_epoch == 3  # all epochs ran
+    assert sum("gradcam gave non-finite" in str(w.message) for w in caught) == 2
+    acc = _events(cli.trainer.log_dir)
+    for method in ("gradcam", "eigencam"):
+        assert [e.value for e in acc.Scalars(f"explain/{method}/nan_maps")] == [0, 10, 10]
+        # Drawn and scored for the healthy epoch only.
+        assert len(acc.Images(f"explain/{method}/grid")) == 1
+        assert len(acc.Scalars(f"explain/{method}/concentration")) == 1
+    record = torch.load(os.path.join(cli.trainer.log_dir, "explanations", "epoch_0002.pt"),
+                        weights_only=True)
+    assert record["nan_maps"] == {"gradcam": 10, "eigencam": 10} and record["maps"] == {}
+
+
+def _final_weights(tmp_path, monitor: bool) -> dict[str, torch.Tensor]:
+    cfg = tiny_config(tmp_path, epochs=2, monitor={"methods": ["gradcam", "saliency"]},
+                      name="with" if monitor else "without")
+    args = ["fit", "--config", str(cfg)]
+    if not monitor:  # the same config with the callback list minus the monitor
+        args += ["--trainer.callbacks", "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "--trainer.callbacks.save_last", "true"]
+    cli = run_train(args)
+    has = any(isinstance(cb, ExplanationMonitor) for cb in cli.trainer.callbacks)
+    assert has == monitor
+    return {k: v.clone() for k, v in cli.model.state_dict().items()}
+
+
+def test_monitor_never_changes_training(tmp_path) -> None:
+    with_monitor = _final_weights(tmp_path, monitor=True)
+    without = _final_weights(tmp_path, monitor=False)
+    assert with_monitor.keys() == without.keys()
+    for name in with_monitor:  # bitwise, BatchNorm running statistics included
+        assert torch.equal(with_monitor[name], without[name]), name

@@ -1,0 +1,72 @@
+"""InterruptCheckpoint: save a resumable checkpoint when fitting is interrupted."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+class InterruptCheckpoint(Callback):
+    """Write ``<checkpoint dir>/interrupted.ckpt`` when fitting ends in an exception.
+
+    Covers SIGTERM (what schedulers send before they kill a job: Lightning turns it into an
+    exception at the next batch boundary), Ctrl-C, and errors such as out-of-memory. The
+    file is written atomically (Lightning saves through a temporary file), so a second kill
+    during the save leaves the previous checkpoint intact. ``train.py fit --ckpt_path last``
+    picks the newer of ``last.ckpt`` and this file. A fit that completes removes it.
+
+    With several processes only SIGTERM is handled: Lightning delivers it to every rank at
+    the same batch, whereas an error on one rank would leave the others waiting in the save.
+    ``train.py`` adds this callback to every fit unless the config already has one.
+
+    Args:
+        filename: name of the checkpoint file inside the checkpoint folder.
+    """
+
+    def __init__(self, filename: str = "interrupted.ckpt") -> None:
+        super().__init__()
+        if not filename.endswith(".ckpt") or os.sep in filename:
+            raise ValueError(f"filename must be a bare '*.ckpt' name, got {filename!r}")
+        self.filename = filename
+
+    def path(self, trainer: L.Trainer) -> str:
+        """Where the checkpoint goes: next to ModelCheckpoint's files when there is one."""
+        ckpt = trainer.checkpoint_callback
+        folder = getattr(ckpt, "dirpath", None)
+        if not folder:
+            folder = os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
+        return os.path.join(folder, self.filename)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):
+            rank_zero_warn(
+                f"InterruptCheckpoint: {type(exception).__name__} with {trainer.world_size} "
+                "processes; not saving (the other ranks may never reach the save). Resume "
+                "from last.ckpt."
+            )
+            return
+        path = self.path(trainer)
+        trainer.save_checkpoint(path)
+        rank_zero_info(
+            f"{type(exception).__name__} at epoch {trainer.current_epoch}, step "
+            f"{trainer.global_step}: saved {path}. Resume with: python train.py fit "
+            "--config <the same config> --ckpt_path last"
+        )
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A finished fit has a newer last.ckpt; a stale interrupt file would only confuse.
+        path = self.path(trainer)
+        if trainer.is_global_zero and os.path.isfile(path):
+            os.remove(path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}

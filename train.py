@@ -135,9 +135,10 @@ class TrainCLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer = self.trainer
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if not trainer.is_global_zero:
             return
-        log_dir = os.path.abspath(trainer.log_dir or trainer.default_root_dir)
+        log_dir = os.path.abspath(log_dir or trainer.default_root_dir)
         lines = ["", "Training finished."]
         ckpt = trainer.checkpoint_callback
         if ckpt is not None:

@@ -127,6 +127,7 @@ class ExplanationMonitor(Callback):
         self._previous: dict[str, torch.Tensor] = {}
         self._batch: dict[str, torch.Tensor] | None = None
         self._warned_logger = False
+        self._dir: str | None = None
 
     # -- state: primitives and tensors only, so checkpoints load with weights_only=True ---
     def state_dict(self) -> dict[str, Any]:
@@ -165,6 +166,18 @@ class ExplanationMonitor(Callback):
                 if isinstance(items[0][k], torch.Tensor | int)
             }
         return {k: v.to(device) for k, v in self._batch.items()}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Every rank runs setup. trainer.log_dir is a collective (a broadcast), so it is read
+        # here and never from the rank-zero-only explanation step, which would hang DDP.
+        self._dir = self._log_dir(trainer)
+        # The fixed images are a pure function of (labels, seed): every rank picks the same
+        # ones. A restored state (resume) replaces them afterwards.
+        dm = trainer.datamodule
+        if self.indices is None and dm is not None and hasattr(dm, "dataset"):
+            self.indices = stratified_indices(
+                dataset_labels(dm.dataset("val")), self.num_images, self.seed
+            )
 
     # -- the work -----------------------------------------------------------------------
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -218,7 +231,7 @@ class ExplanationMonitor(Callback):
                     f"explain/{method}/grid", self._grid(trainer, images, maps, labels, preds), step
                 )
         if self.save_maps:
-            folder = os.path.join(self._log_dir(trainer), "explanations")
+            folder = os.path.join(self._dir or self._log_dir(trainer), "explanations")
             if not os.path.exists(os.path.join(folder, "fixed_images.pt")):
                 atomic_save(self._fixed_record(trainer, batch), os.path.join(folder, "fixed_images.pt"))
             atomic_save(record, os.path.join(folder, f"epoch_{trainer.current_epoch:04d}.pt"))
@@ -346,7 +359,7 @@ class ExplanationMonitor(Callback):
             warnings.warn(
                 "ExplanationMonitor: no TensorBoardLogger attached, so no heatmaps or "
                 "scalars are logged; raw maps are still saved under "
-                f"{os.path.join(self._log_dir(trainer), 'explanations')}",
+                f"{os.path.join(self._dir or self._log_dir(trainer), 'explanations')}",
                 UserWarning,
                 stacklevel=2,
             )

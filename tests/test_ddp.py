@@ -1,0 +1,57 @@
+"""Two-process DDP on CPU (gloo) with the explanation monitor attached."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import tiny_config, train_subprocess
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import explain
+from lit_modules import ImageClassifier
+from lit_modules.data import SyntheticShapesDataModule
+
+EPOCHS = 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_ddp_two_processes_one_writer_and_rank_zero_maps(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, epochs=EPOCHS, monitor={"methods": ["gradcam", "saliency"]})
+    done = train_subprocess(["fit", "--config", str(cfg), "--trainer.strategy", "ddp",
+                             "--trainer.devices", "2"], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "world_size: 2" in done.stderr or "Initializing distributed" in done.stderr
+
+    runs = tmp_path / "runs" / "tiny"
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0"]  # one run directory
+    run = runs / "version_0"
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1  # one writer
+    acc = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    for method in ("gradcam", "saliency"):
+        steps = [e.step for e in acc.Images(f"explain/{method}/grid")]
+        assert len(steps) == EPOCHS and len(set(steps)) == EPOCHS  # one grid per epoch
+
+    # The last epoch's saved maps are those of the final weights (rank zero's model),
+    # recomputed here in a single process from the checkpoint written after that epoch.
+    record = torch.load(run / "explanations" / f"epoch_{EPOCHS - 1:04d}.pt", weights_only=True)
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["epoch"] == EPOCHS - 1
+    model = ImageClassifier(backbone="resnet18_cifar")
+    model.load_state_dict(state["state_dict"])
+    dm = SyntheticShapesDataModule(num_train=64, num_val=40, num_test=40, batch_size=16, seed=0,
+                                   cue_classes=[0, 1], cue_p_train=1.0, cue_p_eval=1.0)
+    images = torch.stack([dm.dataset("val")[i]["image"] for i in record["indices"].tolist()])
+    for method in ("gradcam", "saliency"):
+        saved = record["maps"][method].float()
+        fresh = explain.run(model, images, method)
+        scale = fresh.abs().amax().clamp_min(1e-12)
+        assert ((saved - fresh).abs().amax() / scale) < 2e-3, method  # fp16 storage
+    # Both ranks would have picked the same images: they are a function of (labels, seed).
+    monitor_state = next(v for k, v in state["callbacks"].items() if "ExplanationMonitor" in k)
+    assert monitor_state["indices"] == record["indices"].tolist()

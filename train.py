@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from typing import Any
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_modules import ImageClassifier
@@ -23,6 +24,12 @@ from lit_modules import ImageClassifier
 
 class TrainCLI(LightningCLI):
     """LightningCLI that tells the user where everything went when fitting ends."""
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # argparse takes any unique prefix of an option, so a typo such as
+        # --trainer.max_epoch would quietly set max_epochs: every key must be spelled out.
+        kwargs.setdefault("allow_abbrev", False)
+        return super().init_parser(**kwargs)
 
     def after_fit(self) -> None:
         trainer = self.trainer

@@ -82,6 +82,12 @@ def run(
 
     Returns:
         float32 maps ``[B, K, H, W]`` (targets None) or ``[B, H, W]``, on the images' device.
+
+    Raises:
+        ExplainError: bad input, named with the expected and actual values: images not
+            ``[B, C, H, W]`` floats, ``C`` not the first conv's ``in_channels``, images
+            smaller than the network takes (or giving a 1x1 map at the layer), targets
+            not integer indices in range, an unknown or non-spatial layer.
     """
     info = get(method)
     check_images(model, images)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -132,6 +132,12 @@ class TrainCLI(LightningCLI):
         ):
             trainer.callbacks.append(InterruptCheckpoint())
         return trainer
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # argparse takes any unique prefix of an option, so a typo such as
+        # --trainer.max_epoch would quietly set max_epochs: every key must be spelled out.
+        kwargs.setdefault("allow_abbrev", False)
+        return super().init_parser(**kwargs)
 
     def after_fit(self) -> None:
         trainer = self.trainer

@@ -19,9 +19,11 @@ from . import perturbation as _perturbation  # noqa: F401  (registers the pertur
 from .base import (
     ExplainContext,
     ExplainError,
+    check_images,
     default_layer,
     explaining,
     find_split,
+    input_size_problem,
     make_selectors,
     resolve_layer,
     split_for,
@@ -80,10 +82,15 @@ def run(
 
     Returns:
         float32 maps ``[B, K, H, W]`` (targets None) or ``[B, H, W]``, on the images' device.
+
+    Raises:
+        ExplainError: bad input, named with the expected and actual values: images not
+            ``[B, C, H, W]`` floats, ``C`` not the first conv's ``in_channels``, images
+            smaller than the network takes (or giving a 1x1 map at the layer), targets
+            not integer indices in range, an unknown or non-spatial layer.
     """
     info = get(method)
-    if images.dim() != 4:
-        raise ExplainError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
+    check_images(model, images)
     layer_name = resolve_layer(model, layer) if info.needs_layer else layer
     if layer_name is not None and not info.needs_layer:
         layer_name = resolve_layer(model, layer_name)
@@ -93,11 +100,21 @@ def run(
         device = param.device if param is not None else images.device
         # A fresh tensor: inference tensors (Lightning's validate/test) can't enter autograd.
         x = images.detach().to(device=device, dtype=dtype).clone()
-        num_classes = _num_classes(model, x)
-        selectors = make_selectors(targets, x.shape[0], num_classes, device)
-        split = split_for(model, layer_name)
-        ctx = ExplainContext(model, x, layer_name, selectors, num_classes, split)
-        maps = info.fn(ctx, **options).float()
+        try:
+            num_classes = _num_classes(model, x)
+            selectors = make_selectors(targets, x.shape[0], num_classes, device)
+            split = split_for(model, layer_name)
+            ctx = ExplainContext(model, x, layer_name, selectors, num_classes, split)
+            maps = info.fn(ctx, **options).float()
+        except ExplainError:
+            raise
+        except (RuntimeError, ValueError) as err:
+            # Deep in the network, "too small" reads as a pooling or conv shape error:
+            # say what it means when a probe confirms it, else let the error through.
+            problem = input_size_problem(model, x)
+            if problem is None:
+                raise
+            raise ExplainError(f"{problem} ({type(err).__name__}: {err})") from err
         maps = upsample(maps, tuple(x.shape[-2:])).transpose(0, 1)
         if targets is not None:
             maps = maps[:, 0]

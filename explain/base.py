@@ -61,6 +61,69 @@ def default_layer(model: nn.Module) -> str:
     return prefix + backbone.default_layer
 
 
+def first_conv(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first convolution registered in ``model`` (its input layer, in every usual net)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return name, module
+    return None
+
+
+def check_images(model: nn.Module, images: torch.Tensor) -> None:
+    """Refuse a batch the model can not take, naming the expected and the actual shape.
+
+    Checks what is knowable without running the model: 4-D, floating point (normalised
+    inputs, not raw uint8), non-empty, and a channel count equal to the first conv's
+    ``in_channels``. Sizes the network cannot take are diagnosed in :func:`explain.run`.
+    """
+    shape = tuple(images.shape)
+    if images.dim() != 4:
+        raise ExplainError(f"images must be [B, C, H, W], got shape {shape}")
+    if not images.is_floating_point():
+        raise ExplainError(
+            f"images must be floating point, normalised as the model was trained, "
+            f"got {images.dtype} {shape}"
+        )
+    if images.numel() == 0:
+        raise ExplainError(f"images are empty: shape {shape}")
+    found = first_conv(model)
+    if found is not None and images.shape[1] != found[1].in_channels:
+        name, conv = found
+        raise ExplainError(
+            f"{type(model).__name__} expects images [B, {conv.in_channels}, H, W] (its first "
+            f"conv {name!r} has in_channels={conv.in_channels}), got {shape}"
+        )
+
+
+def input_size_problem(model: nn.Module, images: torch.Tensor) -> str | None:
+    """After a failed run: why, if it is the images' size; None if that is not the cause.
+
+    The model runs on one image of the given size; if that fails and a larger size
+    (doubling, up to 512 pixels) works, the size is the problem. Only called on the failure
+    path, so a successful run pays nothing for it.
+    """
+    b, c, h, w = images.shape
+    with torch.no_grad():
+        try:
+            model(images[:1])
+            return None  # the size is fine: the failure has another cause
+        except Exception:
+            pass
+        factor = 2
+        while max(h, w) * factor <= 512:
+            try:
+                model(images.new_zeros(1, c, h * factor, w * factor))
+            except Exception:
+                factor *= 2
+                continue
+            return (
+                f"{type(model).__name__} cannot run on images of {h}x{w} (shape "
+                f"{(b, c, h, w)}): they are smaller than the network can take; it runs on "
+                f"{h * factor}x{w * factor}"
+            )
+    return None
+
+
 @contextlib.contextmanager
 def explaining(model: nn.Module) -> Iterator[None]:
     """Eval mode, grad enabled (even under inference mode), RNG forked; all undone on exit."""
@@ -108,9 +171,25 @@ class ExplainContext:
         x = self.images if x is None else x
         with torch.no_grad():
             if self.split is not None:
-                return self.split.features(x)
+                return self._check_map(self.split.features(x))
             _, act = self._forward_capture(x, grad=False)
             return act
+
+    def _check_map(self, act: torch.Tensor) -> torch.Tensor:
+        """Refuse a layer output that is not a spatial map (4-D, more than one cell)."""
+        if not isinstance(act, torch.Tensor) or act.dim() != 4:
+            shape = getattr(act, "shape", type(act).__name__)
+            raise ExplainError(
+                f"layer {self.layer!r} outputs {shape}; CAM methods need a 4-D conv map"
+            )
+        if act.shape[-2:] == (1, 1):
+            h, w = self.images.shape[-2:]
+            raise ExplainError(
+                f"layer {self.layer!r} gives a 1x1 map for {h}x{w} images: one cell cannot "
+                "show where the evidence is. Use larger images (the CIFAR backbones are "
+                "built for 32x32, where their map is 4x4) or an earlier layer."
+            )
+        return act
 
     def activation_with_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(act, logits)`` with ``act`` a leaf that requires grad and ``logits`` its function.
@@ -119,7 +198,7 @@ class ExplainContext:
         """
         if self.split is not None:
             with torch.no_grad():
-                act = self.split.features(self.images)
+                act = self._check_map(self.split.features(self.images))
             act = act.detach().requires_grad_(True)
             return act, self.split.head(act)
         logits, act = self._forward_capture(self.images, grad=True)
@@ -147,12 +226,7 @@ class ExplainContext:
         store: dict[str, torch.Tensor] = {}
 
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            if not isinstance(output, torch.Tensor) or output.dim() != 4:
-                shape = getattr(output, "shape", type(output).__name__)
-                raise ExplainError(
-                    f"layer {self.layer!r} outputs {shape}; CAM methods need a 4-D conv map"
-                )
-            leaf = output.detach().requires_grad_(grad)
+            leaf = self._check_map(output).detach().requires_grad_(grad)
             store["act"] = leaf
             # A clone keeps the stored map intact if the next op is an in-place ReLU.
             return leaf.clone() if grad else leaf
@@ -210,7 +284,14 @@ def make_selectors(
     if targets is None:
         eye = torch.eye(num_classes, device=device)
         return eye[:, None, :].expand(num_classes, batch, num_classes).contiguous()
-    targets = torch.as_tensor(targets, device=device).long().reshape(-1)
+    targets = torch.as_tensor(targets, device=device)
+    # A float or bool tensor is a mistake (scores, one-hot rows): .long() would truncate it.
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ExplainError(
+            f"targets must be integer class indices [B], got {targets.dtype} "
+            f"{tuple(targets.shape)}"
+        )
+    targets = targets.long().reshape(-1)
     if targets.numel() != batch:
         raise ExplainError(f"targets has {targets.numel()} entries for a batch of {batch}")
     bad = (targets < 0) | (targets >= num_classes)

@@ -46,6 +46,10 @@ class SplitBackbone(nn.Module):
     """A classifier made of a conv trunk, global average pooling and one Linear layer."""
 
     default_layer: str = ""
+    in_channels: int = 3
+    # Smallest input side the forward accepts (ResNet-18-CIFAR takes any: its strided convs
+    # are padded; each VGG max-pool halves the side and fails below 1x1).
+    min_input_size: int = 1
 
     def __init__(self, trunk: nn.Module, num_features: int, num_classes: int) -> None:
         super().__init__()
@@ -135,6 +139,7 @@ class VGG16GAP(SplitBackbone):
         drop = set(pool_idx[-2:])  # pool4 and pool5: 32 -> 16 -> 8 -> 4 with the first three
         trunk = nn.Sequential(*[m for i, m in enumerate(layers) if i not in drop])
         super().__init__(trunk, 512, num_classes)
+        self.min_input_size = 2 ** sum(isinstance(m, nn.MaxPool2d) for m in trunk)
         self.default_layer = f"trunk.{len(trunk) - 1}"  # the final ReLU
 
 

@@ -73,7 +73,22 @@ class ImageClassifier(L.LightningModule):
         """Qualified name of the backbone's explanation layer inside this module."""
         return f"{self.explain_backbone}.{self.backbone.default_layer}"
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """Refuse a batch the backbone cannot take, naming the expected and actual shape.
+
+        Shape checks only (no device sync), so it is cheap enough for every step; without
+        it a wrong input surfaces as a conv or pooling error deep in the backbone.
+        """
+        c, size = self.backbone.in_channels, self.backbone.min_input_size
+        if x.dim() != 4 or x.shape[1] != c or min(x.shape[-2:]) < size:
+            name = self.hparams.backbone
+            raise ValueError(
+                f"{name} expects images [B, {c}, H, W] with H, W >= {size} (32x32 for "
+                f"CIFAR-10), got {tuple(x.shape)}"
+            )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)

@@ -131,3 +131,33 @@ class CreatesFile:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+TINY_BACKBONE = "tiny_test_backbone"
+
+
+def register_tiny_backbone() -> str:
+    """Register (once per process) a millisecond-cheap backbone; return its name.
+
+    For tests that need many epochs or only care about the pipeline around the model:
+    conv, BatchNorm, in-place ReLU and max-pool like the real ones, an 8x8 map at 32x32.
+    """
+    import torch
+    from torch import nn
+
+    from lit_modules.backbones import BACKBONES, SplitBackbone, register_backbone
+
+    class TinyBackbone(SplitBackbone):
+        default_layer = "trunk"
+        min_input_size = 4
+
+        def __init__(self, num_classes: int = 10, pretrained: bool = False) -> None:
+            trunk = nn.Sequential(
+                nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            )
+            super().__init__(trunk, 16, num_classes)
+
+    if TINY_BACKBONE not in BACKBONES:
+        register_backbone(TINY_BACKBONE)(TinyBackbone)
+    assert torch.is_tensor(BACKBONES[TINY_BACKBONE]().classifier.weight)
+    return TINY_BACKBONE

@@ -95,3 +95,25 @@ def test_classifier_declares_explanation_split() -> None:
     module = ImageClassifier(backbone="vgg16_gap")
     assert module.default_layer.startswith("backbone.trunk.")
     assert module.get_submodule(module.default_layer) is not None
+
+
+@pytest.mark.parametrize(
+    "backbone,shape,expected",
+    [
+        ("resnet18_cifar", (2, 1, 32, 32), r"resnet18_cifar expects images \[B, 3, H, W\] with H, W >= 1"),
+        ("resnet18_cifar", (3, 32, 32), r"got \(3, 32, 32\)"),
+        ("vgg16_gap", (2, 3, 4, 4), r"vgg16_gap expects images \[B, 3, H, W\] with H, W >= 8 .*got \(2, 3, 4, 4\)"),
+    ],
+    ids=["channels", "not_4d", "too_small"],
+)
+def test_classifier_refuses_wrong_input_shapes(backbone, shape, expected) -> None:
+    model = ImageClassifier(backbone).eval()
+    with pytest.raises(ValueError, match=expected):
+        model(torch.randn(*shape))
+    # The smallest accepted size really runs (the check is not stricter than the network).
+    side = model.backbone.min_input_size
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, side, side)).shape == (2, 10)
+    if side > 1:
+        with pytest.raises(RuntimeError, match="too small"):
+            model.backbone(torch.randn(2, 3, side - 1, side - 1))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 from urllib.error import URLError
@@ -14,6 +17,7 @@ import torch
 import torchvision.datasets.cifar as tv_cifar
 from PIL import Image
 
+import lit_modules.data.cifar as cifar_module
 from lit_modules.data import (
     CIFAR10_CLASSES,
     CIFAR10_MEAN,
@@ -348,11 +352,23 @@ def write_fake_batches(folder: Path, per_batch: int) -> tuple[np.ndarray, list[i
     return np.concatenate(train), train_labels
 
 
+def trust_batches(monkeypatch, folder: Path) -> None:
+    """Use the MD5 sums of the files now in ``folder`` instead of the real CIFAR-10's.
+
+    Fake batches can not match torchvision's sums; with this, everything else (the MD5
+    check included) is the real path.
+    """
+    table = {
+        part: [(name, hashlib.md5((folder / name).read_bytes()).hexdigest()) for name, _ in files]
+        for part, files in cifar_module.BATCH_FILES.items()
+    }
+    monkeypatch.setattr(cifar_module, "BATCH_FILES", table)
+
+
 @pytest.mark.parametrize("point_at_batches", [False, True])
 def test_cifar_torchvision_layout(tmp_path, monkeypatch, point_at_batches):
-    # The fake files cannot match torchvision's md5 sums; everything else is the real path.
-    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
     train_hwc, train_labels = write_fake_batches(tmp_path / "cifar-10-batches-py", per_batch=6)
+    trust_batches(monkeypatch, tmp_path / "cifar-10-batches-py")
     root = tmp_path / "cifar-10-batches-py" if point_at_batches else tmp_path
     dm = CIFAR10DataModule(
         root=str(root), download=False, val_size=5, limit_train=12, batch_size=4, num_workers=0
@@ -388,6 +404,203 @@ def test_cifar_missing_without_network_explains_fix(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disabled") as info:
         CIFAR10DataModule(root=str(root), download=False).setup("fit")
     assert "--data.root" in str(info.value)
+
+
+# -- CIFAR-10 datamodule: bad data fails at setup, naming the path and the fix ------------
+
+
+def _no_download(monkeypatch) -> list:
+    """Make any download attempt fail offline; return the list of attempted roots."""
+    calls = []
+
+    def no_network(url, download_root, *args, **kwargs):
+        calls.append(download_root)
+        raise URLError("no network in this test")
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", no_network)
+    return calls
+
+
+def _setup_error(root: Path, **kwargs) -> str:
+    dm = CIFAR10DataModule(root=str(root), num_workers=0, val_size=1, **kwargs)
+    with pytest.raises(RuntimeError) as info:
+        dm.setup("fit")
+        dm.setup("test")
+    return str(info.value)
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_cifar_empty_root_says_so(tmp_path, monkeypatch, download):
+    calls = _no_download(monkeypatch)
+    message = _setup_error(tmp_path, download=download)
+    assert str(tmp_path.resolve()) in message and "the folder is empty" in message
+    assert "download=True" in message and "--data.root" in message
+    assert "cifar-10-batches-py" in message and "train/ + test/" in message
+    assert len(calls) == download
+    (tmp_path / "notes.txt").write_text("x")
+    assert "it holds: notes.txt" in _setup_error(tmp_path, download=False)
+
+
+def test_cifar_root_that_is_a_file(tmp_path, monkeypatch):
+    calls = _no_download(monkeypatch)
+    root = tmp_path / "cifar.tar.gz"
+    root.write_bytes(b"not a folder")
+    message = _setup_error(root)
+    assert f"data root {root.resolve()} is a file, not a folder" in message
+    assert "--data.root" in message and calls == []
+
+
+@pytest.mark.parametrize("present,absent", [("train", "test"), ("test", "train")])
+def test_cifar_imagefolder_missing_split_never_downloads(tmp_path, monkeypatch, present, absent):
+    calls = _no_download(monkeypatch)
+    write_imagefolder(tmp_path, ["a", "b"], {"train": 1, "test": 1})
+    for f in (tmp_path / absent).rglob("*"):
+        if f.is_file():
+            f.unlink()
+    for d in sorted((tmp_path / absent).rglob("*"), reverse=True):
+        d.rmdir()
+    (tmp_path / absent).rmdir()
+    dm = CIFAR10DataModule(root=str(tmp_path), num_workers=0, val_size=1, download=True)
+    with pytest.raises(RuntimeError) as info:
+        dm.prepare_data()
+    message = str(info.value)
+    assert f"ImageFolder root {tmp_path.resolve()} has {present}/ but no {absent}/" in message
+    assert str(tmp_path.resolve() / absent) in message and "<class>/<image>" in message
+    assert calls == []  # a download into the user's images would hide the mistake
+    assert str(info.value) in _setup_error(tmp_path, download=True)
+
+
+def test_cifar_imagefolder_without_classes_or_images(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    message = _setup_error(tmp_path)
+    assert f"no class folders in {(tmp_path / 'train').resolve()}" in message
+    assert "train/<class>/<image>" in message and "--data.root" in message
+    write_imagefolder(tmp_path / "b", ["a", "b"], {"train": 2, "test": 1})
+    for f in (tmp_path / "b" / "test").rglob("*.*"):
+        f.unlink()  # test/ keeps its class folders, without images
+    message = _setup_error(tmp_path / "b")
+    test_dir = (tmp_path / "b" / "test").resolve()
+    assert f"no images (.jpg, .jpeg, .png, .bmp, .webp) under {test_dir}" in message
+
+
+def _corrupt_bytes(kind: str) -> bytes:
+    """The bytes of a bad image file: random bytes, or a valid PNG/JPEG cut in half."""
+    if kind == "garbage":
+        return b"this is not an image" * 10
+    rng = np.random.default_rng(0)
+    path = io.BytesIO()
+    fmt = "PNG" if kind == "truncated_png" else "JPEG"
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path, fmt)
+    data = path.getvalue()
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated_png", "truncated_jpeg"])
+def test_cifar_imagefolder_corrupt_image_raises_naming_it(tmp_path, kind):
+    write_imagefolder(tmp_path, ["a", "b"], {"train": 3, "test": 2})
+    bad = tmp_path / "train" / "b" / ("0001.jpg" if kind == "truncated_jpeg" else "0001.png")
+    (tmp_path / "train" / "b" / "0001.png").unlink()
+    bad.write_bytes(_corrupt_bytes(kind))
+    dm = CIFAR10DataModule(root=str(tmp_path), num_workers=0, val_size=2)
+    assert dm.class_names == ["a", "b"]  # listing the files does not decode them
+    with pytest.raises(RuntimeError) as info:
+        dm.setup("fit")
+    message = str(info.value)
+    assert f"could not decode image {bad}" in message and "delete or replace" in message
+    # The test split does not hold the bad file and still loads.
+    assert len(dm.dataset("test")) == 5
+
+
+def _crafted_pickle(marker: Path) -> bytes:
+    """A pickle that creates ``marker`` when loaded by ``pickle.load`` (the payload)."""
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    return pickle.dumps({"data": Payload(), "labels": [0]})
+
+
+def test_cifar_batch_files_refuse_crafted_pickles(tmp_path, monkeypatch):
+    # The payload is real: plain pickle.load would run it.
+    control = tmp_path / "control"
+    pickle.loads(_crafted_pickle(control)).get("data").close()
+    assert control.exists()
+    folder = tmp_path / "cifar-10-batches-py"
+    write_fake_batches(folder, per_batch=2)
+    marker = tmp_path / "payload_ran"
+    batch = folder / "data_batch_1"
+    batch.write_bytes(_crafted_pickle(marker))
+    # The MD5 check refuses it first (against the real CIFAR-10 sums) ...
+    message = _setup_error(tmp_path, download=False)
+    assert f"CIFAR-10 file {batch} is corrupt or truncated (its MD5" in message
+    # ... and were the sums to match, the restricted unpickler still refuses it.
+    trust_batches(monkeypatch, folder)
+    message = _setup_error(tmp_path, download=False)
+    assert f"CIFAR-10 file {batch} could not be read (UnpicklingError: refusing io.open" in message
+    assert "download=True" in message and "--data.root" in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("problem", ["missing", "truncated", "truncated_same_md5", "not_a_batch"])
+def test_cifar_batch_file_problems_name_the_file(tmp_path, monkeypatch, problem):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_fake_batches(folder, per_batch=2)
+    trust_batches(monkeypatch, folder)
+    batch = folder / "data_batch_3"
+    if problem == "missing":
+        batch.unlink()
+        expected = "is missing (a complete copy has data_batch_1..5 and test_batch)"
+    elif problem == "not_a_batch":
+        batch.write_bytes(pickle.dumps({"data": np.zeros((2, 5), dtype=np.float32)}))
+        trust_batches(monkeypatch, folder)
+        expected = "has 'data' (2, 5), expected uint8 [N, 3072]"
+    else:
+        batch.write_bytes(batch.read_bytes()[:1000])
+        if problem == "truncated":
+            expected = "is corrupt or truncated (its MD5 is not CIFAR-10's"
+        else:  # past the MD5 check, the unpickler meets the truncation
+            trust_batches(monkeypatch, folder)
+            expected = "could not be read"
+    message = _setup_error(tmp_path, download=True)
+    assert f"CIFAR-10 file {batch} {expected}" in message
+    assert f"Delete {batch.parent}" in message and "--data.root" in message
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Pickle as Python 2's cPickle wrote the real batches: bytes as ``str`` opcodes,
+    numpy's globals under ``numpy.core``."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_bytes(self, obj: bytes) -> None:
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    def save_global(self, obj, name=None) -> None:
+        module = obj.__module__.replace("numpy._core", "numpy.core")
+        self.write(pickle.GLOBAL + f"{module}\n{name or obj.__qualname__}\n".encode())
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+    dispatch[type] = save_global
+
+
+def test_read_batch_accepts_the_original_python2_format(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, (3, 3072), dtype=np.uint8)
+    entry = {b"batch_label": b"batch 1", b"labels": [7, 0, 9], b"data": data,
+             b"filenames": [b"a.png", b"b.png", b"c.png"]}
+    path = tmp_path / "data_batch_1"
+    with open(path, "wb") as f:
+        _Py2Pickler(f, protocol=2).dump(entry)
+    assert b"numpy.core.multiarray\n_reconstruct" in path.read_bytes()
+    images, labels = cifar_module.read_batch(path)
+    assert torch.equal(images, torch.from_numpy(data).view(3, 3, 32, 32))
+    assert labels.tolist() == [7, 0, 9]
 
 
 def test_cifar_limits_are_seeded(tmp_path):

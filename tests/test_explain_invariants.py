@@ -193,3 +193,98 @@ def test_every_method_is_documented():
     for name in METHODS:
         doc = explain.get(name).fn.__doc__ or ""
         assert "Cost" in doc and "Layer" in doc, f"{name}: docstring lacks cost or layer"
+
+
+# -- input checks: a wrong batch is refused with the expected and actual shapes ------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_wrong_channel_count_names_both_shapes(method, tiny_explain_net):
+    model = tiny_explain_net()
+    with pytest.raises(explain.ExplainError) as info:
+        explain.run(model, torch.randn(2, 1, 16, 16), method)
+    message = str(info.value)
+    assert "expects images [B, 3, H, W]" in message and "got (2, 1, 16, 16)" in message
+    assert "first conv 'stem.0' has in_channels=3" in message
+
+
+@pytest.mark.parametrize(
+    "images,expected",
+    [
+        (torch.randn(3, 16, 16), r"must be \[B, C, H, W\], got shape \(3, 16, 16\)"),
+        (torch.zeros(2, 3, 16, 16, dtype=torch.uint8), "floating point.*torch.uint8"),
+        (torch.randn(0, 3, 16, 16), r"empty: shape \(0, 3, 16, 16\)"),
+    ],
+    ids=["3d", "uint8", "empty"],
+)
+def test_malformed_images_are_refused(images, expected, tiny_explain_net):
+    with pytest.raises(explain.ExplainError, match=expected):
+        explain.run(tiny_explain_net(), images, "gradcam")
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split", "hooked"])
+@pytest.mark.parametrize("method", METHODS)
+def test_images_smaller_than_the_network_takes(method, split, tiny_explain_net):
+    model = tiny_explain_net(split=split)
+    modes = _mixed_modes(model)
+    # 1x1: the stem's 2x2 max-pool cannot run at all; the probe finds a size that does.
+    with pytest.raises(explain.ExplainError) as info:
+        explain.run(model, _images()[..., :1, :1], method, **_kwargs(method, split))
+    message = str(info.value)
+    if "window" not in message:  # occlusion refuses its window first
+        assert "cannot run on images of 1x1 (shape (2, 3, 1, 1))" in message, message
+        assert "smaller than the network can take; it runs on 2x2" in message
+        assert "Output size is too small" in message  # the original error, kept
+    # 2x2: the network runs, but the block's map is 1x1: nothing for a layer method to show.
+    x = _images()[..., :2, :2]
+    if explain.get(method).needs_layer:
+        expected = "head" if _refused(method, split) else "gives a 1x1 map for 2x2 images"
+        with pytest.raises(explain.ExplainError, match=expected):
+            explain.run(model, x, method, **_kwargs(method, split))
+    elif method != "occlusion":
+        assert explain.run(model, x, method).shape == (2, NUM_CLASSES, 2, 2)
+    assert _hooks(model) == []
+    assert {n: m.training for n, m in model.named_modules()} == modes
+
+
+def test_other_errors_are_not_blamed_on_the_size(tiny_explain_net):
+    model = tiny_explain_net(split=False)
+
+    def explode(module, inputs, output):
+        raise _Boom("not a size problem")
+
+    handle = model.classifier.register_forward_hook(explode)
+    try:
+        with pytest.raises(_Boom):
+            explain.run(model, _images(), "gradcam", layer="block")
+    finally:
+        handle.remove()
+
+
+def test_real_backbones_too_small_or_wrong_channels():
+    from lit_modules import ImageClassifier, build_backbone
+
+    resnet = build_backbone("resnet18_cifar")
+    with pytest.raises(explain.ExplainError, match="'trunk.layer4' gives a 1x1 map for 2x2"):
+        explain.run(resnet, torch.randn(2, 3, 2, 2), "gradcam")
+    vgg = ImageClassifier("vgg16_gap")
+    with pytest.raises(explain.ExplainError) as info:
+        explain.run(vgg, torch.randn(2, 3, 4, 4), "gradcam")
+    message = str(info.value)
+    assert "ImageClassifier cannot run on images of 4x4" in message and "runs on 8x8" in message
+    assert "Output size is too small" in message
+    with pytest.raises(explain.ExplainError, match="'backbone.trunk.0' has in_channels=3"):
+        explain.run(vgg, torch.randn(2, 4, 32, 32), "gradcam")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_float_or_bool_targets_are_refused(method, tiny_explain_net):
+    model = tiny_explain_net()
+    for targets in (torch.tensor([1.7, 0.2]), torch.tensor([1.0, 0.0]), [1.0, 0.0],
+                    torch.tensor([True, False])):
+        with pytest.raises(explain.ExplainError, match="targets must be integer class indices"):
+            explain.run(model, _images(), method, targets=targets)
+    # Integer lists and int32 tensors are fine.
+    a = explain.run(model, _images(), method, targets=[1, 0])
+    b = explain.run(model, _images(), method, targets=torch.tensor([1, 0], dtype=torch.int32))
+    assert a.shape == (2, 16, 16) and torch.allclose(a, b)

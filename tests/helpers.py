@@ -131,6 +131,8 @@ class CreatesFile:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
 TINY_BACKBONE = "tiny_test_backbone"
 
 

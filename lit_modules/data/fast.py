@@ -250,6 +250,8 @@ class DeviceLoader:
         self.seed = seed
         self.drop_last = drop_last
         self.sampler = EpochSampler(len(data), shuffle, seed, num_replicas, rank)
+        # Lightning reads ``batch_sampler`` wherever it finds a ``sampler`` (DataLoader-like).
+        self.batch_sampler = None
         self._served = (0, 0)  # (epoch, batches) of the iteration in progress or last done
         self._resume: tuple[int, int] | None = None
         n = len(self.sampler)
@@ -338,8 +340,10 @@ class DeviceLoader:
             )
         self._served = (epoch, skip)
         for k in range(skip, len(self)):
-            yield self.batch(order[k * self.batch_size : (k + 1) * self.batch_size], draws)
+            batch = self.batch(order[k * self.batch_size : (k + 1) * self.batch_size], draws)
+            # Counted when handed out: a checkpoint taken while the step runs includes it.
             self._served = (epoch, k + 1)
+            yield batch
 
     def state_dict(self) -> dict[str, Any]:
         """Primitives only (checkpoints load with ``weights_only=True``)."""

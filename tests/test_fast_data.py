@@ -383,3 +383,18 @@ def test_resumed_run_sees_the_same_data(tmp_path, stop) -> None:
     first = fit(3, callbacks=[StopAt(*stop, path)]).seen
     second = fit(3, ckpt=path).seen
     assert first + second == whole
+
+
+@pytest.mark.parametrize("name", ["resnet18_cifar10_fast", "vgg16gap_cifar10_fast"])
+def test_fast_recipes_select_the_fast_settings(name, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.yaml")
+    cli = run_train(["--config", config, "--trainer.default_root_dir", str(tmp_path)], run=False)
+    dm, hp = cli.datamodule, cli.model.hparams
+    assert isinstance(dm, CIFAR10DataModule) and dm.data_path == "fast"
+    assert 512 <= dm.batch_size <= 1024 and dm.cue is None
+    assert cli.trainer.precision == "bf16-mixed" and 20 <= cli.trainer.max_epochs <= 30
+    assert hp.channels_last and hp.compile and hp.optimizer == "sgd" and hp.momentum == 0.9
+    assert hp.label_smoothing == 0.1 and hp.scheduler in ("onecycle", "warmup_linear")
+    monitor = next(c for c in cli.trainer.callbacks if type(c).__name__ == "ExplanationMonitor")
+    assert monitor.methods == ["gradcam"] and monitor.num_images == 16

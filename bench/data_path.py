@@ -22,11 +22,13 @@ itself costs, and what it would leave to the model on a GPU.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import statistics
 import sys
 import time
+import warnings
 
 import lightning as L
 import torch
@@ -114,6 +116,9 @@ def main() -> None:
     parser.add_argument("--skip-training", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # Only the table: Lightning's banners and tips would bury it.
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
 
     rows = []
     for path, workers in SETTINGS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -10,6 +11,25 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from .backbones import build_backbone
+
+SCHEDULERS = ("onecycle", "cosine", "warmup_cosine", "warmup_linear", "none")
+
+
+def warmup_factor(step: int, total: int, warmup: int, decay: str) -> float:
+    """LR multiplier at optimiser step ``step`` of ``total``: linear warm-up, then decay.
+
+    Warm-up climbs ``1/warmup, 2/warmup, ..., 1`` over the first ``warmup`` steps; the rest
+    decays towards 0 (``cosine`` or ``linear``) without reaching it, so no step is wasted
+    at a zero rate and the peak is held for one step only.
+    """
+    if decay not in ("cosine", "linear"):
+        raise ValueError(f"decay must be 'cosine' or 'linear', got {decay!r}")
+    if step < warmup:
+        return (step + 1) / warmup
+    # The decay starts one step after the warm-up's peak (at the peak without a warm-up).
+    t = (step - warmup + 1) / (total - warmup + 1) if warmup > 0 else step / total
+    t = min(t, 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * t)) if decay == "cosine" else 1.0 - t
 
 
 def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,11 +51,22 @@ class ImageClassifier(L.LightningModule):
         lr: peak learning rate.
         weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
         momentum: SGD momentum.
-        scheduler: ``onecycle`` (per step), ``cosine`` (per epoch) or ``none``; ignored
-            when LightningCLI's ``lr_scheduler:`` section is given.
+        scheduler: ``onecycle`` (per step), ``cosine`` (per epoch), ``warmup_cosine`` or
+            ``warmup_linear`` (per step: linear warm-up to ``lr``, then cosine or linear
+            decay; for large batches) or ``none``; ignored when LightningCLI's
+            ``lr_scheduler:`` section is given.
+        warmup_fraction: share of all optimiser steps spent warming up (``warmup_*``).
         label_smoothing: cross-entropy label smoothing.
         channels_last: keep weights and inputs in channels-last memory format (faster
             convolutions on recent CPUs and on GPUs).
+        compile: run the training, validation and test steps through
+            ``torch.compile(backbone)``. ``forward`` (what the explanation engine, the
+            monitor and the audit call) stays eager on the same weights, so hooks and layer
+            names work as usual; the checkpoint's keys do not change.
+
+    Logging is sync-free per step: losses are logged as tensors, accuracy as a torchmetrics
+    state, and ``train/loss`` is kept off the progress bar, because Lightning converts
+    every progress-bar value to a Python float at every step (a host-device sync).
     """
 
     # The explanation engine reads the features/head split from this attribute.
@@ -51,14 +82,18 @@ class ImageClassifier(L.LightningModule):
         weight_decay: float = 5e-4,
         momentum: float = 0.9,
         scheduler: str = "onecycle",
+        warmup_fraction: float = 0.1,
         label_smoothing: float = 0.0,
         channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
-        if scheduler not in ("onecycle", "cosine", "none"):
-            raise ValueError(f"scheduler must be 'onecycle', 'cosine' or 'none', got {scheduler!r}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {list(SCHEDULERS)}, got {scheduler!r}")
+        if not 0.0 <= warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
         self.save_hyperparameters()
         self.backbone = build_backbone(backbone, num_classes=num_classes, pretrained=pretrained)
         if channels_last:
@@ -67,6 +102,15 @@ class ImageClassifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # Made on first use, and kept out of the module tree (``__dict__``) so that the
+        # state dict has no second copy of the weights under another prefix.
+        self.__dict__["compiled_backbone"] = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A compiled wrapper does not pickle (deepcopy, spawn); it is rebuilt on first use.
+        state = dict(super().__getstate__())
+        state["compiled_backbone"] = None
+        return state
 
     @property
     def default_layer(self) -> str:
@@ -88,19 +132,33 @@ class ImageClassifier(L.LightningModule):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Eager logits (also with ``compile``): what explanations and audits run."""
         self.check_input(x)
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)
 
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for the training/evaluation steps, through the compiled backbone if asked."""
+        if not self.hparams.compile:
+            return self(x)
+        self.check_input(x)
+        if self.compiled_backbone is None:
+            self.__dict__["compiled_backbone"] = torch.compile(self.backbone)
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.compiled_backbone(x)
+
     def _step(self, batch: Any, stage: str, acc: MulticlassAccuracy) -> torch.Tensor:
         x, y = unpack_batch(batch)
-        logits = self(x)
+        logits = self._logits(x)
         loss = self.criterion(logits, y)
-        acc(logits, y)
+        acc.update(logits, y)  # update, not forward: no per-batch accuracy is computed
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
-                 batch_size=x.shape[0])
+        # sync_dist: under DDP the epoch's val/test loss is averaged over ranks (one
+        # all-reduce per epoch); the train loss stays per rank so steps never sync.
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=not on_step,
+                 batch_size=x.shape[0], sync_dist=not on_step)
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage != "train",
                  batch_size=x.shape[0])
         return loss
@@ -129,10 +187,19 @@ class ImageClassifier(L.LightningModule):
             opt = torch.optim.AdamW(groups, lr=hp.lr)
         if hp.scheduler == "none":
             return opt
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
         if hp.scheduler == "onecycle":
-            total = int(self.trainer.estimated_stepping_batches)
+            # OneCycleLR divides by zero below 5 steps (its warm-up phase would be empty);
+            # a schedule that long is never finished, which is harmless for smoke runs.
             sched = torch.optim.lr_scheduler.OneCycleLR(
-                opt, max_lr=hp.lr, total_steps=max(total, 1), pct_start=0.25
+                opt, max_lr=hp.lr, total_steps=max(total, 5), pct_start=0.25
+            )
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if hp.scheduler.startswith("warmup_"):
+            warmup = round(hp.warmup_fraction * total)
+            decay = hp.scheduler.removeprefix("warmup_")
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda step: warmup_factor(step, total, warmup, decay)
             )
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.trainer.max_epochs or 1, 1))

@@ -5,7 +5,7 @@ Every dataset item is a dict: ``image`` float32 ``[3,H,W]`` (normalised), ``labe
 within its split dataset). The default collate turns them into batched tensors.
 """
 
-from .base import BaseImageDataModule, SplitDataset
+from .base import DATA_PATHS, BaseImageDataModule, SplitDataset
 from .cifar import (
     CIFAR10_CLASSES,
     CIFAR10_MEAN,
@@ -14,6 +14,7 @@ from .cifar import (
     find_cifar10,
 )
 from .cue import POSITIONS, SPLITS, SpuriousCue
+from .fast import DeviceLoader, DeviceSplit, EpochSampler
 from .shapes import SHAPE_CLASSES, SyntheticShapes, generate_shapes
 from .synthetic import SyntheticShapesDataModule
 
@@ -21,11 +22,15 @@ __all__ = [
     "CIFAR10_CLASSES",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "DATA_PATHS",
     "POSITIONS",
     "SHAPE_CLASSES",
     "SPLITS",
     "BaseImageDataModule",
     "CIFAR10DataModule",
+    "DeviceLoader",
+    "DeviceSplit",
+    "EpochSampler",
     "SplitDataset",
     "SpuriousCue",
     "SyntheticShapes",

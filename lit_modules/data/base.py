@@ -10,6 +10,11 @@ Batch format (other code relies on it), one dict per item:
 
 Per item: uint8 -> ``[0, 1]`` float -> augmentation (train only; image and object mask
 jointly) -> spurious cue -> normalisation.
+
+Two data paths serve these batches (the datamodules' ``data_path``): ``classic``, a
+``DataLoader`` over ``SplitDataset`` items (worker processes, per-item augmentation), and
+``fast`` (``fast.py``), the whole split on the training device with batched augmentation,
+the same values and no workers.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .cue import SPLITS, SpuriousCue, check_split
+from .fast import DeviceLoader, DeviceSplit
+
+DATA_PATHS = ("classic", "fast")
 
 
 class SplitDataset(Dataset):
@@ -137,7 +145,12 @@ class BaseImageDataModule(L.LightningDataModule):
         cue_p_train: probability that a train item of a cue class carries the patch.
         cue_p_eval: the same for validation and test items.
         cue_seed: seed of the per-item cue draws.
-        loader_seed: seed of the training loader's shuffling.
+        loader_seed: seed of the training loader's shuffling (and, on the fast path, of its
+            crops and flips).
+        data_path: ``classic`` (DataLoader, per-item augmentation on the CPU) or ``fast``
+            (the split held on the training device, augmented in batches there; ignores
+            ``num_workers``). See ``lit_modules/data/fast.py``.
+        drop_last: drop the last training batch when it is smaller than ``batch_size``.
     """
 
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -156,8 +169,12 @@ class BaseImageDataModule(L.LightningDataModule):
         cue_p_eval: float = 0.95,
         cue_seed: int = 0,
         loader_seed: int = 0,
+        data_path: str = "classic",
+        drop_last: bool = False,
     ) -> None:
         super().__init__()
+        if data_path not in DATA_PATHS:
+            raise ValueError(f"data_path must be one of {list(DATA_PATHS)}, got {data_path!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if num_workers < 0:
@@ -165,6 +182,9 @@ class BaseImageDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.loader_seed = loader_seed
+        self.data_path = data_path
+        self.drop_last = drop_last
+        self._device_splits: dict[tuple[str, str], DeviceSplit] = {}
         # Built here (not in setup) so a bad cue option fails when the config is parsed.
         self.cue: SpuriousCue | None = None
         if cue_classes is not None:
@@ -231,28 +251,61 @@ class BaseImageDataModule(L.LightningDataModule):
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
         return getattr(self, f"{split}_set")
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _device(self) -> torch.device:
+        """The training device: the strategy's root device once a trainer is attached."""
+        trainer = self.trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def device_split(self, split: str, device: torch.device | str | None = None) -> DeviceSplit:
+        """``split`` held on ``device`` (default: the training device), copied there once."""
+        dataset = self.dataset(split)
+        device = torch.device(device) if device is not None else self._device()
+        key = (split, str(device))
+        held = self._device_splits.get(key)
+        if held is None:
+            held = DeviceSplit.from_dataset(dataset, device)
+            self._device_splits[key] = held
+        return held
+
+    def _fast_loader(self, split: str, shuffle: bool) -> DeviceLoader:
+        trainer = self.trainer
+        # Each process takes its share (Lightning only shards real DataLoaders itself).
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return DeviceLoader(
+            self.device_split(split),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            seed=self.loader_seed,
+            drop_last=self.drop_last and split == "train",
+            num_replicas=replicas,
+            rank=rank,
+        )
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader | DeviceLoader:
+        if self.data_path == "fast":
+            return self._fast_loader(split, shuffle)
         generator = torch.Generator().manual_seed(self.loader_seed) if shuffle else None
         return DataLoader(
             self.dataset(split),
             batch_size=self.batch_size,
             shuffle=shuffle,
             generator=generator,
+            drop_last=self.drop_last and split == "train",
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DeviceLoader:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | DeviceLoader:
         return self._loader("val", shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | DeviceLoader:
         return self._loader("test", shuffle=False)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> DataLoader | DeviceLoader:
         return self._loader("test", shuffle=False)
 
     def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:

@@ -313,6 +313,9 @@ class CIFAR10DataModule(BaseImageDataModule):
         limit_train: keep a seeded subset of this many train images (CPU smoke runs).
         limit_val: the same for validation.
         limit_test: the same for test.
+        data_path: ``classic`` (DataLoader) or ``fast`` (the split on the training device,
+            augmented in batches there; ignores ``num_workers``).
+        drop_last: drop the last training batch when it is smaller than ``batch_size``.
     """
 
     mean = CIFAR10_MEAN
@@ -338,6 +341,8 @@ class CIFAR10DataModule(BaseImageDataModule):
         limit_train: int | None = None,
         limit_val: int | None = None,
         limit_test: int | None = None,
+        data_path: str = "classic",
+        drop_last: bool = False,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -350,6 +355,8 @@ class CIFAR10DataModule(BaseImageDataModule):
             cue_p_eval=cue_p_eval,
             cue_seed=cue_seed,
             loader_seed=split_seed,
+            data_path=data_path,
+            drop_last=drop_last,
         )
         if val_size < 0:
             raise ValueError(f"val_size must be >= 0, got {val_size}")

@@ -32,6 +32,9 @@ class SyntheticShapesDataModule(BaseImageDataModule):
         cue_p_train: probability that a train item of a cue class carries the patch.
         cue_p_eval: the same for validation and test items.
         cue_seed: seed of the per-item cue draws.
+        data_path: ``classic`` (DataLoader) or ``fast`` (the split on the training device,
+            augmented in batches there; ignores ``num_workers``).
+        drop_last: drop the last training batch when it is smaller than ``batch_size``.
     """
 
     mean = (0.5, 0.5, 0.5)
@@ -55,6 +58,8 @@ class SyntheticShapesDataModule(BaseImageDataModule):
         cue_p_train: float = 0.95,
         cue_p_eval: float = 0.95,
         cue_seed: int = 0,
+        data_path: str = "classic",
+        drop_last: bool = False,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -67,6 +72,8 @@ class SyntheticShapesDataModule(BaseImageDataModule):
             cue_p_eval=cue_p_eval,
             cue_seed=cue_seed,
             loader_seed=seed,
+            data_path=data_path,
+            drop_last=drop_last,
         )
         for name, n in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
             if n < 1:

@@ -10,7 +10,7 @@ from itertools import pairwise
 import lightning as L
 import pytest
 import torch
-from helpers import run_train, tiny_config
+from helpers import register_tiny_backbone, run_train, tiny_config
 
 import explain
 from lit_modules import ImageClassifier
@@ -142,8 +142,10 @@ def test_monitor_explains_a_compiled_model(tmp_path) -> None:
     reason = _compile_works()
     if reason is not None:
         pytest.skip(f"torch.compile does not work here: {reason}")
+    # The tiny backbone keeps a cold compile to seconds (ResNet-18's takes minutes on CPU).
     cfg = tiny_config(tmp_path, epochs=1, data={"data_path": "fast", "image_size": 16},
-                      monitor={"methods": ["gradcam", "saliency"]})
+                      monitor={"methods": ["gradcam", "saliency"]},
+                      backbone=register_tiny_backbone())
     cli = run_train(["fit", "--config", str(cfg), "--model.compile", "true"])
     model = cli.model
     # Training went through the compiled backbone; the module itself stays the plain one.
@@ -161,7 +163,7 @@ def test_monitor_explains_a_compiled_model(tmp_path) -> None:
     args = {k: v for k, v in model.hparams.items() if not k.startswith("_")}
     eager = ImageClassifier(**{**args, "compile": False})
     eager.load_state_dict(model.state_dict())
-    for layer in (None, "backbone.trunk.layer3"):  # the split, and a hooked layer by name
+    for layer in (None, "backbone.trunk.4"):  # the split, and a hooked layer by name
         got = explain.run(model, images, "gradcam", layer=layer)
         want = explain.run(eager, images, "gradcam", layer=layer)
         assert torch.isfinite(got).all() and torch.allclose(got, want, atol=1e-5), layer

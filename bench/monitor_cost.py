@@ -1,10 +1,14 @@
 """What the explanation monitor costs: quickstart epochs with and without it.
 
     python bench/monitor_cost.py [--epochs 2] [--config configs/quickstart.yaml] [--methods gradcam]
+    python bench/monitor_cost.py --backbone bench_small --num-train 45000 --data-path fast \
+        --methods gradcam --num-images 16          # a CIFAR-10-sized epoch
 
-Builds the quickstart's model and data from its YAML, trains twice from the same seed
-(monitor on, monitor off) and prints the mean epoch time of each and their ratio. The
-monitor's own time per epoch is measured around its hook.
+Builds the quickstart's model and data from its YAML (options override the model's
+backbone, the number of training images, the data path and the monitor's methods and
+image count), trains twice from the same seed (monitor off, monitor on) and prints the
+mean epoch time of each and their ratio. The monitor's own time per epoch is measured
+around its hook.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ import lightning as L
 import torch
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
+
+import small_model  # noqa: E402,F401  (registers bench_small)
 
 from callbacks import ExplanationMonitor  # noqa: E402
 from lit_modules import ImageClassifier  # noqa: E402
@@ -59,7 +66,7 @@ def build_data(cfg: dict) -> L.LightningDataModule:
 
 
 def fit(
-    cfg: dict, epochs: int, monitor: bool, root: str, methods: list[str] | None = None
+    cfg: dict, epochs: int, monitor: bool, root: str, overrides: dict | None = None
 ) -> tuple[list[float], list[float]]:
     L.seed_everything(cfg.get("seed_everything", 0), verbose=False)
     clock = EpochClock()
@@ -69,7 +76,7 @@ def fit(
         args = next(
             c["init_args"] for c in cfg["trainer"]["callbacks"] if "ExplanationMonitor" in c["class_path"]
         )
-        timed = TimedMonitor(**{**args, **({"methods": methods} if methods else {})})
+        timed = TimedMonitor(**{**args, **(overrides or {})})
         callbacks.append(timed)
     callbacks.append(clock)  # last, so its epoch end comes after the monitor's
     trainer = L.Trainer(
@@ -87,13 +94,27 @@ def main() -> None:
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--methods", default=None, help="comma-separated; default: the config's")
+    parser.add_argument("--num-images", type=int, default=None, help="the monitor's images")
+    parser.add_argument("--backbone", default=None, help="e.g. bench_small (bench/small_model.py)")
+    parser.add_argument("--num-train", type=int, default=None, help="training images an epoch")
+    parser.add_argument("--data-path", choices=["classic", "fast"], default=None)
     args = parser.parse_args()
     with open(args.config) as f:
         cfg = yaml.safe_load(f)
+    if args.backbone:
+        cfg["model"]["backbone"] = args.backbone
+    for key, value in (("num_train", args.num_train), ("data_path", args.data_path)):
+        if value is not None:
+            cfg["data"]["init_args"][key] = value
+    overrides: dict = {}
+    if args.methods:
+        overrides["methods"] = args.methods.split(",")
+    if args.num_images:
+        overrides["num_images"] = args.num_images
+    print(f"model {cfg['model']['backbone']}, data {cfg['data']['init_args']}, monitor {overrides}")
     with tempfile.TemporaryDirectory() as root:
         off, _ = fit(cfg, args.epochs, monitor=False, root=root)
-        methods = args.methods.split(",") if args.methods else None
-        on, hook = fit(cfg, args.epochs, monitor=True, root=root, methods=methods)
+        on, hook = fit(cfg, args.epochs, monitor=True, root=root, overrides=overrides)
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.epochs} epochs")
     print(f"epoch without monitor: {mean(off):.1f} s  {[round(t, 1) for t in off]}")

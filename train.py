@@ -20,9 +20,10 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks import InterruptCheckpoint
+from callbacks import AtomicCheckpointIO, InterruptCheckpoint
 from lit_modules import ImageClassifier
 from lit_modules.resume import ResumeError, ResumePlan, plan_resume
 
@@ -37,7 +38,8 @@ class TrainCLI(LightningCLI):
     * ``fit --ckpt_path last`` resumes the newest ``last.ckpt``/``interrupted.ckpt`` of the
       configured run and fails with a clear message when there is none (Lightning would
       warn and start from scratch); a resumed run logs into its checkpoint's run directory;
-    * every fit gets an :class:`~callbacks.InterruptCheckpoint` (SIGTERM, Ctrl-C, errors).
+    * every fit gets an :class:`~callbacks.InterruptCheckpoint` (SIGTERM, Ctrl-C, errors),
+      and checkpoints are written atomically (:class:`~callbacks.AtomicCheckpointIO`).
     """
 
     resume: ResumePlan | None = None
@@ -131,6 +133,8 @@ class TrainCLI(LightningCLI):
             isinstance(cb, InterruptCheckpoint) for cb in trainer.callbacks
         ):
             trainer.callbacks.append(InterruptCheckpoint())
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's plugin
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:

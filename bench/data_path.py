@@ -33,7 +33,10 @@ import warnings
 import lightning as L
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
+
+from timing import TrainEpochClock  # noqa: E402
 
 from lit_modules import ImageClassifier  # noqa: E402
 from lit_modules.data import SplitDataset, SyntheticShapesDataModule  # noqa: E402
@@ -73,24 +76,10 @@ def pipeline_rate(images: int, batch_size: int, path: str, workers: int, repeats
     return images / statistics.median(times)
 
 
-class EpochClock(L.Callback):
-    """Seconds of each training epoch, from its start to the end of its last step."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t = 0.0
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._t = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.times.append(time.perf_counter() - self._t)
-
-
 def training_rate(images: int, batch_size: int, path: str, workers: int, backbone: str) -> float:
     """Training images per second of the second of two epochs."""
     L.seed_everything(0, verbose=False)
-    clock = EpochClock()
+    clock = TrainEpochClock()
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=2, logger=False, callbacks=[clock],
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

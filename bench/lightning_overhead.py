@@ -34,25 +34,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 
 import small_model  # noqa: E402,F401  (registers bench_small)
+from timing import TrainEpochClock  # noqa: E402
 
 import train  # noqa: E402
 from lit_modules.data import SyntheticShapesDataModule  # noqa: E402
 
 LOG_EVERY = 50
-
-
-class EpochTimer(L.Callback):
-    """Seconds of each training epoch, from its first batch's start to its end."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t = 0.0
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._t = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.times.append(time.perf_counter() - self._t)
 
 
 def config(args: argparse.Namespace, root: str) -> dict:
@@ -81,7 +68,7 @@ def data_args(args: argparse.Namespace) -> dict:
 def run_lightning(args: argparse.Namespace) -> list[float]:
     with tempfile.TemporaryDirectory() as root:
         cli = train.main(["--config", _write(config(args, root), root)], run=False)
-        timer = EpochTimer()
+        timer = TrainEpochClock()
         cli.trainer.callbacks.append(timer)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return timer.times[1:]

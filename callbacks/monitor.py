@@ -69,6 +69,12 @@ class ExplanationMonitor(Callback):
         num_images: number of fixed validation images (stratified over classes, seeded).
         every_n_epochs: explain every n-th validation epoch.
         classes: which class maps the grid shows: ``true``, ``predicted`` or ``all``.
+        explain_classes: ``all`` explains every class of every fixed image (drift is then
+            over all classes); ``shown`` only the classes the scores and grid use (the true
+            class, plus the predicted one in ``predicted`` mode), which for per-class
+            methods such as saliency costs one or two backward passes instead of one per
+            class. The saved maps keep their ``[N, K, H, W]`` shape with the classes not
+            explained left at zero (the record says which: ``explained``).
         layer: explanation layer (None: the backbone's declared layer).
         seed: seed of the image selection.
         upscale: nearest-neighbour enlargement of grid tiles.
@@ -82,6 +88,7 @@ class ExplanationMonitor(Callback):
         num_images: int = 16,
         every_n_epochs: int = 1,
         classes: str = "true",
+        explain_classes: str = "all",
         layer: str | None = None,
         seed: int = 0,
         upscale: int = 4,
@@ -98,9 +105,12 @@ class ExplanationMonitor(Callback):
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         if classes not in CLASS_MODES:
             raise ValueError(f"classes must be one of {CLASS_MODES}, got {classes!r}")
+        if explain_classes not in ("all", "shown"):
+            raise ValueError(f"explain_classes must be 'all' or 'shown', got {explain_classes!r}")
         self.num_images = num_images
         self.every_n_epochs = every_n_epochs
         self.classes = classes
+        self.explain_classes = "all" if classes == "all" else explain_classes
         self.layer = layer
         self.seed = seed
         self.upscale = upscale
@@ -186,11 +196,14 @@ class ExplanationMonitor(Callback):
             "maps": {},
             "scalars": {},
             "nan_maps": {},
+            "explained": self.explain_classes if self.explain_classes == "all" else self.classes,
         }
         tb = self._tensorboard(trainer)
         step = self._log_step(trainer)
         for method in self.methods:
-            maps = self._explain(pl_module, images, method, finite_logits)
+            maps = self._explain(
+                pl_module, images, method, finite_logits, labels, preds, logits.shape[-1]
+            )
             # Images whose map is not finite (a diverged or poisoned model): counted and
             # logged, never drawn or scored, and training goes on.
             bad = int((~torch.isfinite(maps).flatten(1).all(1)).sum()) if maps is not None else n
@@ -220,21 +233,39 @@ class ExplanationMonitor(Callback):
             atomic_save(record, os.path.join(folder, f"epoch_{trainer.current_epoch:04d}.pt"))
 
     def _explain(
-        self, pl_module: L.LightningModule, images: torch.Tensor, method: str, finite_logits: bool
+        self,
+        pl_module: L.LightningModule,
+        images: torch.Tensor,
+        method: str,
+        finite_logits: bool,
+        labels: torch.Tensor,
+        preds: torch.Tensor,
+        num_classes: int,
     ) -> torch.Tensor | None:
-        """Maps ``[N, K, H, W]`` on the CPU; None when a non-finite model broke the method."""
+        """Maps ``[N, K, H, W]`` on the CPU; None when a non-finite model broke the method.
+
+        With ``explain_classes="shown"`` only the true (and, in ``predicted`` mode, the
+        predicted) class of each image is explained; the other classes stay zero.
+        """
+        options = {"layer": self.layer, **self.method_options.get(method, {})}
         try:
             with warnings.catch_warnings():
                 # The engine warns about non-finite maps; the monitor reports them itself.
                 warnings.filterwarnings("ignore", message=".*non-finite values")
-                maps = explain.run(
-                    pl_module, images, method, layer=self.layer, **self.method_options.get(method, {})
-                )
+                if self.explain_classes == "all":
+                    return explain.run(pl_module, images, method, **options).cpu()
+                n, maps = len(images), None
+                wanted = [labels] + ([preds] if self.classes == "predicted" else [])
+                for targets in wanted:
+                    one = explain.run(pl_module, images, method, targets=targets, **options).cpu()
+                    if maps is None:
+                        maps = one.new_zeros(n, num_classes, *one.shape[-2:])
+                    maps[torch.arange(n), targets.cpu()] = one
+                return maps
         except (RuntimeError, ValueError):
             if finite_logits:
                 raise  # a real failure of the method, not a symptom of NaN weights
             return None  # e.g. an SVD that can not converge on NaN activations
-        return maps.cpu()
 
     def _scalars(
         self, method: str, maps: torch.Tensor, labels: torch.Tensor, batch: dict[str, torch.Tensor]

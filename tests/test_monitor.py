@@ -10,6 +10,7 @@ import torch
 from helpers import run_train, tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import explain
 from callbacks import ExplanationMonitor, stratified_indices
 
 SCALARS = ["cue_energy/biased", "cue_energy/clean", "object_energy", "pointing_game",
@@ -48,6 +49,7 @@ def test_two_epochs_log_grids_scalars_and_maps(tmp_path) -> None:
     files = sorted(glob.glob(os.path.join(log_dir, "explanations", "epoch_*.pt")))
     assert [os.path.basename(f) for f in files] == ["epoch_0000.pt", "epoch_0001.pt"]
     record = torch.load(files[-1], weights_only=True)
+    assert record["explained"] == "all"
     maps = record["maps"]["gradcam"]
     assert maps.shape == (10, 10, 32, 32) and torch.isfinite(maps.float()).all()
     assert record["scalars"]["gradcam"]["drift"] >= 0
@@ -165,3 +167,31 @@ def test_monitor_never_changes_training(tmp_path) -> None:
     assert with_monitor.keys() == without.keys()
     for name in with_monitor:  # bitwise, BatchNorm running statistics included
         assert torch.equal(with_monitor[name], without[name]), name
+
+
+def test_shown_classes_only_are_explained_and_equal_the_full_maps(tmp_path) -> None:
+    cfg = tiny_config(tmp_path, epochs=1, monitor={
+        "methods": ["gradcam", "saliency"], "classes": "predicted", "explain_classes": "shown"})
+    cli = run_train(["fit", "--config", str(cfg)])
+    log_dir = cli.trainer.log_dir
+    record = torch.load(os.path.join(log_dir, "explanations", "epoch_0000.pt"), weights_only=True)
+    assert record["explained"] == "predicted"
+    fixed = torch.load(os.path.join(log_dir, "explanations", "fixed_images.pt"), weights_only=True)
+    dm = cli.datamodule
+    images = torch.stack([dm.dataset("val")[i]["image"] for i in fixed["indices"].tolist()])
+    labels, preds = record["labels"], record["probs"].argmax(-1)
+    n = len(labels)
+    for method in ("gradcam", "saliency"):
+        saved = record["maps"][method].float()
+        full = explain.run(cli.model, images, method)  # the final weights: no step after
+        for pick in (labels, preds):
+            want = full[torch.arange(n), pick]
+            assert torch.allclose(saved[torch.arange(n), pick], want, rtol=2e-3,
+                                  atol=2e-3 * float(want.abs().max())), method
+        others = torch.ones_like(saved[:, :, 0, 0], dtype=torch.bool)
+        others[torch.arange(n), labels] = False
+        others[torch.arange(n), preds] = False
+        assert (saved[others] == 0).all()  # classes not shown were not explained
+        assert set(record["scalars"][method]) >= {"cue_energy/biased", "concentration"}
+    with pytest.raises(ValueError, match="explain_classes"):
+        ExplanationMonitor(explain_classes="some")

@@ -87,11 +87,12 @@ class TrainCLI(LightningCLI):
                 # from there on and no curve shows a step twice.
                 args["purge_step"] = plan.global_step
             args["default_hp_metric"] = False  # the placeholder was logged at step 0 already
-        print(
-            f"Resuming from {plan.ckpt_path} (epoch {plan.epoch}, step {plan.global_step})",
-            file=sys.stderr,
-            flush=True,
-        )
+        if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+            print(  # once, not once per DDP process
+                f"Resuming from {plan.ckpt_path} (epoch {plan.epoch}, step {plan.global_step})",
+                file=sys.stderr,
+                flush=True,
+            )
 
     @staticmethod
     def _tensorboard_config(trainer: Any) -> Any:

@@ -20,8 +20,11 @@ class InterruptCheckpoint(Callback):
     during the save leaves the previous checkpoint intact. ``train.py fit --ckpt_path last``
     picks the newer of ``last.ckpt`` and this file. A fit that completes removes it.
 
-    With several processes only SIGTERM is handled: Lightning delivers it to every rank at
-    the same batch, whereas an error on one rank would leave the others waiting in the save.
+    With several processes it saves only on SIGTERM, and only where every rank gets it at
+    the same batch (a launcher such as SLURM or torchrun signalling all processes); an
+    error on one rank would leave the others waiting in the collective save. With
+    Lightning's own DDP launcher a SIGTERM to the main process kills the other ranks, so
+    no interrupt checkpoint can be written: such a run resumes from ``last.ckpt`` (tested).
     ``train.py`` adds this callback to every fit unless the config already has one.
 
     Args:

@@ -84,12 +84,16 @@ class KillAt(Callback):
     the point of the resume tests.
     """
 
-    def __init__(self, epoch: int, batch: int, marker: str, signal: str = "SIGKILL") -> None:
+    def __init__(self, epoch: int, batch: int, marker: str, signal: str = "SIGKILL",
+                 rank: int = 0) -> None:
         super().__init__()
         self.epoch, self.batch, self.marker, self.signal = epoch, batch, marker, signal
+        self.rank = rank  # under DDP: the process that gets the signal (0: the launcher)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if (trainer.current_epoch, batch_idx) != (self.epoch, self.batch):
+        if (trainer.current_epoch, batch_idx, trainer.global_rank) != (
+            self.epoch, self.batch, self.rank
+        ):
             return
         if os.path.exists(self.marker):
             return

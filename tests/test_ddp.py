@@ -57,3 +57,27 @@ def test_ddp_two_processes_one_writer_and_rank_zero_maps(tmp_path: Path) -> None
     # Both ranks would have picked the same images: they are a function of (labels, seed).
     monitor_state = next(v for k, v in state["callbacks"].items() if "ExplanationMonitor" in k)
     assert monitor_state["indices"] == record["indices"].tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_ddp_run_terminated_mid_epoch_resumes_from_last(tmp_path: Path) -> None:
+    kill = {"class_path": "helpers.KillAt", "init_args": {
+        "epoch": 1, "batch": 1, "marker": str(tmp_path / "killed"), "signal": "SIGTERM"}}
+    cfg = tiny_config(tmp_path, epochs=3, data={"data_path": "fast"}, callbacks=[kill],
+                      trainer_args={"limit_train_batches": 4})
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
+    first = train_subprocess(["fit", "--config", str(cfg), *ddp], timeout=300)
+    assert first.returncode != 0 and (tmp_path / "killed").exists()  # ended, did not hang
+    run = tmp_path / "runs" / "tiny" / "version_0"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
+    second = train_subprocess(["fit", "--config", str(cfg), *ddp, "--ckpt_path", "last"],
+                              timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stderr.count("Resuming from") == 1  # said once, not once per process
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
+    final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["epoch"] == 2
+    maps = sorted(p.name for p in (run / "explanations").glob("epoch_*.pt"))
+    assert maps == ["epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt"]

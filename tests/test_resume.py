@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import CreatesFile, run_train, tiny_config, train_subprocess
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -142,3 +143,17 @@ def test_resume_from_a_crafted_checkpoint_is_refused(tmp_path: Path, capsys) -> 
     err = capsys.readouterr().err
     assert "refused" in err and "nothing in it was executed" in err and str(evil) in err
     assert not target.exists()
+
+
+def test_resume_with_lightnings_default_logger_stays_in_its_run(tmp_path: Path) -> None:
+    cfg_path = tiny_config(tmp_path, epochs=1)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    del cfg["trainer"]["logger"]  # Lightning's default: <default_root_dir>/lightning_logs
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    run_train(["fit", "--config", str(cfg_path)])
+    cli = run_train(["fit", "--config", str(cfg_path), "--trainer.max_epochs", "2",
+                     "--ckpt_path", "last"])
+    assert cli.trainer.current_epoch == 2
+    runs = tmp_path / "runs" / "lightning_logs"
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0"]
+    assert len(list((runs / "version_0" / "explanations").glob("epoch_*.pt"))) == 2

@@ -20,11 +20,15 @@ class InterruptCheckpoint(Callback):
     during the save leaves the previous checkpoint intact. ``train.py fit --ckpt_path last``
     picks the newer of ``last.ckpt`` and this file. A fit that completes removes it.
 
-    With several processes it saves only on SIGTERM, and only where every rank gets it at
-    the same batch (a launcher such as SLURM or torchrun signalling all processes); an
-    error on one rank would leave the others waiting in the collective save. With
-    Lightning's own DDP launcher a SIGTERM to the main process kills the other ranks, so
-    no interrupt checkpoint can be written: such a run resumes from ``last.ckpt`` (tested).
+    Not saved when the interrupt falls after an epoch's last training batch but before its
+    validation: Lightning would resume from such a checkpoint straight into the next epoch
+    and never validate (or explain) the interrupted one, leaving a hole in the history;
+    ``last.ckpt`` of the previous epoch is used instead and that epoch is trained again.
+
+    With several processes it saves only on SIGTERM (an error on one rank would leave the
+    others waiting in the collective save). Lightning's own DDP launcher forwards a
+    SIGTERM of the main process to the other ranks, which sometimes die before reaching
+    the save; the run then resumes from ``last.ckpt`` (tested).
     ``train.py`` adds this callback to every fit unless the config already has one.
 
     Args:
@@ -57,6 +61,14 @@ class InterruptCheckpoint(Callback):
                 "from last.ckpt."
             )
             return
+        if self._epoch_trained_not_validated(trainer):
+            rank_zero_warn(
+                f"InterruptCheckpoint: {type(exception).__name__} between the last training "
+                f"batch of epoch {trainer.current_epoch} and its validation; not saving (a "
+                "resume would skip that validation). --ckpt_path last resumes from the "
+                "previous epoch's last.ckpt."
+            )
+            return
         path = self.path(trainer)
         trainer.save_checkpoint(path)
         rank_zero_info(
@@ -64,6 +76,20 @@ class InterruptCheckpoint(Callback):
             f"{trainer.global_step}: saved {path}. Resume with: python train.py fit "
             "--config <the same config> --ckpt_path last"
         )
+
+    @staticmethod
+    def _epoch_trained_not_validated(trainer: L.Trainer) -> bool:
+        # After the last training batch: either the epoch's validation has not finished
+        # (resuming here would skip it) or it has, and then ModelCheckpoint's last.ckpt
+        # already holds this very state. Either way last.ckpt is the one to resume from,
+        # provided validation (and so that save) is due this epoch.
+        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return False
+        every = trainer.check_val_every_n_epoch
+        due = trainer.enable_validation and (
+            every is None or (trainer.current_epoch + 1) % every == 0
+        )
+        return bool(due)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A finished fit has a newer last.ckpt; a stale interrupt file would only confuse.

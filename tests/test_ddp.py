@@ -64,7 +64,7 @@ def test_ddp_two_processes_one_writer_and_rank_zero_maps(tmp_path: Path) -> None
                     reason="torch.distributed with gloo is not available")
 def test_ddp_run_terminated_mid_epoch_resumes_from_last(tmp_path: Path) -> None:
     kill = {"class_path": "helpers.KillAt", "init_args": {
-        "epoch": 1, "batch": 1, "marker": str(tmp_path / "killed"), "signal": "SIGTERM"}}
+        "epoch": 1, "batch": 0, "marker": str(tmp_path / "killed"), "signal": "SIGTERM"}}
     cfg = tiny_config(tmp_path, epochs=3, data={"data_path": "fast"}, callbacks=[kill],
                       trainer_args={"limit_train_batches": 4})
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
@@ -72,6 +72,11 @@ def test_ddp_run_terminated_mid_epoch_resumes_from_last(tmp_path: Path) -> None:
     assert first.returncode != 0 and (tmp_path / "killed").exists()  # ended, did not hang
     run = tmp_path / "runs" / "tiny" / "version_0"
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
+    # Lightning's launcher forwards the SIGTERM to rank 1; whether that rank reaches the
+    # collective interrupt save before it dies is a race. Both endings must resume.
+    if first.returncode == 143:
+        saved = torch.load(run / "checkpoints" / "interrupted.ckpt", weights_only=True)
+        assert (saved["epoch"], saved["global_step"]) == (1, 3)
     second = train_subprocess(["fit", "--config", str(cfg), *ddp, "--ckpt_path", "last"],
                               timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]

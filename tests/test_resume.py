@@ -16,9 +16,9 @@ from explain import metrics
 EPOCHS, BATCHES = 4, 4
 
 
-def _config(tmp_path: Path, signal: str | None, name: str = "tiny") -> Path:
+def _config(tmp_path: Path, signal: str | None, name: str = "tiny", batch: int = 1) -> Path:
     kill = [{"class_path": "helpers.KillAt", "init_args": {
-        "epoch": 2, "batch": 1, "marker": str(tmp_path / "killed"), "signal": signal}}]
+        "epoch": 2, "batch": batch, "marker": str(tmp_path / "killed"), "signal": signal}}]
     return tiny_config(
         tmp_path, epochs=EPOCHS, name=name, trainer_args={"limit_train_batches": BATCHES},
         model={"optimizer": "adamw", "scheduler": "onecycle"}, callbacks=kill if signal else None,
@@ -60,11 +60,15 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signal", ["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize(("signal", "batch"), [
+    ("SIGKILL", 1),
+    ("SIGTERM", 1),
+    ("SIGTERM", BATCHES - 1),  # after the epoch's last batch, before its validation
+])
 def test_killed_mid_epoch_resumes_where_it_stopped(
-    tmp_path: Path, reference: Path, signal: str
+    tmp_path: Path, reference: Path, signal: str, batch: int
 ) -> None:
-    cfg = _config(tmp_path, signal)
+    cfg = _config(tmp_path, signal, batch=batch)
     first = train_subprocess(["fit", "--config", str(cfg)])
     assert (tmp_path / "killed").exists(), first.stderr[-2000:]
     run_dir = tmp_path / "runs" / "tiny" / "version_0"
@@ -72,6 +76,11 @@ def test_killed_mid_epoch_resumes_where_it_stopped(
     if signal == "SIGKILL":
         assert first.returncode == -9
         assert not (ckpts / "interrupted.ckpt").exists()  # nothing could be saved
+        assert torch.load(ckpts / "last.ckpt", weights_only=True)["epoch"] == 1
+    elif batch == BATCHES - 1:  # no interrupt checkpoint: it would skip that validation
+        assert first.returncode == 143, first.stderr[-2000:]
+        assert "not saving" in first.stderr
+        assert not (ckpts / "interrupted.ckpt").exists()
         assert torch.load(ckpts / "last.ckpt", weights_only=True)["epoch"] == 1
     else:  # SIGTERM: a checkpoint at the batch boundary, and a non-zero exit status
         assert first.returncode == 143, first.stderr[-2000:]

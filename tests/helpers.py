@@ -115,13 +115,28 @@ class PoisonAt(Callback):
                 next(pl_module.parameters()).fill_(float("nan"))
 
 
-def train_subprocess(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``python train.py <args>`` in a child process from the repository root."""
+def train_subprocess(args: list[str], timeout: float = 300,
+                     grace: float | None = None) -> subprocess.CompletedProcess:
+    """Run ``python train.py <args>`` in a child process from the repository root.
+
+    The child gets its own process group, so DDP ranks it starts die with it. After
+    ``timeout`` seconds the group is killed and ``TimeoutExpired`` raised; with ``grace``
+    instead, the group is killed after ``grace`` seconds (as a scheduler does once its
+    grace period after SIGTERM is over) and the result returned with status -9.
+    """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
-    return subprocess.run(
-        [sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=timeout,
-    )
+    cmd = [sys.executable, "train.py", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=grace if grace is not None else timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        if grace is None:
+            raise
+        return subprocess.CompletedProcess(cmd, -9, out, err)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 class CreatesFile:

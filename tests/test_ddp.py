@@ -68,13 +68,16 @@ def test_ddp_run_terminated_mid_epoch_resumes_from_last(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, epochs=3, data={"data_path": "fast"}, callbacks=[kill],
                       trainer_args={"limit_train_batches": 4})
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
-    first = train_subprocess(["fit", "--config", str(cfg), *ddp], timeout=300)
-    assert first.returncode != 0 and (tmp_path / "killed").exists()  # ended, did not hang
+    # Lightning's launcher forwards the SIGTERM to rank 1 and the endings race: rank 1
+    # dies before the collective interrupt save (exit 1), or both save and exit (143), or,
+    # often when stdout is a pipe, a rank hangs after the save (Lightning broadcasts from
+    # inside its signal handler). A scheduler SIGKILLs a job that outlives its grace
+    # period; so does this test. Every ending must resume.
+    first = train_subprocess(["fit", "--config", str(cfg), *ddp], grace=90)
+    assert first.returncode != 0 and (tmp_path / "killed").exists()
     run = tmp_path / "runs" / "tiny" / "version_0"
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
-    # Lightning's launcher forwards the SIGTERM to rank 1; whether that rank reaches the
-    # collective interrupt save before it dies is a race. Both endings must resume.
-    if first.returncode == 143:
+    if (run / "checkpoints" / "interrupted.ckpt").exists():
         saved = torch.load(run / "checkpoints" / "interrupted.ckpt", weights_only=True)
         assert (saved["epoch"], saved["global_step"]) == (1, 3)
     second = train_subprocess(["fit", "--config", str(cfg), *ddp, "--ckpt_path", "last"],

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks import AtomicCheckpointIO, InterruptCheckpoint
 from lit_modules import ImageClassifier
-from lit_modules.resume import ResumeError, ResumePlan, plan_resume
+from lit_modules.resume import ResumeError, plan_resume
 
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 
@@ -41,8 +41,6 @@ class TrainCLI(LightningCLI):
     * every fit gets an :class:`~callbacks.InterruptCheckpoint` (SIGTERM, Ctrl-C, errors),
       and checkpoints are written atomically (:class:`~callbacks.AtomicCheckpointIO`).
     """
-
-    resume: ResumePlan | None = None
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Parse, then resolve ``fit --ckpt_path`` before LightningCLI opens the checkpoint
@@ -75,7 +73,6 @@ class TrainCLI(LightningCLI):
         except ResumeError as exc:
             print(f"train.py: error: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(2) from exc
-        self.resume = plan
         cfg["ckpt_path"] = str(plan.ckpt_path)
         if logger is not None:
             args = logger["init_args"]

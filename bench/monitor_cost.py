@@ -28,20 +28,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 
 import small_model  # noqa: E402,F401  (registers bench_small)
+from timing import TrainEpochClock  # noqa: E402
 
 from callbacks import ExplanationMonitor  # noqa: E402
 from lit_modules import ImageClassifier  # noqa: E402
 
 
-class EpochClock(L.Callback):
+class EpochClock(TrainEpochClock):
     """Wall time of each epoch (training and validation), from train start to val end."""
 
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t = 0.0
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._t = time.perf_counter()
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pass  # the epoch ends with validation (and the monitor's hook) here
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:

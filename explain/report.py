@@ -121,6 +121,20 @@ def fmt_prop(p: dict[str, Any] | None) -> str:
     )
 
 
+def _method_table(names: list[str], per_method: dict[str, dict[str, Any]]) -> str:
+    """A table with a row per method and a column per measure in ``names``."""
+    head = "<tr><th>method</th>" + "".join(_head(n) for n in names) + "</tr>"
+    rows = "".join(
+        f"<tr><td>{_e(m)}</td>"
+        + "".join(
+            f'<td class="num">{fmt_stat(st.get(n), get_measure(n).unit)}</td>' for n in names
+        )
+        + "</tr>"
+        for m, st in per_method.items()
+    )
+    return f"<table>{head}{rows}</table>"
+
+
 def _head(measure: str, label: str | None = None) -> str:
     info = get_measure(measure)
     title = html.escape(f"{info.description} ({info.direction})")
@@ -611,14 +625,7 @@ class _Page:
             loc = res["localisation"]
             out = []
             if loc["ground_truth"]:
-                head = "<tr><th>method</th>" + "".join(_head(n) for n in names) + "</tr>"
-                rows = "".join(
-                    f"<tr><td>{_e(m)}</td>"
-                    + "".join(f'<td class="num">{fmt_stat(st.get(n))}</td>' for n in names)
-                    + "</tr>"
-                    for m, st in loc["methods"].items()
-                )
-                out.append(f"<table>{head}{rows}</table>")
+                out.append(_method_table(names, loc["methods"]))
             else:
                 out.append('<p class="note">This data has no object masks, so boxes are drawn '
                            "but not scored.</p>")
@@ -658,17 +665,7 @@ class _Page:
 
         def body(res: dict[str, Any], vis: dict[str, Any]) -> str:
             fa = res["faithfulness"]
-            head = "<tr><th>method</th>" + "".join(_head(n) for n in names) + "</tr>"
-            rows = "".join(
-                f"<tr><td>{_e(m)}</td>"
-                + "".join(
-                    f'<td class="num">{fmt_stat(st.get(n), get_measure(n).unit)}</td>'
-                    for n in names
-                )
-                + "</tr>"
-                for m, st in fa["methods"].items()
-            )
-            out = [f"<table>{head}{rows}</table>"]
+            out = [_method_table(names, fa["methods"])]
             if vis["curves"]:
                 fig = fig_faithfulness(vis["curves"])
                 out.append(self.figs.add(

@@ -70,8 +70,13 @@ def find_config(ckpt: str | Path, config: str | Path | None = None) -> Path:
     )
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` with errors that name the file.
+
+    ``mmap=True`` maps the tensors instead of reading them, for callers that only need the
+    metadata (a resume reads the step before Lightning loads the file itself).
 
     Raises:
         CheckpointError: the file is missing or unreadable, or it needs arbitrary pickled
@@ -81,7 +86,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(

@@ -118,7 +118,7 @@ def plan_resume(
         if not path.is_file():
             raise ResumeError(f"--ckpt_path {ckpt_path!r}: no such checkpoint file")
     try:
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, mmap=True)  # only the counters are read here
     except RuntimeError as exc:  # CheckpointError: unsafe or unreadable, nothing executed
         raise ResumeError(str(exc)) from exc
     for key in ("global_step", "epoch", "state_dict"):

@@ -244,30 +244,38 @@ class ExplainContext:
         outputs: torch.Tensor,
         wrt: torch.Tensor,
         selectors: torch.Tensor | None = None,
+        batched: bool = True,
     ) -> torch.Tensor:
         """Gradients of each selected class score w.r.t. ``wrt``: ``[T, *wrt.shape]``.
 
-        All T classes come from one batched backward (``is_grads_batched``); if an op in
-        the graph has no batching rule the classes are looped over instead. ``selectors``
-        (``[T, N, K]``, default the context's own) serves outputs whose batch is not the
-        images' (e.g. interpolated or noisy copies, ``N`` rows per forward).
+        ``batched``: all T classes from one batched backward (``is_grads_batched``), the
+        right choice for a short graph (the head, for the CAM family); if an op in the
+        graph has no batching rule the classes are looped over instead. ``batched=False``
+        loops over the classes on the one graph: for a backward through a whole conv
+        network that measured 25-30% faster than the batched one on a CPU (BENCHMARKS.md)
+        and holds one class's gradients at a time. ``selectors`` (``[T, N, K]``, default
+        the context's own) serves outputs whose batch is not the images' (e.g.
+        interpolated or noisy copies, ``N`` rows per forward).
         """
         sel = (self.selectors if selectors is None else selectors).to(outputs.dtype)
         if sel.shape[0] == 1:
             (g,) = torch.autograd.grad(outputs, wrt, grad_outputs=sel[0])
             return g.unsqueeze(0)
-        try:
-            (g,) = torch.autograd.grad(
-                outputs, wrt, grad_outputs=sel, is_grads_batched=True, retain_graph=True
-            )
-            return g
-        except RuntimeError:  # no vmap rule for some op: fall back to one backward a class
-            return torch.stack(
-                [
-                    torch.autograd.grad(outputs, wrt, grad_outputs=s, retain_graph=True)[0]
-                    for s in sel
-                ]
-            )
+        if batched:
+            try:
+                (g,) = torch.autograd.grad(
+                    outputs, wrt, grad_outputs=sel, is_grads_batched=True, retain_graph=True
+                )
+                return g
+            except RuntimeError:  # no vmap rule for some op: one backward a class
+                pass
+        last = sel.shape[0] - 1
+        return torch.stack(
+            [
+                torch.autograd.grad(outputs, wrt, grad_outputs=s, retain_graph=i < last)[0]
+                for i, s in enumerate(sel)
+            ]
+        )
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         """Pick the selected classes from per-image scores ``[B, K]`` (or ``[..., B, K]``).

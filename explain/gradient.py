@@ -1,8 +1,10 @@
 """Pixel-level gradient methods: saliency, guided backprop, guided Grad-CAM, IG, SmoothGrad.
 
-Input gradients for every selected class come from one forward and one batched backward
-(``is_grads_batched``) per chunk of inputs. Attributions ``[T, B, C, H, W]`` are reduced
-over the colour channels (``reduce``) to maps ``[T, B, H, W]`` at input resolution.
+Input gradients for every selected class come from one forward per chunk of inputs and
+one backward per class on that graph (a batched backward through the whole network
+measured slower on a CPU; see ``ExplainContext.grads_of_selected``). Attributions
+``[T, B, C, H, W]`` are reduced over the colour channels (``reduce``) to maps
+``[T, B, H, W]`` at input resolution.
 """
 
 from __future__ import annotations
@@ -110,8 +112,8 @@ def saliency(ctx: ExplainContext, reduce: str = "max_abs") -> torch.Tensor:
     """Saliency (Simonyan et al. 2014): ``max_c |d y / d x_c|``.
 
     ``reduce`` picks another channel reduction of the raw gradient (e.g. ``sum`` for the
-    signed gradient summed over colours). Layer: none. Cost: one forward, one batched
-    backward to the input.
+    signed gradient summed over colours). Layer: none. Cost: one forward, one backward
+    to the input per class.
     """
     return reduce_channels(input_gradients(ctx), reduce)
 
@@ -122,7 +124,7 @@ def guided_backprop(ctx: ExplainContext, reduce: str = "max_abs") -> torch.Tenso
 
     Map: ``reduce`` over colour channels of the guided gradient (default ``max_abs``).
     Class-discriminative only weakly (Adebayo et al. 2018). Layer: none. Cost: one
-    forward, one batched backward to the input.
+    forward, one backward to the input per class.
     """
     return reduce_channels(_guided_gradients(ctx), reduce)
 
@@ -137,7 +139,7 @@ def guided_gradcam(
     as in the paper, or ``nearest`` as captum's GuidedGradCam does by default), multiplied
     into the guided gradient per colour channel, then reduced (``reduce``). Layer: the
     Grad-CAM layer. Cost: Grad-CAM (one forward, one backward from the layer) plus one
-    forward and one batched backward to the input.
+    forward and one backward to the input per class.
     """
     if interpolate not in ("bilinear", "nearest"):
         raise ExplainError(f"interpolate must be 'bilinear' or 'nearest', got {interpolate!r}")

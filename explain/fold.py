@@ -16,8 +16,6 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .base import find_split
-
 _FOLDABLE_DTYPES = (torch.float32, torch.float64)
 
 
@@ -39,24 +37,20 @@ def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
-def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
-    """``(module, pairs folded)``: a copy of ``model``'s forward with conv -> BN pairs merged.
+def fold_batchnorm(target: nn.Module) -> tuple[nn.Module, int]:
+    """``(module, pairs folded)``: a copy of ``target``'s forward with conv -> BN pairs merged.
 
-    Only for input gradients of a model in eval mode: the folded convs' parameters do not
-    require grad, so no parameter gradient can reach them. When a model declares a
-    features/head split (:func:`explain.base.find_split`), the backbone is folded, as its
-    forward is the model's. Returns ``(model, 0)`` unchanged when the forward can not be
-    traced (data-dependent control flow), when nothing is foldable, or when any module is
-    in training mode (batch statistics are not a fixed affine map).
+    Only for a module in eval mode whose parameters need no gradient: the folded convs'
+    parameters do not require grad. Returns ``(target, 0)`` unchanged when the forward
+    can not be traced (data-dependent control flow), when nothing is foldable, or when any
+    module is in training mode (batch statistics are not a fixed affine map).
     """
-    split = find_split(model)
-    target = split[0] if split is not None else model
     if any(m.training for m in target.modules()):
-        return model, 0
+        return target, 0
     try:
         traced = fx.symbolic_trace(target)
     except Exception:  # any trace failure only means no folding: the model still works
-        return model, 0
+        return target, 0
     modules = dict(traced.named_modules())
     folded = 0
     for node in list(traced.graph.nodes):
@@ -80,7 +74,7 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
         traced.graph.erase_node(node)
         folded += 1
     if folded == 0:
-        return model, 0
+        return target, 0
     traced.graph.lint()
     traced.delete_all_unused_submodules()
     traced.recompile()

@@ -19,7 +19,6 @@ from torch import nn
 
 from .base import ExplainContext, ExplainError, resolve_layer, split_for
 from .cam import gradcam
-from .fold import fold_batchnorm
 from .registry import get, register
 
 REDUCTIONS = ("max_abs", "sum", "abs_sum", "l2", "max", "mean")
@@ -230,7 +229,8 @@ def integrated_gradients(
     quadrature error. Layer: none. Cost: ``steps * B`` interpolated images in chunks of
     ``batch_size``; per chunk one forward and one backward per class. ``fold_bn``
     (default True) runs them on a copy with eval BatchNorm folded into the convs
-    (:mod:`explain.fold`): the same function up to float rounding, 10-25% faster.
+    (:mod:`explain.fold`): the same function up to float rounding, 5-25% faster
+    (bench/engine_paths.py).
     """
     x = ctx.images
     b = x.shape[0]
@@ -241,7 +241,7 @@ def integrated_gradients(
     alphas, weights = quadrature(steps, rule)
     alphas = alphas.to(device=x.device, dtype=x.dtype)
     weights = weights.to(device=x.device, dtype=torch.float32)
-    model = fold_batchnorm(ctx.model)[0] if fold_bn else ctx.model
+    model = ctx.folded() if fold_bn else ctx.model
     # Rows are (node, image) pairs, node-major; a chunk is any run of batch_size rows, so
     # the batch size holds whatever the number of images.
     rows = torch.arange(steps * b, device=x.device)

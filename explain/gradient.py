@@ -229,7 +229,7 @@ def integrated_gradients(
     quadrature error. Layer: none. Cost: ``steps * B`` interpolated images in chunks of
     ``batch_size``; per chunk one forward and one backward per class. ``fold_bn``
     (default True) runs them on a copy with eval BatchNorm folded into the convs
-    (:mod:`explain.fold`): the same function up to float rounding, 5-25% faster
+    (:mod:`explain.fold`): the same function up to float rounding, 5-10% faster
     (bench/engine_paths.py).
     """
     x = ctx.images

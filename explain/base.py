@@ -337,6 +337,12 @@ def make_selectors(
     return nn.functional.one_hot(targets, num_classes).float()[None]
 
 
+def check_batch_size(batch_size: int) -> None:
+    """Refuse a chunk size below one (every batched method takes ``batch_size``)."""
+    if int(batch_size) < 1:
+        raise ExplainError(f"batch_size must be >= 1, got {batch_size}")
+
+
 def resolve_layer(model: nn.Module, layer: str | None) -> str:
     """Check a layer name, listing valid names on a miss."""
     if layer is None:

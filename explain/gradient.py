@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .base import ExplainContext, ExplainError, resolve_layer, split_for
+from .base import ExplainContext, ExplainError, check_batch_size, resolve_layer, split_for
 from .cam import gradcam
 from .registry import get, register
 
@@ -234,8 +234,7 @@ def integrated_gradients(
     """
     x = ctx.images
     b = x.shape[0]
-    if batch_size < 1:
-        raise ExplainError(f"batch_size must be >= 1, got {batch_size}")
+    check_batch_size(batch_size)
     base = _baseline_like(baseline, x)
     delta = x - base
     alphas, weights = quadrature(steps, rule)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ExplainContext, ExplainError
+from .base import ExplainContext, ExplainError, check_batch_size
 from .cam import _weighted_sum
 from .registry import register
 
@@ -22,11 +22,6 @@ def _pair(v: int | tuple[int, int], name: str) -> tuple[int, int]:
     if len(pair) != 2 or any(int(p) < 1 for p in pair):
         raise ExplainError(f"{name} must be a positive int or a pair of them, got {v!r}")
     return int(pair[0]), int(pair[1])
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if int(batch_size) < 1:
-        raise ExplainError(f"batch_size must be >= 1, got {batch_size}")
 
 
 def _select_scores(ctx: ExplainContext, scores: torch.Tensor) -> torch.Tensor:
@@ -78,7 +73,7 @@ def scorecam(
     """
     if score not in SCORECAM_SCORES:
         raise ExplainError(f"score must be one of {SCORECAM_SCORES}, got {score!r}")
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     x = ctx.images
     act = ctx.activation().float()
     b, k = act.shape[:2]
@@ -130,7 +125,7 @@ def ablationcam(
     per image and channel (``batch_size`` a pass) scored for all classes: with a declared
     features/head split only the head runs.
     """
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     act = ctx.activation()
     b, k = act.shape[:2]
     base = ctx.head(act)  # [B, classes]
@@ -181,7 +176,7 @@ def reciprocam(
     """
     if score not in ("softmax", "logit"):
         raise ExplainError(f"score must be 'softmax' or 'logit', got {score!r}")
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     act = ctx.activation()
     b, _, h, w = act.shape
     masks = spatial_masks(h, w, kernel, act.device).to(act.dtype)  # [hw, h, w]
@@ -246,7 +241,7 @@ def occlusion(
     Occlusion). Layer: none. Cost: one forward per image and window, ``batch_size`` a
     pass, each scored for all classes.
     """
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     x = ctx.images
     b = x.shape[0]
     win, step = _pair(window, "window"), _pair(stride, "stride")
@@ -344,7 +339,7 @@ def lime(
         raise ExplainError(f"score must be 'logit' or 'softmax', got {score!r}")
     if samples < 2 or cells < 1:
         raise ExplainError("lime needs samples >= 2 and cells >= 1")
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     x = ctx.images
     b, size = x.shape[0], tuple(x.shape[-2:])
     if segments == "grid":

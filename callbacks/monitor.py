@@ -13,7 +13,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 import explain
-from explain import metrics, render
+from explain import render
+from explain.measures import map_scores
 
 from .atomic import atomic_save
 
@@ -277,24 +278,24 @@ class ExplanationMonitor(Callback):
             cue = cue.cpu()
             carries = cue.flatten(1).any(1)
             if carries.any():
-                out["cue_energy/biased"] = metrics.nanmean(
-                    metrics.energy_in_mask(true_maps[carries], cue[carries])
+                out["cue_energy/biased"] = map_scores.nanmean(
+                    map_scores.energy_in_mask(true_maps[carries], cue[carries])
                 )
                 region = cue[carries].any(0)  # where the patch sits (fixed-position cues)
                 clean = ~carries
                 if clean.any():
-                    out["cue_energy/clean"] = metrics.nanmean(
-                        metrics.energy_in_mask(true_maps[clean], region.expand_as(cue[clean]))
+                    out["cue_energy/clean"] = map_scores.nanmean(
+                        map_scores.energy_in_mask(true_maps[clean], region.expand_as(cue[clean]))
                     )
         obj = batch.get("object_mask")
         if obj is not None and obj.any():
             obj = obj.cpu()
-            out["object_energy"] = metrics.nanmean(metrics.energy_in_mask(true_maps, obj))
-            out["pointing_game"] = metrics.nanmean(metrics.pointing_game(true_maps, obj))
+            out["object_energy"] = map_scores.nanmean(map_scores.energy_in_mask(true_maps, obj))
+            out["pointing_game"] = map_scores.nanmean(map_scores.pointing_game(true_maps, obj))
         prev = self._previous.get(method)
         if prev is not None and prev.shape == maps.shape:
-            out["drift"] = metrics.nanmean(metrics.drift(maps.flatten(0, 1), prev.float().flatten(0, 1)))
-        out["concentration"] = metrics.nanmean(metrics.concentration(true_maps))
+            out["drift"] = map_scores.nanmean(map_scores.drift(maps.flatten(0, 1), prev.float().flatten(0, 1)))
+        out["concentration"] = map_scores.nanmean(map_scores.concentration(true_maps))
         self._previous[method] = maps.half()
         return out
 

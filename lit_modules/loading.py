@@ -55,7 +55,7 @@ def find_config(ckpt: str | Path, config: str | Path | None = None) -> Path:
     if config is not None:
         path = Path(config).expanduser()
         if not path.is_file():
-            raise CheckpointError(f"config file {str(path)!r} (given with --config) does not exist")
+            raise CheckpointError(f"config file {str(path)!r} (given with --train_config) does not exist")
         return path
     folder = Path(ckpt).expanduser().resolve().parent
     candidates = [folder.parent / "config.yaml", folder / "config.yaml"]
@@ -66,7 +66,7 @@ def find_config(ckpt: str | Path, config: str | Path | None = None) -> Path:
     raise CheckpointError(
         f"no training config found for checkpoint {str(ckpt)!r} (looked for {tried}). "
         "train.py saves config.yaml in the log directory, one level above checkpoints/; "
-        "pass the config explicitly with --config PATH."
+        "pass the config explicitly with --train_config PATH."
     )
 
 
@@ -290,14 +290,39 @@ def sample_batch(dataset: Any, indices: list[int]) -> dict[str, Tensor]:
     }
 
 
+@dataclass
+class CounterfactualImages:
+    """The same images three ways, in the model's input space, for the with/without-cue test.
+
+    ``clean``: no cue; ``stamped``: the data's cue on every image, where that item's patch
+    would go; ``control``: a patch of the same size at the same place, painted with a
+    texture the data never carried (a one-pixel checkerboard of the cue colour's complement
+    and black). A fragile model moves its predictions for any patch; only what the cue does
+    beyond the control is evidence that the model learned the cue.
+    """
+
+    clean: Tensor
+    stamped: Tensor
+    control: Tensor
+    labels: Tensor
+
+
+def control_texture(color: tuple[float, float, float], h: int, w: int) -> Tensor:
+    """A ``[3, h, w]`` checkerboard of ``1 - color`` and black (the control patch's paint)."""
+    complement = 1.0 - torch.tensor(color, dtype=torch.float32)
+    rows = torch.arange(h).view(h, 1)
+    cols = torch.arange(w).view(1, w)
+    on = ((rows + cols) % 2 == 0).float()
+    return complement.view(3, 1, 1) * on
+
+
 def counterfactual_images(
     datamodule: Any, split: str, indices: list[int]
-) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The same images without and with the datamodule's cue, in the model's input space.
+) -> CounterfactualImages | None:
+    """Clean, cue-stamped and control-stamped versions of the same images.
 
-    Returns ``(clean, stamped, labels)``, or None when the data declares no cue or does not
-    keep its raw images (the clean version of a stamped item is only known from them).
-    Every image is stamped, whatever its class, where that item's patch would go.
+    None when the data declares no cue or does not keep its raw images (the clean version
+    of a stamped item is only known from them).
     """
     dataset = datamodule.dataset(split)
     cue = getattr(datamodule, "cue", None) or getattr(dataset, "cue", None)
@@ -306,9 +331,14 @@ def counterfactual_images(
         return None
     idx = torch.as_tensor(indices, dtype=torch.long)
     clean01 = raw[idx].float() / 255.0
-    stamped01, _ = cue.stamp(clean01, indices, split)
+    stamped01, masks = cue.stamp(clean01, indices, split)
+    texture = control_texture(tuple(cue.color), *clean01.shape[-2:])
+    control01 = torch.where(masks[:, None], texture, clean01)
     labels = torch.as_tensor(dataset.labels)[idx].long()
-    return datamodule.normalize(clean01), datamodule.normalize(stamped01), labels
+    return CounterfactualImages(
+        datamodule.normalize(clean01), datamodule.normalize(stamped01),
+        datamodule.normalize(control01), labels,
+    )
 
 
 def load_monitor_records(log_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:

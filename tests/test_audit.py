@@ -15,11 +15,12 @@ import torch
 from helpers import CreatesFile, run_train, tiny_config
 
 import audit
+import audit_report
+import audit_report.run
 import explain
-from explain import report
 from lit_modules.loading import CheckpointError, load_checkpoint, load_run
 
-SECTION_IDS = [sid for sid, _ in report.SECTIONS]
+SECTION_IDS = [section.id for section in audit_report.SECTIONS]
 METHODS = ["gradcam", "hirescam", "cam"]
 
 
@@ -33,9 +34,14 @@ def trained(tmp_path_factory) -> Path:
 
 
 def _audit(ckpt: Path, out: Path, *extra: str) -> dict:
-    audit.main(["--ckpt", str(ckpt), "--out", str(out), "--no-progress", "--num-images", "12",
-                "--sanity-images", "4", "--steps", "8", "--counterfactual-images", "4", *extra])
+    audit.main(["--ckpt", str(ckpt), "--out", str(out), "--progress", "false", "--num_images",
+                "12", "--sanity_images", "4", "--steps", "8", "--counterfactual_images", "4",
+                *extra])
     return json.loads((out / "metrics.json").read_text())
+
+
+def _listed(names: list[str]) -> str:
+    return "[" + ", ".join(names) + "]"
 
 
 def _images(html: str) -> list[str]:
@@ -44,7 +50,7 @@ def _images(html: str) -> list[str]:
 
 def test_end_to_end_report_holds_every_section_and_method(trained: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
-    m = _audit(trained, out, "--methods", ",".join(METHODS))
+    m = _audit(trained, out, "--methods", _listed(METHODS))
 
     # metrics.json: provenance
     assert m["schema_version"] == audit.SCHEMA_VERSION
@@ -58,7 +64,10 @@ def test_end_to_end_report_holds_every_section_and_method(trained: Path, tmp_pat
 
     # every section's numbers, for every selected method
     summary = model["summary"]
-    assert 0.0 <= summary["accuracy"]["value"] <= 1.0 and summary["accuracy"]["n"] == 40
+    acc = summary["accuracy"]
+    assert acc["n"] == 40 and acc["k"] == sum(c["k"] for c in summary["per_class"].values())
+    assert acc["value"] == pytest.approx(acc["k"] / 40)
+    assert m["device"] == "cpu"  # --device auto on a machine without CUDA
     assert len(summary["confusion_matrix"]) == 10 and len(summary["per_class"]) == 10
     assert len(model["images_classes"]["probabilities"]) == 10
     assert model["cam_vs_gradcam"]["correlation"]["mean"] > 0.999  # GAP + Linear: equal
@@ -66,7 +75,7 @@ def test_end_to_end_report_holds_every_section_and_method(trained: Path, tmp_pat
     assert "cue_energy/biased" in model["evolution"]["scalars"]["gradcam"]
     sanity_steps = model["sanity"]["steps"]
     for method in METHODS:
-        assert model["methods_classes"][method]["status"] == "ok"
+        assert model["methods_classes"]["methods"][method]["status"] == "ok"
         loc = model["localisation"]["methods"][method]
         for name in ("box_iou", "localisation_accuracy", "pointing_game", "energy_pointing_game"):
             assert loc[name]["n"] > 0 and "higher_is_better" in loc[name], name
@@ -82,7 +91,7 @@ def test_end_to_end_report_holds_every_section_and_method(trained: Path, tmp_pat
         assert bias["cue_energy"] and set(bias["cue_energy"]) <= {"circle", "square"}
     cf = model["bias"]["counterfactual"]
     assert cf["classes"]["circle"]["cue_class"] and cf["n_images"] == 40
-    assert isinstance(model["findings"], list) and model["findings"]
+    assert f"Accuracy: {acc['value']:.1%}" in model["findings"][len(model["bias"]["flagged"])]
     assert "skipped" in m["side_by_side"]
 
     # report.html: every section, every image inline, nothing fetched from elsewhere
@@ -101,8 +110,8 @@ def test_end_to_end_report_holds_every_section_and_method(trained: Path, tmp_pat
 def test_compare_two_checkpoints_side_by_side(trained: Path, tmp_path: Path) -> None:
     # The same run twice stands in for two models: every number must then agree.
     out = tmp_path / "cmp"
-    m = _audit(trained, out, "--compare", str(trained), "--methods", "gradcam,gradcam_pp",
-               "--num-images", "6")
+    m = _audit(trained, out, "--ckpt+", str(trained), "--methods", "[gradcam, gradcam_pp]",
+               "--num_images", "6")
     a, b = m["models"]
     assert (a["label"], b["label"]) == ("A", "B")
     sbs = m["side_by_side"]
@@ -124,14 +133,14 @@ CHEAP = {"integrated_gradients": {"steps": 4}, "lime": {"samples": 16},
 def test_all_methods_on_very_few_images(trained: Path, tmp_path: Path) -> None:
     out = tmp_path / "all"
     options = {k: v for k, v in CHEAP.items() if k in explain.available()}
-    m = _audit(trained, out, "--methods", "all", "--num-images", "2", "--sanity-images", "1",
-               "--method-options", json.dumps(options))
+    m = _audit(trained, out, "--methods", "all", "--num_images", "2", "--sanity_images", "1",
+               "--method_options", json.dumps(options))
     for name, opts in options.items():
         assert m["settings"]["method_options"][name].items() >= opts.items()
     model = m["models"][0]
     assert m["settings"]["methods"] == explain.available()
     for method in explain.available():
-        entry = model["methods_classes"][method]
+        entry = model["methods_classes"]["methods"][method]
         assert entry["status"] == "ok", (method, entry.get("error"))
         assert method in model["faithfulness"]["methods"]
         assert method in model["sanity"]["methods"]
@@ -151,7 +160,8 @@ def test_data_without_cue_masks_or_monitor_maps(trained: Path, tmp_path: Path,
     config.write_text(yaml.safe_dump(cfg))
     monkeypatch.setattr(SyntheticShapesDataModule, "has_object_masks", False)
     out = tmp_path / "report"
-    m = _audit(trained, out, "--config", str(config), "--methods", "gradcam", "--num-images", "4")
+    m = _audit(trained, out, "--train_config", str(config), "--methods", "gradcam",
+               "--num_images", "4")
     model = m["models"][0]
     assert model["localisation"]["ground_truth"] is False
     assert model["localisation"]["methods"]["gradcam"] == {}  # boxes drawn, nothing scored
@@ -182,7 +192,7 @@ def test_malicious_checkpoint_is_refused_and_not_executed(tmp_path: Path, capsys
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "x": CreatesFile(target)}, evil)
     with pytest.raises(SystemExit) as exc:
-        audit.main(["--ckpt", str(evil), "--out", str(tmp_path / "out"), "--no-progress"])
+        audit.main(["--ckpt", str(evil), "--out", str(tmp_path / "out"), "--progress", "false"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert str(evil) in err and "refused" in err and "nothing in it was executed" in err
@@ -202,10 +212,10 @@ def test_missing_config_is_a_clear_error(trained: Path, tmp_path: Path, capsys) 
     lonely.parent.mkdir()
     shutil.copy(trained, lonely)
     with pytest.raises(SystemExit) as exc:
-        audit.main(["--ckpt", str(lonely), "--no-progress"])
+        audit.main(["--ckpt", str(lonely), "--progress", "false"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "no training config found" in err and "--config" in err
+    assert "no training config found" in err and "--train_config" in err
     # --config points it at the right file.
     config = trained.parent.parent / "config.yaml"
     run = load_run(lonely, config)
@@ -223,9 +233,9 @@ def test_interrupt_leaves_no_half_written_report(
         (Path(folder) / "report.html").write_text("<html>half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report, "write_report", interrupted)
+    monkeypatch.setattr(audit_report.run, "write_report", interrupted)
     with pytest.raises(SystemExit) as exc:
-        _audit(trained, out, "--methods", "gradcam", "--num-images", "2")
+        _audit(trained, out, "--methods", "gradcam", "--num_images", "2")
     assert exc.value.code == 130
     assert "no report was written" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == ["metrics.json"]
@@ -236,7 +246,7 @@ def test_interrupt_leaves_no_half_written_report(
 def test_out_that_is_not_a_report_is_not_replaced(trained: Path, tmp_path: Path, capsys) -> None:
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(SystemExit):
-        _audit(trained, tmp_path, "--methods", "gradcam", "--num-images", "2")
+        _audit(trained, tmp_path, "--methods", "gradcam", "--num_images", "2")
     assert "does not hold an earlier audit report" in capsys.readouterr().err
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
@@ -260,7 +270,44 @@ def test_bad_arguments_are_refused(capsys) -> None:
     assert exc.value.code == 2
     assert "gradcam" in capsys.readouterr().err  # the valid names are listed
     with pytest.raises(SystemExit):
-        audit.main(["--ckpt", "a", "--ckpt", "b", "--ckpt", "c"])
+        audit.main(["--ckpt", "[a, b, c]"])
+    assert "one checkpoint or two" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    (["--num-images", "4"], "--num_images"), (["--no-progress"], "--progress false"),
+    (["--compare", "b.ckpt"], "--ckpt+"), (["--method-options", "{}"], "--method_options"),
+    (["--methods", "gradcam,cam"], "--methods '[gradcam, cam]'"),
+])
+def test_old_spellings_name_the_new_one(old: list[str], new: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        audit.main(["--ckpt", "a.ckpt", *old])
+    assert exc.value.code == 2
+    assert new in capsys.readouterr().err
+
+
+def test_a_training_config_given_as_config_is_redirected(trained: Path, capsys) -> None:
+    config = trained.parent.parent / "config.yaml"
+    with pytest.raises(SystemExit) as exc:
+        audit.main(["--ckpt", str(trained), "--config", str(config)])
+    assert exc.value.code == 2
+    assert f"--train_config {config}" in capsys.readouterr().err
+
+
+def test_an_audit_config_file_and_print_config(trained: Path, tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "audit.yaml"
+    cfg.write_text(f"ckpt: {trained}\nmethods: [gradcam, cam]\nnum_images: 5\n"
+                   "method_options: {occlusion: {window: 8}}\n")
+    with pytest.raises(SystemExit) as exc:
+        audit.main(["--config", str(cfg), "--print_config"])
+    assert exc.value.code == 0
+    import yaml
+
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["methods"] == ["gradcam", "cam"] and printed["num_images"] == 5
+    assert printed["method_options"] == {"occlusion": {"window": 8}}
+    settings = audit.parse_args(["--config", str(cfg), "--seed", "3"])
+    assert (settings.methods, settings.num_images, settings.seed) == (["gradcam", "cam"], 5, 3)
 
 
 def _train_for_bias(tmp: Path, cue: bool) -> Path:
@@ -285,8 +332,8 @@ def test_counterfactual_flags_the_planted_cue_only_where_it_was_learned(tmp_path
     clean = _train_for_bias(tmp_path / "clean", cue=False)
     # Compare mode audits both on model A's data, so the clean model meets the same cue.
     out = tmp_path / "report"
-    m = _audit(biased, out, "--compare", str(clean), "--methods", "gradcam",
-               "--counterfactual-images", "40")
+    m = _audit(biased, out, "--ckpt+", str(clean), "--methods", "gradcam",
+               "--counterfactual_images", "40")
     flagged_biased = {f["class"] for f in m["models"][0]["bias"]["flagged"]}
     flagged_clean = {f["class"] for f in m["models"][1]["bias"]["flagged"]}
     assert flagged_biased == {"circle"}, m["models"][0]["bias"]["counterfactual"]

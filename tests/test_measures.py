@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import explain
-from explain import measures as M
+from explain.measures import bias, faithfulness, localisation, registry, sanity, statistics
 from lit_modules.backbones import VGG16GAP, ResNet18Cifar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,14 +50,14 @@ def test_deletion_insertion_auc_matches_hand_computation(steps: int) -> None:
     kept_mass = [sum(ordered[: k * per_step]) for k in range(steps + 1)]
     deletion = [1 - m for m in kept_mass]  # mean fill = 0 removes each pixel's weight
     insertion = kept_mass  # starting from the zero (mean) image
-    out = M.deletion_insertion(model, image, w[None], target, steps=steps, fill="mean",
+    out = faithfulness.deletion_insertion(model, image, w[None], target, steps=steps, fill="mean",
                                start="mean")
     assert torch.allclose(out["deletion_curve"][0], torch.tensor(deletion), atol=1e-5)
     assert torch.allclose(out["insertion_curve"][0], torch.tensor(insertion), atol=1e-5)
     assert out["deletion_auc"].item() == pytest.approx(_trapezoid(deletion), abs=1e-5)
     assert out["insertion_auc"].item() == pytest.approx(_trapezoid(insertion), abs=1e-5)
     # The reversed map deletes the least important pixels first: a worse (larger) area.
-    worse = M.deletion_insertion(model, image, -w[None], target, steps=steps, fill="mean",
+    worse = faithfulness.deletion_insertion(model, image, -w[None], target, steps=steps, fill="mean",
                                  start="mean")
     assert worse["deletion_auc"].item() > out["deletion_auc"].item()
     assert worse["insertion_auc"].item() < out["insertion_auc"].item()
@@ -69,15 +69,15 @@ def test_deletion_batches_many_images_and_blur_keeps_a_constant_image() -> None:
     images = torch.rand(5, 3, 8, 8) * 0.5
     maps = torch.rand(5, 8, 8)
     t = torch.zeros(5, dtype=torch.long)
-    small = M.deletion_insertion(model, images, maps, t, steps=8, batch_size=9)
-    big = M.deletion_insertion(model, images, maps, t, steps=8, batch_size=1000)
+    small = faithfulness.deletion_insertion(model, images, maps, t, steps=8, batch_size=9)
+    big = faithfulness.deletion_insertion(model, images, maps, t, steps=8, batch_size=1000)
     assert torch.allclose(small["deletion_curve"], big["deletion_curve"], atol=1e-6)
     # First point of deletion and last of insertion: the untouched image.
     p = (images[:, 0] * w).sum((1, 2))
     assert torch.allclose(small["deletion_curve"][:, 0], p, atol=1e-5)
     assert torch.allclose(small["insertion_curve"][:, -1], p, atol=1e-5)
     flat = torch.full((1, 3, 8, 8), 0.7)
-    assert torch.allclose(M.gaussian_blur(flat, 2.0), flat, atol=1e-6)
+    assert torch.allclose(faithfulness.gaussian_blur(flat, 2.0), flat, atol=1e-6)
 
 
 def test_average_drop_and_increase_in_confidence() -> None:
@@ -86,7 +86,7 @@ def test_average_drop_and_increase_in_confidence() -> None:
     image = torch.full((2, 3, 2, 2), 0.8)  # p = 0.8
     keep_top = torch.tensor([[1.0, 1.0], [0.0, 0.0]])  # keeps all the evidence: O = Y
     keep_half = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # O = 0.4: a 50% drop
-    out = M.average_drop_increase(model, image, torch.stack([keep_top, keep_half]),
+    out = faithfulness.average_drop_increase(model, image, torch.stack([keep_top, keep_half]),
                                   torch.tensor([0, 0]))
     assert out["average_drop"].tolist() == pytest.approx([0.0, 50.0], abs=1e-3)
     assert out["increase_in_confidence"].tolist() == [0.0, 0.0]
@@ -98,14 +98,14 @@ def test_map_inside_the_mask_scores_pointing_game_and_energy_one() -> None:
     maps = torch.zeros(2, 16, 16)
     maps[0, 5:8, 4:9] = torch.rand(3, 5) + 0.1
     maps[1, 4:10, 3:12] = 1.0
-    out = M.localisation(maps, mask)
+    out = localisation.localisation(maps, mask)
     assert out["pointing_game"].tolist() == [1.0, 1.0]
     assert out["energy_pointing_game"].tolist() == pytest.approx([1.0, 1.0])
     assert out["box_iou"][1].item() == pytest.approx(1.0)
     assert out["localisation_accuracy"][1].item() == 1.0
     outside = torch.zeros(1, 16, 16)
     outside[0, 12:, 12:] = 1.0
-    miss = M.localisation(outside, mask[:1])
+    miss = localisation.localisation(outside, mask[:1])
     assert miss["pointing_game"].item() == 0.0 and miss["energy_pointing_game"].item() == 0.0
 
 
@@ -119,12 +119,12 @@ def test_threshold_box_of_a_known_blob() -> None:
     yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
     s = 3.0
     maps[1] = torch.exp(-((yy - 15) ** 2 + (xx - 18) ** 2) / (2 * s * s))
-    boxes, comp = M.threshold_boxes(maps, 0.2)
+    boxes, comp = localisation.threshold_boxes(maps, 0.2)
     assert boxes[0].tolist() == [8.0, 5.0, 21.0, 13.0]  # x0, y0, x1, y1 (exclusive ends)
     r = math.floor(s * math.sqrt(2 * math.log(5)))
     assert boxes[1].tolist() == [18.0 - r, 15.0 - r, 18.0 + r + 1, 15.0 + r + 1]
     assert not comp[0, 26, 26]  # the weaker blob is not the largest component
-    empty, _ = M.threshold_boxes(torch.zeros(1, 8, 8))
+    empty, _ = localisation.threshold_boxes(torch.zeros(1, 8, 8))
     assert torch.isnan(empty).all()
 
 
@@ -132,17 +132,17 @@ def test_connected_components_use_8_connectivity() -> None:
     fg = torch.zeros(1, 6, 6, dtype=torch.bool)
     fg[0, 0, 0] = fg[0, 1, 1] = fg[0, 2, 2] = True  # a diagonal: one component
     fg[0, 4:6, 4:6] = True  # a separate square
-    labels = M.connected_components(fg)[0]
+    labels = localisation.connected_components(fg)[0]
     assert labels[0, 0] == labels[1, 1] == labels[2, 2] != 0
     assert labels[4, 4] == labels[5, 5] != labels[0, 0]
     assert len(set(labels[fg[0]].tolist())) == 2
-    assert M.largest_component(fg)[0].sum().item() == 4
+    assert localisation.largest_component(fg)[0].sum().item() == 4
 
 
 def test_box_iou_hand_cases() -> None:
     a = torch.tensor([[0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 2.0, 2.0]])
     b = torch.tensor([[2.0, 0.0, 6.0, 4.0], [4.0, 4.0, 6.0, 6.0]])
-    assert M.box_iou(a, b).tolist() == pytest.approx([8 / 24, 0.0])
+    assert localisation.box_iou(a, b).tolist() == pytest.approx([8 / 24, 0.0])
 
 
 def test_spearman_with_ties() -> None:
@@ -154,10 +154,10 @@ def test_spearman_with_ties() -> None:
     cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
     var_a = sum((x - ma) ** 2 for x in ra)
     var_b = sum((y - mb) ** 2 for y in rb)
-    assert M.spearman(a, b).item() == pytest.approx(cov / math.sqrt(var_a * var_b), abs=1e-6)
-    assert M.spearman(b, b.flip(1)).item() == pytest.approx(-1.0)
-    assert M.spearman(b, b.exp()).item() == pytest.approx(1.0)  # monotone: rank-equal
-    assert torch.isnan(M.spearman(torch.ones(1, 4), b)).all()
+    assert sanity.spearman(a, b).item() == pytest.approx(cov / math.sqrt(var_a * var_b), abs=1e-6)
+    assert sanity.spearman(b, b.flip(1)).item() == pytest.approx(-1.0)
+    assert sanity.spearman(b, b.exp()).item() == pytest.approx(1.0)  # monotone: rank-equal
+    assert torch.isnan(sanity.spearman(torch.ones(1, 4), b)).all()
 
 
 def test_randomisation_changes_gradcam_maps_and_leaves_the_model_alone() -> None:
@@ -167,7 +167,7 @@ def test_randomisation_changes_gradcam_maps_and_leaves_the_model_alone() -> None
     targets = torch.arange(6)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    res = M.cascading_randomization(
+    res = sanity.cascading_randomization(
         model, {"gradcam": lambda m: explain.run(m, images, "gradcam", targets=targets)}, seed=0
     )
     assert res["steps"][:2] == ["classifier", "layer4"]
@@ -182,10 +182,10 @@ def test_randomisation_changes_gradcam_maps_and_leaves_the_model_alone() -> None
 
 
 def test_cascade_order_for_both_backbones() -> None:
-    assert [s for s, _ in M.cascade_steps(ResNet18Cifar())] == [
+    assert [s for s, _ in sanity.cascade_steps(ResNet18Cifar())] == [
         "classifier", "layer4", "layer3", "layer2", "layer1", "trunk.conv1-relu"
     ]
-    vgg = M.cascade_steps(VGG16GAP())
+    vgg = sanity.cascade_steps(VGG16GAP())
     assert vgg[0][0] == "classifier" and len(vgg) == 5  # head + 4 conv stages by width
     first_stage = vgg[-1][1]
     assert first_stage[0] == "trunk.0"  # the input convolution is randomised last
@@ -216,52 +216,75 @@ def test_counterfactual_flags_the_class_that_needs_the_cue() -> None:
     labels = torch.arange(4).repeat_interleave(6)
     clean = torch.zeros(24, 3, 4, 4)
     clean[:, 2] = labels.clamp(min=1).float().view(-1, 1, 1)
-    stamped = clean.clone()
-    stamped[:, 1, 0, 0] = -2.0
-    cf = M.counterfactual(_cue_model(), clean, stamped, labels, [0], 4)
+    stamped, control = clean.clone(), clean.clone()
+    stamped[:, 1, 0, 0] = -2.0  # the cue the model reads
+    control[:, 1, 0, 0] = 0.7  # a patch at the same place that it does not read
+    cf = bias.counterfactual(_cue_model(), clean, stamped, control, labels, [0], 4)
     assert cf["acc_without"][0].item() == 0.0 and cf["acc_with"][0].item() == 1.0
-    assert cf["reliance"][0].item() == 1.0
+    assert cf["acc_control"][0].item() == 0.0
+    assert cf["reliance"][0].item() == 1.0 and cf["reliance_margin"][0].item() == 1.0
     assert cf["attraction"][0].item() == 1.0  # every other image turns into class 0
-    assert M.flag_classes(cf) == [0]
+    assert cf["attraction_margin"][0].item() == 1.0
+    assert bias.flag_classes(cf) == [0]
     # A model that ignores the cue: nothing changes, nothing is flagged.
-    honest = M.counterfactual(_cue_model(), clean, clean, labels, [0], 4)
-    assert M.flag_classes(honest) == []
-    # A 20-point effect carried by a single image of five is not significant: no flag.
-    noisy = dict(cf, reliance=torch.tensor([0.2, 0, 0, 0]),
-                 reliance_se=torch.tensor([0.2, 0, 0, 0]),
-                 attraction=torch.zeros(4), attraction_se=torch.zeros(4))
-    assert M.flag_classes(noisy) == []
+    honest = bias.counterfactual(_cue_model(), clean, clean, clean, labels, [0], 4)
+    assert bias.flag_classes(honest) == []
+    # A fragile model that reads any patch the same way: the cue moves everything to
+    # class 0, but so does the control, so the margin is 0 and nothing is flagged.
+    fragile = bias.counterfactual(_cue_model(), clean, stamped, stamped, labels, [0], 4)
+    assert fragile["attraction"][0].item() == 1.0 and fragile["attraction_margin"][0] == 0.0
+    assert bias.flag_classes(fragile) == []
+    # A 20-point margin carried by one image of five has an interval reaching below 0.
+    noisy = dict(cf, reliance_margin=torch.tensor([0.2, 0, 0, 0]),
+                 reliance_lo=torch.tensor([-0.36, 0, 0, 0]),
+                 attraction_margin=torch.zeros(4), attraction_lo=torch.zeros(4))
+    assert bias.flag_classes(noisy) == []
+
+
+def test_t_quantile_matches_scipy() -> None:
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 7, 15, 30, 120):
+        for p in (0.9, 0.975, 0.995):
+            assert statistics.t_quantile(p, df) == pytest.approx(
+                scipy_stats.t.ppf(p, df), rel=1e-7)
+    assert statistics.t_quantile(0.025, 7) == pytest.approx(-scipy_stats.t.ppf(0.975, 7))
+    mean, lo, hi = statistics.mean_interval(torch.tensor([1.0, 2.0, 3.0, 4.0, 6.0]))
+    half = scipy_stats.t.ppf(0.975, 4) * torch.tensor([1.0, 2, 3, 4, 6]).std().item() / 5**0.5
+    assert (mean, lo, hi) == pytest.approx((3.2, 3.2 - half, 3.2 + half))
 
 
 def test_registry_declares_directions_and_refuses_duplicates() -> None:
-    names = M.available_measures()
+    names = registry.available_measures()
     for category in ("faithfulness", "localisation", "sanity", "bias"):
-        assert M.available_measures(category), category
-    assert M.get_measure("deletion_auc").higher_is_better is False
-    assert M.get_measure("insertion_auc").higher_is_better is True
-    assert all(M.get_measure(n).category in M.CATEGORIES for n in names)
+        assert registry.available_measures(category), category
+    assert registry.get_measure("deletion_auc").higher_is_better is False
+    assert registry.get_measure("insertion_auc").higher_is_better is True
+    assert all(registry.get_measure(n).category in registry.CATEGORIES for n in names)
     with pytest.raises(ValueError, match="already registered"):
-        M.register_measure("box_iou", category="localisation", higher_is_better=True,
+        registry.register_measure("box_iou", category="localisation", higher_is_better=True,
                            description="again")
     with pytest.raises(KeyError, match="deletion_auc"):
-        M.get_measure("deletion")
+        registry.get_measure("deletion")
 
 
 def test_summaries_and_intervals() -> None:
-    s = M.summarize(torch.tensor([1.0, 2.0, 3.0, float("nan")]), "box_iou")
+    s = statistics.summarize(torch.tensor([1.0, 2.0, 3.0, float("nan")]), "box_iou")
     assert s["n"] == 3 and s["mean"] == pytest.approx(2.0) and s["higher_is_better"] is True
     lo, hi = s["ci95"]
     assert lo < 2.0 < hi
-    p = M.proportion(0, 10)
+    p = statistics.proportion(0, 10)
     assert p["value"] == 0.0 and p["ci95"][0] == 0.0 and 0.2 < p["ci95"][1] < 0.35
-    means, counts = M.group_mean(torch.tensor([1.0, 3.0, 5.0]), torch.tensor([0, 0, 2]), 3)
+    means, counts = statistics.group_mean(torch.tensor([1.0, 3.0, 5.0]), torch.tensor([0, 0, 2]), 3)
     assert means[0] == 2.0 and torch.isnan(means[1]) and counts.tolist() == [2, 0, 1]
 
 
-def test_measures_and_report_do_not_import_lightning() -> None:
+@pytest.mark.parametrize("package", ["explain", "explain.measures"])
+def test_engine_and_measures_import_neither_lightning_nor_matplotlib(package: str) -> None:
     code = (
-        "import sys, explain.measures, explain.report; "
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')]; "
+        f"import sys, pkgutil, importlib, {package} as p; "
+        "[importlib.import_module(m.name) for m in pkgutil.walk_packages(p.__path__, p.__name__ + '.')]; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('lightning', 'pytorch_lightning', 'matplotlib')]; "
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

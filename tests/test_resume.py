@@ -11,7 +11,7 @@ import yaml
 from helpers import CreatesFile, run_train, tiny_config, train_subprocess
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from explain import metrics
+from explain.measures import map_scores as metrics
 
 EPOCHS, BATCHES = 4, 4
 

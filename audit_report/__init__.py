@@ -1,0 +1,30 @@
+"""The audit report: checkpoints in, a self-contained HTML report and metrics.json out.
+
+    from audit_report import AuditSettings, run_audit
+    out = run_audit(AuditSettings(ckpt=["runs/.../last.ckpt"], methods=["gradcam"]))
+
+Layout: :mod:`.settings` (what is asked), :mod:`.sample` (the images), :mod:`.run` (the
+orchestration and the per-method map cache), :mod:`.sections` (one object per section:
+compute -> typed result -> render -> findings), :mod:`.findings` (the judgement rules and
+thresholds), :mod:`.figures` (matplotlib), :mod:`.page` (HTML and CSS), :mod:`.files`
+(metrics.json, the report folder swap). Uses :mod:`explain` and :mod:`explain.measures`;
+neither of those imports this package.
+"""
+
+from __future__ import annotations
+
+from .files import AuditError
+from .run import SCHEMA_VERSION, AuditRun, ModelAudit, run_audit
+from .sections import SECTIONS, Section
+from .settings import AuditSettings
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "SECTIONS",
+    "AuditError",
+    "AuditRun",
+    "AuditSettings",
+    "ModelAudit",
+    "Section",
+    "run_audit",
+]

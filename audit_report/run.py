@@ -1,0 +1,300 @@
+"""Running an audit: load the models, explain the sample once, compute every section,
+write the report folder.
+
+The explanation maps of each method are computed once per model (:class:`MethodMaps`)
+and every section reads them from there.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import inspect
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+import explain
+from explain.measures import available_measures, get_measure
+from explain.measures.inference import predict_proba
+from lit_modules.loading import LoadedRun, load_run
+
+from . import files
+from .findings import Finding
+from .page import Page
+from .sample import Sample, make_sample
+from .sections import SECTIONS, Section
+from .settings import AuditSettings
+
+SCHEMA_VERSION = 2  # 2: sections as typed results; the counterfactual test has a control
+# Engine options that only trade memory for speed: perturbation methods get the audit's
+# batch size.
+EXPENSIVE_OPTIONS = ("batch_size",)
+
+
+def method_options(method: str, settings: AuditSettings) -> dict[str, Any]:
+    """The user's options for ``method``, plus a batch size for perturbation methods.
+
+    Gradient methods keep the engine's default batch: their batches also hold a backward
+    graph for every class, so a large batch costs memory rather than saving time.
+    """
+    info = explain.get(method)
+    options: dict[str, Any] = {}
+    if info.family == "perturbation":
+        params = inspect.signature(info.fn).parameters
+        options = {k: settings.batch_size for k in EXPENSIVE_OPTIONS if k in params}
+    options.update(settings.method_options.get(method, {}))
+    return options
+
+
+@dataclass
+class MethodMaps:
+    """One method's explanation of the sample, computed once and shared by every section."""
+
+    method: str
+    family: str
+    class_specific: bool
+    status: str = "ok"  # or "error"
+    error: str | None = None
+    seconds: float | None = None
+    true_maps: Tensor | None = None  # [N, H, W], true class
+    pred_maps: Tensor | None = None  # [N, H, W], predicted class
+    shown_all: Tensor | None = None  # [show, K, H, W], every class of the shown images
+
+
+@dataclass
+class ModelAudit:
+    """One checkpoint under audit: its model, predictions, maps and section results."""
+
+    label: str  # "A" or "B"
+    run: LoadedRun
+    probs: Tensor  # [N, K] on the sample
+    methods: dict[str, MethodMaps] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)  # section id -> typed result
+    findings: list[Finding] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.run.name
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.run.model
+
+    @property
+    def preds(self) -> Tensor:
+        return self.probs.argmax(1)
+
+    def ok_maps(self) -> dict[str, MethodMaps]:
+        """The methods whose maps were computed and finite."""
+        return {m: mm for m, mm in self.methods.items() if mm.status == "ok"}
+
+
+@dataclass
+class AuditRun:
+    """Everything one audit knows: settings, the shared sample, the models, the results."""
+
+    settings: AuditSettings
+    sample: Sample
+    data_run: LoadedRun
+    models: list[ModelAudit]
+    progress: Any  # a tqdm bar (disabled when quiet)
+    created: str = ""
+    command: list[str] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)  # cross-model sections
+    seconds: float = 0.0
+    schema_version: int = SCHEMA_VERSION
+
+    def step(self, what: str, n: int = 1) -> None:
+        """Advance the progress bar by ``n`` units, naming the work just done."""
+        self.progress.set_postfix_str(what[:40], refresh=False)
+        self.progress.update(n)
+
+
+def explain_methods(audit: AuditRun, model: ModelAudit) -> None:
+    """Run every selected method once on the sample (all classes) and keep what sections need.
+
+    One broken method must not sink the whole report: its error is recorded and shown.
+    """
+    sample, settings = audit.sample, audit.settings
+    rows = torch.arange(len(sample.labels))
+    for method in settings.methods:
+        info = explain.get(method)
+        entry = MethodMaps(method, info.family, info.class_specific)
+        model.methods[method] = entry
+        try:
+            torch.manual_seed(settings.seed)  # stochastic methods repeat run to run
+            start = time.perf_counter()
+            maps = explain.run(model.model, sample.images, method,
+                               **method_options(method, settings)).cpu()
+            entry.seconds = time.perf_counter() - start
+        except Exception as exc:  # noqa: BLE001  (reported in the page, per method)
+            entry.status, entry.error = "error", f"{type(exc).__name__}: {exc}"
+            audit.step(f"{method} failed")
+            continue
+        if not torch.isfinite(maps).all():
+            entry.status, entry.error = "error", "the maps contain non-finite values"
+            audit.step(f"{method} non-finite")
+            continue
+        entry.true_maps = maps[rows, sample.labels]
+        entry.pred_maps = maps[rows, model.preds]
+        entry.shown_all = maps[: sample.show]
+        audit.step(f"explain {method}")
+
+
+def audit_model(audit: AuditRun, model: ModelAudit, sections: list[Section]) -> None:
+    """Explain the sample, then compute every per-model section and collect its findings."""
+    start = time.perf_counter()
+    explain_methods(audit, model)
+    model.timing["explain"] = time.perf_counter() - start
+    for section in sections:
+        if section.across_models:
+            continue
+        start = time.perf_counter()
+        model.results[section.id] = section.compute(audit, model)
+        model.timing[section.id] = time.perf_counter() - start
+        audit.step(section.title.lower(), section.units(audit))
+    # Problems first, then the sections' other findings in page order.
+    found = [f for s in sections if not s.across_models
+             for f in s.findings(audit, model, model.results[s.id])]
+    model.findings = [f for f in found if f.flag] + [f for f in found if not f.flag]
+
+
+def model_json(model: ModelAudit, sections: list[Section]) -> dict[str, Any]:
+    """One model's part of ``metrics.json``."""
+    run = model.run
+    out: dict[str, Any] = {
+        "label": model.label,
+        "name": run.name,
+        "checkpoint": str(run.ckpt_path),
+        "sha256": run.sha256,
+        "config_path": str(run.config_path),
+        "config": run.config,
+        "meta": run.meta,
+    }
+    for section in sections:
+        if not section.across_models:
+            out[section.key] = files.jsonable(model.results[section.id])
+    out["findings"] = [f.text for f in model.findings]
+    out["timing"] = model.timing
+    return out
+
+
+def metrics_json(audit: AuditRun, sections: list[Section]) -> dict[str, Any]:
+    """The whole ``metrics.json``: provenance, settings, data, measures, models."""
+    settings, sample, data_run = audit.settings, audit.sample, audit.data_run
+    bias = audit.models[0].results.get("bias")
+    return {
+        "schema_version": audit.schema_version,
+        "created": audit.created,
+        "command": audit.command,
+        "seed": settings.seed,
+        "device": settings.device,
+        "versions": audit.versions,
+        "settings": {
+            "methods": settings.methods,
+            "num_images": len(sample.indices),
+            "split": settings.split,
+            "steps": settings.steps,
+            "threshold": settings.threshold,
+            "sanity_images": settings.sanity_images,
+            "counterfactual_images_per_class": settings.counterfactual_images,
+            "batch_size": settings.batch_size,
+            "method_options": {m: method_options(m, settings) for m in settings.methods},
+        },
+        "data": {
+            "from_checkpoint": "A",
+            "config": data_run.config["data"],
+            "class_names": sample.class_names,
+            "object_masks": sample.object_masks is not None,
+            "cue": getattr(bias, "cue", None),
+            "same_for_all_models": all(
+                m.run.config["data"] == data_run.config["data"] for m in audit.models
+            ),
+        },
+        "sample": {"indices": sample.indices, "labels": sample.labels.tolist()},
+        "measures": {name: get_measure(name).as_dict() for name in available_measures()},
+        "methods": {m: {"family": explain.get(m).family} for m in settings.methods},
+        "models": [model_json(m, sections) for m in audit.models],
+        **{s.key: files.jsonable(audit.results[s.id]) for s in sections if s.across_models},
+        "audit_seconds": audit.seconds,
+    }
+
+
+def write_report(out_dir: Path, audit: AuditRun, sections: list[Section]) -> Path:
+    """Draw every figure into ``out_dir/figures`` and write ``out_dir/report.html``."""
+    return Page(audit, out_dir).write(sections, out_dir / "report.html")
+
+
+def run_audit(settings: AuditSettings, sections: list[Section] | None = None) -> Path:
+    """Audit the checkpoints in ``settings`` and return the report directory.
+
+    The report is built in a temporary folder beside ``out`` and swapped in only when
+    complete, so an interrupted audit leaves no half-written report.
+    """
+    started = time.perf_counter()
+    sections = list(SECTIONS if sections is None else sections)
+    configs = list(settings.train_config or [])
+    configs += [None] * (len(settings.ckpt) - len(configs))
+    runs = [load_run(c, cfg, settings.device)
+            for c, cfg in zip(settings.ckpt, configs, strict=True)]
+    out = Path(settings.out).expanduser() if settings.out else runs[0].log_dir / "audit"
+    out = out.resolve()
+    files.check_out(out)
+    torch.manual_seed(settings.seed)
+    data_run = runs[0]
+    sample = make_sample(data_run, settings.split, settings.num_images, settings.seed)
+    k = len(sample.class_names)
+    for run in runs:
+        if run.model.hparams.get("num_classes", k) != k:
+            raise files.AuditError(
+                f"{run.ckpt_path} predicts {run.model.hparams['num_classes']} classes, but the "
+                f"data has {k}: the models can not be audited on the same images"
+            )
+    with tqdm(total=1, desc="audit", unit="step", disable=not settings.progress or None,
+              dynamic_ncols=True) as bar:
+        models = [
+            ModelAudit(label, run, predict_proba(run.model, sample.images,
+                                                 settings.batch_size).cpu())
+            for label, run in zip("AB", runs, strict=False)
+        ]
+        audit = AuditRun(
+            settings, sample, data_run, models, bar,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            command=settings.command or ["audit.py"],
+            versions=files.versions(),
+        )
+        per_model = len(settings.methods) + sum(s.units(audit) for s in sections
+                                                if not s.across_models)
+        bar.total = per_model * len(models) + sum(
+            s.units(audit) for s in sections if s.across_models) + 1
+        bar.refresh()
+        for model in models:
+            audit_model(audit, model, sections)
+        for section in sections:
+            if section.across_models:
+                audit.results[section.id] = section.compute_across(audit)
+                audit.step(section.title.lower(), section.units(audit))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            os.chmod(tmp, 0o777 & ~files.umask())  # mkdtemp makes it private; a report is shared
+            bar.set_postfix_str("writing report", refresh=False)
+            audit.seconds = time.perf_counter() - started
+            write_report(tmp, audit, sections)
+            files.write_metrics(tmp / "metrics.json", metrics_json(audit, sections))
+            bar.update(1)
+            files.publish(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,66 @@
+"""What a report section is: one object that computes, renders and judges one topic."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from ..findings import Finding
+    from ..page import Page
+    from ..run import AuditRun, ModelAudit
+
+# Dataclass field metadata for tensors that only the figures need: left out of metrics.json.
+VISUAL: dict[str, bool] = {"visual": True}
+
+
+class Section:
+    """One section of the report.
+
+    A section computes a typed result (a dataclass; fields marked :data:`VISUAL` hold
+    tensors for its figures and stay out of ``metrics.json``) for each model, renders it as
+    HTML, and states its findings. Adding a section = writing one subclass and listing it in
+    :data:`audit_report.sections.SECTIONS`.
+
+    Attributes:
+        id: HTML anchor; with ``-`` as ``_``, the section's key in ``metrics.json``.
+        title: heading on the page.
+        across_models: computed once over all models (:meth:`compute_across`) instead of
+            once per model (:meth:`compute`).
+    """
+
+    id: ClassVar[str]
+    title: ClassVar[str]
+    across_models: ClassVar[bool] = False
+
+    @property
+    def key(self) -> str:
+        """The section's key in ``metrics.json``."""
+        return self.id.replace("-", "_")
+
+    def units(self, audit: AuditRun) -> int:
+        """Progress-bar units this section's computation counts for (per model)."""
+        return 1
+
+    def compute(self, audit: AuditRun, model: ModelAudit) -> Any:
+        """This section's result for one model."""
+        raise NotImplementedError(f"{type(self).__name__} computes across models")
+
+    def compute_across(self, audit: AuditRun) -> Any:
+        """This section's result over all models (``across_models`` sections)."""
+        raise NotImplementedError(f"{type(self).__name__} computes per model")
+
+    def findings(self, audit: AuditRun, model: ModelAudit, result: Any) -> list[Finding]:
+        """Headline findings from this section's result (none by default)."""
+        return []
+
+    def intro(self, page: Page) -> str:
+        """HTML before the per-model bodies (what the section measures and how to read it)."""
+        return ""
+
+    def render(self, page: Page, model: ModelAudit, result: Any) -> str:
+        """HTML body for one model."""
+        raise NotImplementedError
+
+    def render_all(self, page: Page) -> str:
+        """The whole section's HTML (intro, then each model's body)."""
+        return self.intro(page) + page.per_model(self)

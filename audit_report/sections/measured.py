@@ -1,0 +1,385 @@
+"""The measured sections: CAM vs Grad-CAM, localisation, faithfulness, sanity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+import explain
+from explain.measures.agreement import agreement_summary
+from explain.measures.faithfulness import faithfulness_summary
+from explain.measures.localisation import localisation_summary
+from explain.measures.sanity import cascade_steps, cascading_randomization, sanity_summary
+
+from ..figures import (
+    fig_cam_pair,
+    fig_faithfulness,
+    fig_localisation,
+    fig_sanity_curves,
+    fig_sanity_maps,
+)
+from ..findings import CAM_AGREEMENT_MIN, SANITY_FLAG_THRESHOLD, Finding, mean_of
+from ..page import esc, fmt_stat, measure_head, method_table, not_run
+from .base import VISUAL, Section
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from ..page import Page
+    from ..run import AuditRun, ModelAudit
+
+
+@dataclass
+class AgreementResult:
+    """CAM vs Grad-CAM on the true class: correlation and region IoU, or why not."""
+
+    skipped: str | None = None
+    correlation: dict[str, Any] | None = None
+    iou: dict[str, Any] | None = None
+    per_image_correlation: list[float] = field(default_factory=list)
+    target: str = "true class"
+    threshold: float = 0.2
+    cam: Tensor | None = field(default=None, metadata=VISUAL)
+    gradcam: Tensor | None = field(default=None, metadata=VISUAL)
+
+
+class CamVsGradcamSection(Section):
+    """CAM and Grad-CAM must agree on a GAP + Linear head: an exact check of the engine."""
+
+    id = "cam-vs-gradcam"
+    title = "CAM vs Grad-CAM"
+
+    def compute(self, audit: AuditRun, model: ModelAudit) -> AgreementResult:
+        sample, threshold = audit.sample, audit.settings.threshold
+        if "cam" not in explain.available():
+            return AgreementResult(skipped="the engine has no 'cam' method", threshold=threshold)
+        try:
+            cam = explain.run(model.model, sample.images, "cam", targets=sample.labels).cpu()
+        except explain.ExplainError as exc:
+            return AgreementResult(skipped=f"CAM does not apply to this model: {exc}",
+                                   threshold=threshold)
+        grad = explain.run(model.model, sample.images, "gradcam", targets=sample.labels).cpu()
+        summary = agreement_summary(cam, grad, threshold)
+        return AgreementResult(None, summary["correlation"], summary["iou"],
+                               summary["per_image_correlation"], "true class", threshold,
+                               cam[: sample.show], grad[: sample.show])
+
+    def findings(self, audit: AuditRun, model: ModelAudit,
+                 result: AgreementResult) -> list[Finding]:
+        if result.skipped or mean_of(result.correlation) >= CAM_AGREEMENT_MIN:
+            return []
+        return [Finding(
+            f"CAM and Grad-CAM correlate at only {mean_of(result.correlation):.3f}; on a GAP + "
+            "Linear head they should be equal up to scale, so check the explained layer."
+        )]
+
+    def intro(self, page: Page) -> str:
+        return (
+            "<p>Both backbones end in global average pooling and one linear layer, the "
+            "architecture CAM needs. For such heads Grad-CAM's channel weights are the class "
+            "weights divided by the map's area, so the two should agree exactly (correlation 1, "
+            "IoU 1); a lower agreement points to a wrong layer or a bug.</p>"
+        )
+
+    def render(self, page: Page, model: ModelAudit, result: AgreementResult) -> str:
+        if result.skipped:
+            return not_run(result.skipped)
+        out = [
+            "<table><tr>" + measure_head("cam_gradcam_correlation", "Pearson correlation")
+            + measure_head("cam_gradcam_iou",
+                           f"IoU of regions \u2265 {result.threshold:.0%} of max")
+            + f"</tr><tr><td class=\"num\">{fmt_stat(result.correlation, digits=4)}</td>"
+            f"<td class=\"num\">{fmt_stat(result.iou)}</td></tr></table>"
+        ]
+        if result.cam is not None:
+            n = page.sample.show
+            fig = fig_cam_pair(page.sample.images01[:n], result.cam[:n], result.gradcam[:n],
+                               page.column_labels(n))
+            out.append(page.figures.add(
+                f"cam_vs_gradcam{page.tag(model)}", fig,
+                "Top row: the image; middle: CAM (class weights of the linear head applied "
+                "to the last conv map); bottom: Grad-CAM, both for the true class and "
+                "scaled to their own maximum. The number above each Grad-CAM tile is the "
+                "per-image correlation. On a global-average-pooling + Linear head the two "
+                f"are equal up to a constant factor. n={n} images.",
+                "CAM vs Grad-CAM",
+            ))
+        return "".join(out)
+
+
+LOCALISATION_MEASURES = ["box_iou", "localisation_accuracy", "pointing_game",
+                         "energy_pointing_game"]
+
+
+@dataclass
+class LocalisationResult:
+    """Weakly-supervised localisation per method (scored where object masks exist)."""
+
+    threshold: float
+    ground_truth: bool
+    target: str
+    n_images: int
+    methods: dict[str, dict[str, Any]]
+    boxes: dict[str, Tensor] = field(default_factory=dict, metadata=VISUAL)
+    gt_boxes: Tensor | None = field(default=None, metadata=VISUAL)
+
+
+class LocalisationSection(Section):
+    """Does a map made for classification also find the object?"""
+
+    id = "localisation"
+    title = "Weakly-supervised localisation"
+
+    def compute(self, audit: AuditRun, model: ModelAudit) -> LocalisationResult:
+        sample, threshold = audit.sample, audit.settings.threshold
+        result = LocalisationResult(threshold, sample.object_masks is not None, "true class",
+                                    len(sample.labels), {})
+        for method, maps in model.ok_maps().items():
+            summary, per_image = localisation_summary(maps.true_maps, sample.object_masks,
+                                                      threshold)
+            result.methods[method] = summary
+            result.boxes[method] = per_image["boxes"]
+            result.gt_boxes = per_image.get("gt_boxes")
+        return result
+
+    def findings(self, audit: AuditRun, model: ModelAudit,
+                 result: LocalisationResult) -> list[Finding]:
+        if not result.ground_truth or not result.methods:
+            return []
+        best = max(result.methods, key=lambda m: mean_of(result.methods[m]["box_iou"]))
+        stat = result.methods[best]["localisation_accuracy"]
+        return [Finding(f"Best localisation: {best}, box IoU \u2265 0.5 on "
+                        f"{mean_of(stat):.0%} of images (n={stat['n']}).")]
+
+    def intro(self, page: Page) -> str:
+        return (
+            "<p>Weakly-supervised localisation (Zhou et al. 2016) asks whether a map, made for "
+            "classification, also finds the object. Box IoU is scored against the bounding box "
+            "of the object mask; localisation accuracy counts IoU \u2265 0.5 (ground-truth "
+            "class known); the pointing game (Zhang et al. 2016) checks whether the map's peak "
+            "is on the object; the energy-based pointing game (Wang et al. 2020) takes the "
+            "share of positive map mass on the object. All four: higher is better.</p>"
+        )
+
+    def render(self, page: Page, model: ModelAudit, result: LocalisationResult) -> str:
+        out = []
+        if result.ground_truth:
+            out.append(method_table(LOCALISATION_MEASURES, result.methods))
+        else:
+            out.append('<p class="note">This data has no object masks, so boxes are drawn '
+                       "but not scored.</p>")
+        if result.boxes:
+            n = page.sample.show
+            fig = fig_localisation(
+                page.sample.images01[:n],
+                {m: model.methods[m].true_maps[:n] for m in result.boxes},
+                {m: b[:n] for m, b in result.boxes.items()},
+                None if result.gt_boxes is None else result.gt_boxes[:n],
+                page.column_labels(n),
+            )
+            out.append(page.figures.add(
+                f"localisation{page.tag(model)}", fig,
+                f"Localisation boxes: each map (true class) is thresholded at "
+                f"{result.threshold:.0%} of its maximum and the box around the largest "
+                "connected region is drawn in red; the object's ground-truth box is "
+                "dashed green where known. A good box hugs the green one. "
+                f"n={n} images shown of {result.n_images}.",
+                "localisation boxes",
+            ))
+        return "".join(out)
+
+
+FAITHFULNESS_MEASURES = ["deletion_auc", "insertion_auc", "average_drop",
+                         "increase_in_confidence"]
+
+
+@dataclass
+class FaithfulnessResult:
+    """Deletion/insertion AUC, Average Drop and Increase in Confidence per method."""
+
+    steps: int
+    deletion_fill: str
+    insertion_start: str
+    target: str
+    n_images: int
+    methods: dict[str, dict[str, Any]]
+    curves: dict[str, dict[str, Tensor]] = field(default_factory=dict, metadata=VISUAL)
+
+
+class FaithfulnessSection(Section):
+    """Does the map point at what the model actually uses?"""
+
+    id = "faithfulness"
+    title = "Faithfulness"
+
+    def units(self, audit: AuditRun) -> int:
+        return max(1, len(audit.settings.methods))
+
+    def compute(self, audit: AuditRun, model: ModelAudit) -> FaithfulnessResult:
+        sample, settings = audit.sample, audit.settings
+        result = FaithfulnessResult(settings.steps, "mean", "blur", "predicted class",
+                                    len(sample.labels), {})
+        for method, maps in model.ok_maps().items():
+            result.methods[method], result.curves[method] = faithfulness_summary(
+                model.model, sample.images, maps.pred_maps, model.preds, steps=settings.steps,
+                batch_size=settings.batch_size, seed=settings.seed,
+            )
+        return result
+
+    def findings(self, audit: AuditRun, model: ModelAudit,
+                 result: FaithfulnessResult) -> list[Finding]:
+        if not result.methods:
+            return []
+        best = max(result.methods, key=lambda m: mean_of(result.methods[m]["insertion_auc"]))
+        stat = result.methods[best]["insertion_auc"]
+        return [Finding(f"Most faithful by insertion AUC (higher is better): {best}, "
+                        f"{mean_of(stat):.2f} (n={stat['n']}).")]
+
+    def intro(self, page: Page) -> str:
+        steps = page.audit.settings.steps
+        return (
+            "<p>Does the map point at what the model actually uses? Deletion and insertion "
+            f"(Petsiuk et al. 2018) change the image in {steps} steps of "
+            f"{1 / steps:.1%} of the pixels, most important first; deleted pixels take "
+            "the dataset's mean colour, insertion starts from a Gaussian-blurred image. Average "
+            "Drop and Increase in Confidence (Chattopadhay et al. 2018) keep only the explained "
+            "evidence (the image multiplied by the max-scaled map). All four explain the "
+            "predicted class and use its softmax probability. Directions: deletion AUC "
+            "\u2193, insertion AUC \u2191, Average Drop \u2193, Increase in Confidence \u2191."
+            "</p>"
+        )
+
+    def render(self, page: Page, model: ModelAudit, result: FaithfulnessResult) -> str:
+        out = [method_table(FAITHFULNESS_MEASURES, result.methods)]
+        if result.curves:
+            out.append(page.figures.add(
+                f"faithfulness{page.tag(model)}", fig_faithfulness(result.curves),
+                "Mean probability of the predicted class while the pixels a method ranks "
+                "highest are deleted (left: a steep fall is faithful, lower area is better) "
+                "or inserted into a blurred image (right: a steep rise is faithful, higher "
+                f"area is better). x: fraction of pixels changed. n={result.n_images} images "
+                "per curve.",
+                "deletion and insertion curves",
+            ))
+        return "".join(out)
+
+
+@dataclass
+class SanityResult:
+    """The cascading randomisation test: per step and method, the rank correlation."""
+
+    steps: list[str]
+    n_images: int
+    target: str
+    flag_threshold: float
+    methods: dict[str, dict[str, Any]]
+    spearman: dict[str, Tensor] = field(default_factory=dict, metadata=VISUAL)
+    maps: dict[str, Tensor] = field(default_factory=dict, metadata=VISUAL)
+
+
+class SanitySection(Section):
+    """Model-parameter randomisation (Adebayo et al. 2018), cascading from the head."""
+
+    id = "sanity"
+    title = "Sanity check"
+
+    def units(self, audit: AuditRun) -> int:
+        return len(cascade_steps(audit.models[0].model)) + 1
+
+    def compute(self, audit: AuditRun, model: ModelAudit) -> SanityResult:
+        from .. import run  # the options rule lives with the runner
+
+        sample, settings = audit.sample, audit.settings
+        m = min(settings.sanity_images, len(sample.labels))
+        images, targets = sample.images[:m], sample.labels[:m]
+        methods = list(model.ok_maps())
+
+        def explainer(method: str):
+            options = run.method_options(method, settings)
+
+            def explain_with(net: torch.nn.Module) -> torch.Tensor:
+                torch.manual_seed(settings.seed)
+                return explain.run(net, images, method, targets=targets, **options)
+
+            return explain_with
+
+        res = cascading_randomization(
+            model.model, {name: explainer(name) for name in methods}, seed=settings.seed,
+            keep=1,
+        )
+        per_method = {
+            name: {**sanity_summary(res["spearman"][name], SANITY_FLAG_THRESHOLD),
+                   "seconds": res["seconds"][name]}
+            for name in methods
+        }
+        return SanityResult(res["steps"], m, "true class", SANITY_FLAG_THRESHOLD, per_method,
+                            res["spearman"], res["maps"])
+
+    def findings(self, audit: AuditRun, model: ModelAudit,
+                 result: SanityResult) -> list[Finding]:
+        bad = [name + (" (borderline)" if v.get("uncertain") else "")
+               for name, v in result.methods.items() if v["flagged"]]
+        if not bad:
+            return []
+        return [Finding(
+            "Sanity check failed for " + ", ".join(bad) + ": their maps keep a mean rank "
+            f"correlation of at least {result.flag_threshold} with a fully randomised model, "
+            "so they do not reflect what the model learned.", flag=True,
+        )]
+
+    def intro(self, page: Page) -> str:
+        return (
+            "<p>Model-parameter randomisation (Adebayo et al. 2018): the layers are re-"
+            "initialised cascading from the classifier down to the first convolution, and each "
+            "method's maps are compared with those of the trained model by the Spearman rank "
+            "correlation of their absolute values. A method whose maps barely change when the "
+            "weights are destroyed does not reflect what the model learned. A randomised map "
+            "that turns flat counts as correlation 0.</p>"
+        )
+
+    def render(self, page: Page, model: ModelAudit, result: SanityResult) -> str:
+        head = ("<tr><th>method</th>"
+                + "".join(f'<th class="num">{esc(s)}</th>' for s in result.steps)
+                + "<th>verdict</th></tr>")
+        rows = []
+        for name, stat in result.methods.items():
+            verdict = ('<span class="badge bad">does not reflect the model</span>'
+                       if stat["flagged"] else '<span class="badge ok">passes</span>')
+            if stat.get("uncertain"):
+                verdict += (' <span class="n">(borderline: the interval spans '
+                            f'{result.flag_threshold})</span>')
+            cells = "".join(f'<td class="num">{fmt_stat(x, digits=2)}</td>'
+                            for x in stat["spearman"])
+            rows.append(f'<tr{" class=flag" if stat["flagged"] else ""}><td>{esc(name)}</td>'
+                        f"{cells}<td>{verdict}</td></tr>")
+        out = [
+            "<p>Columns: the cascade, left to right; each column re-initialises one more "
+            "block. Cells: Spearman rank correlation with the trained model's maps "
+            f"<span class=\"dir\">\u2193</span> (n={result.n_images} images, true class).</p>"
+            f"<table>{head}{''.join(rows)}</table>"
+        ]
+        if result.spearman:
+            out.append(page.figures.add(
+                f"sanity_curves{page.tag(model)}",
+                fig_sanity_curves(result.steps, result.spearman, result.flag_threshold),
+                "Mean Spearman rank correlation (with 95% interval) between the maps of the "
+                "trained model and of the progressively randomised model, as the cascade "
+                "re-initialises blocks from the head (left) down to the input (right). A "
+                "method that reflects the model drops towards 0; a curve that stays high "
+                f"(dashed line: {result.flag_threshold}) is flagged. n={result.n_images} images.",
+                "sanity curves",
+            ))
+            out.append(page.figures.add(
+                f"sanity_maps{page.tag(model)}",
+                fig_sanity_maps(page.sample.images01[0], result.maps,
+                                ["trained", *result.steps]),
+                "The first image's true-class map for each method (rows) on the trained "
+                "model (first column) and after each step of the cascade (next columns), "
+                "each map scaled to its own maximum. Maps should degrade into noise or "
+                "nothing; a map that keeps the object's outline after the whole network "
+                "is random shows the input, not the model. n=1 image.",
+                "sanity maps",
+            ))
+        return "".join(out)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import explain
-from explain import discovery as D
+from explain.measures import discovery as D
 
 SIDE = 32
 NUM_CLASSES = 10
@@ -245,16 +245,6 @@ def test_clusters_are_seeded_and_leave_the_global_rng_alone() -> None:
 
 
 # -- pieces -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("df", "table"),
-    [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (10, 2.228), (30, 2.042), (120, 1.980)],
-)
-def test_t_quantile_matches_the_table(df: int, table: float) -> None:
-    assert D.t_quantile(0.975, df) == pytest.approx(table, abs=1e-3)
-    assert D.t_quantile(0.025, df) == pytest.approx(-table, abs=1e-3)
-    assert D.t_cdf(D.t_quantile(0.9, df), df) == pytest.approx(0.9, abs=1e-10)
 
 
 def test_paired_interval_known_values() -> None:

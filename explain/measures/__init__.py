@@ -10,7 +10,7 @@ returns them for a ``targets`` tensor; images are ``[N, 3, H, W]`` in the model'
 One module per concern: :mod:`.registry`, :mod:`.statistics`, :mod:`.inference`,
 :mod:`.map_scores` (the monitor's per-map numbers), :mod:`.faithfulness`,
 :mod:`.localisation`, :mod:`.agreement`, :mod:`.sanity`, :mod:`.bias`,
-:mod:`.comparison`.
+:mod:`.comparison`, :mod:`.discovery` (shortcuts nobody declared).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from . import (
     agreement,
     bias,
     comparison,
+    discovery,
     faithfulness,
     inference,
     localisation,
@@ -35,6 +36,7 @@ __all__ = [
     "available_measures",
     "bias",
     "comparison",
+    "discovery",
     "faithfulness",
     "get_measure",
     "inference",

@@ -1,6 +1,6 @@
 """Finding a shortcut nobody declared: class hotspots, map clusters, transplant and cover tests.
 
-Pure torch (no Lightning, matplotlib or numpy). The inputs are what the engine gives:
+Torch only (no Lightning, no matplotlib). The inputs are what the engine gives:
 
 * ``maps`` ``[N, H, W]``: each image's map for its *true* class (``explain.run(model,
   images, method, targets=labels)``), raw; only the positive part is used;
@@ -32,14 +32,16 @@ flips on any pasted patch.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .inference import eval_no_grad, predict_proba
+from .statistics import t_quantile
 
 # -- thresholds (named so the report can state them) -------------------------------------
 
@@ -205,70 +207,6 @@ class DiscoveryResult:
 
 
 # -- statistics --------------------------------------------------------------------------
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        m2 = 2 * m
-        for num in (m * (b - m) * x / ((qam + m2) * (a + m2)),
-                    -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            delta = c * d
-            h *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return h
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta ``I_x(a, b)``."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                 + a * math.log(x) + b * math.log1p(-x))
-    # The fraction converges fast only on one side of the mean; use the symmetry otherwise.
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """Student t distribution function with ``df`` degrees of freedom."""
-    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
-
-
-def t_quantile(p: float, df: float) -> float:
-    """Quantile of the Student t distribution (bisection on :func:`t_cdf`)."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"p must be in (0, 1), got {p}")
-    if df <= 0:
-        raise ValueError(f"df must be positive, got {df}")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:  # the tails are heavy at df = 1: grow the bracket
-        lo, hi = hi, hi * 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
 
 
 def paired_interval(diff: Tensor, level: float = LEVEL) -> Interval:
@@ -525,27 +463,11 @@ def find_suspects(classes: list[ClassHotspots], z_threshold: float = SUSPECT_Z,
 # -- model plumbing ----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode without autograd; every submodule's train flag is restored on exit."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        with torch.no_grad():
-            model.eval()
-            yield
-    finally:
-        for m, was_training in modes:
-            m.training = was_training
-
-
 def predict(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
     """Predicted classes ``[N]`` (long, CPU), batched, in eval mode under ``no_grad``."""
-    device = next((p.device for p in model.parameters()), images.device)
-    out = []
-    with _evaluating(model):
-        for chunk in images.split(batch_size):
-            out.append(model(chunk.to(device)).argmax(-1).cpu())
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+    if len(images) == 0:
+        return torch.empty(0, dtype=torch.long)
+    return predict_proba(model, images, batch_size).argmax(-1).cpu()
 
 
 def _random_windows(count: int, size: tuple[int, int], image: tuple[int, int],
@@ -710,7 +632,7 @@ def discover(model: nn.Module, images: Tensor, labels: Tensor, maps: Tensor,
         maps = F.interpolate(maps.detach().float().unsqueeze(1), size=tuple(images.shape[-2:]),
                              mode="bilinear", align_corners=False).squeeze(1)
     if num_classes is None:
-        with _evaluating(model):
+        with eval_no_grad(model):
             device = next((p.device for p in model.parameters()), images.device)
             num_classes = int(model(images[:1].to(device)).shape[-1])
     classes = class_hotspots(maps, labels, num_classes, window_fraction, cluster, seed=seed)

@@ -98,13 +98,17 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--counterfactual_images", type=int, default=100,
                    help="images per class in the with/without-cue test, when the data "
                    "declares a cue")
+    p.add_argument("--discovery_images", type=int, default=30,
+                   help="images per class in the label-free shortcut discovery (class-mean "
+                   "saliency maps, then transplant tests for suspects)")
     p.add_argument("--batch_size", type=int, default=256,
                    help="images per model call in the perturbation measures and the "
                    "perturbation methods (scorecam, occlusion, lime, ...)")
     p.add_argument("--progress", type=bool, default=True, help="show a progress bar")
     p.add_argument("--fail_on_findings", type=bool, default=False,
                    help=f"exit with status {FLAGGED_EXIT_STATUS} (after writing the report) "
-                   "when the report flags a class, for CI gates")
+                   "when the report flags a class (a declared cue it leans on, or a "
+                   "confirmed shortcut), for CI gates")
     return p
 
 
@@ -156,7 +160,8 @@ def parse_args(argv: list[str] | None = None) -> AuditSettings:
     unknown = [m for m in args.method_options if m not in explain.available()]
     if unknown:
         parser.error(f"--method_options names unknown method(s) {unknown}")
-    for name in ("num_images", "steps", "sanity_images", "counterfactual_images", "batch_size"):
+    for name in ("num_images", "steps", "sanity_images", "counterfactual_images",
+                 "discovery_images", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if not 0.0 < args.threshold < 1.0:
@@ -171,7 +176,8 @@ def parse_args(argv: list[str] | None = None) -> AuditSettings:
         method_options=dict(args.method_options), num_images=args.num_images,
         split=args.split, out=args.out, device=device, seed=args.seed, steps=args.steps,
         threshold=args.threshold, sanity_images=args.sanity_images,
-        counterfactual_images=args.counterfactual_images, batch_size=args.batch_size,
+        counterfactual_images=args.counterfactual_images,
+        discovery_images=args.discovery_images, batch_size=args.batch_size,
         progress=args.progress, command=["audit.py", *argv],
     )
     settings.fail_on_findings = args.fail_on_findings  # type: ignore[attr-defined]
@@ -196,6 +202,8 @@ def main(argv: list[str] | None = None) -> Path:
         metrics = json.loads((out / "metrics.json").read_text())
         flagged = [f"{m['label']}: {f['class']}" for m in metrics["models"]
                    for f in m["bias"]["flagged"]]
+        flagged += [f"{m['label']}: {s['class']} (shortcut)" for m in metrics["models"]
+                    for s in m["shortcuts"]["suspects"] if s["confirmed"]]
         if flagged:
             print(f"audit.py: flagged {', '.join(flagged)} (--fail_on_findings)",
                   file=sys.stderr)

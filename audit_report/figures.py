@@ -333,3 +333,37 @@ def fig_evolution_curves(ev: dict[str, Any]) -> Figure:
         axes[qi // cols, qi % cols].axis("off")
     fig.tight_layout()
     return fig
+
+
+def fig_hotspots(mean_maps: Tensor, names: list[str], boxes: dict[str, list[int]],
+                 suspects: set[str], lifts: list[float]) -> Figure:
+    """Class-mean maps with their hotspot windows (red for suspects)."""
+    k = len(names)
+    fig = Figure(figsize=(1.5 * k + 0.8, 2.1), dpi=100)
+    axes = fig.subplots(1, k, squeeze=False)[0]
+    peak = float(mean_maps.max()) or 1.0
+    image = None
+    for ax, name, mean, lift in zip(axes, names, mean_maps, lifts, strict=False):
+        image = ax.imshow(mean.numpy(), cmap="turbo", vmin=0, vmax=peak)
+        x0, y0, x1, y1 = boxes[name]
+        colour = "#d62728" if name in suspects else "white"
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
+                               edgecolor=colour, linewidth=2))
+        ax.set_title(f"{name}\nlift {lift:.1f}", fontsize=8,
+                     color=colour if name in suspects else "black")
+        ax.set_axis_off()
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), fraction=0.02, pad=0.01,
+                     label="mean share of a map's mass")
+    return fig
+
+
+def fig_transplant(before: Tensor, after: Tensor, box: list[int]) -> Figure:
+    """Images before and after a hotspot transplant, the pasted window outlined."""
+    rows = [[np_image(t) for t in before], [np_image(t) for t in after]]
+    fig, ax, where = grid_figure(rows, ["before", "after"])
+    x0, y0, x1, y1 = box
+    for c in range(len(after)):
+        draw_box(ax, torch.tensor([x0, y0, x1, y1], dtype=torch.float32), "#d62728",
+                 where[1][c])
+    return fig

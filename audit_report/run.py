@@ -208,6 +208,7 @@ def metrics_json(audit: AuditRun, sections: list[Section]) -> dict[str, Any]:
             "threshold": settings.threshold,
             "sanity_images": settings.sanity_images,
             "counterfactual_images_per_class": settings.counterfactual_images,
+            "discovery_images_per_class": settings.discovery_images,
             "batch_size": settings.batch_size,
             "method_options": {m: method_options(m, settings) for m in settings.methods},
         },
@@ -231,8 +232,13 @@ def metrics_json(audit: AuditRun, sections: list[Section]) -> dict[str, Any]:
 
 
 def write_report(out_dir: Path, audit: AuditRun, sections: list[Section]) -> Path:
-    """Draw every figure into ``out_dir/figures`` and write ``out_dir/report.html``."""
-    return Page(audit, out_dir).write(sections, out_dir / "report.html")
+    """Draw every figure into ``out_dir/figures`` and write ``out_dir/report.html``.
+
+    A section that found a problem (:meth:`Section.leads`) opens the page.
+    """
+    leading = [s for s in sections if s.leads(audit)]
+    ordered = leading + [s for s in sections if s not in leading]
+    return Page(audit, out_dir).write(ordered, out_dir / "report.html")
 
 
 def run_audit(settings: AuditSettings, sections: list[Section] | None = None) -> Path:

@@ -24,6 +24,7 @@ class AuditSettings:
         threshold: share of a map's maximum kept for boxes and region IoU.
         sanity_images: images in the cascading randomisation test.
         counterfactual_images: images per class in the with/without-cue test.
+        discovery_images: images per class in the label-free shortcut discovery.
         batch_size: images per model call in perturbation measures and methods.
         progress: show a progress bar.
         command: the command line, for the report's footer.
@@ -42,6 +43,7 @@ class AuditSettings:
     threshold: float = 0.2
     sanity_images: int = 8
     counterfactual_images: int = 100
+    discovery_images: int = 30
     batch_size: int = 256
     progress: bool = True
     command: list[str] = field(default_factory=list)

@@ -93,6 +93,14 @@ def test_end_to_end_report_holds_every_section_and_method(trained: Path, tmp_pat
     assert cf["classes"]["circle"]["cue_class"] and cf["n_images"] == 40
     assert f"Accuracy: {acc['value']:.1%}" in model["findings"][len(model["bias"]["flagged"])]
     assert "skipped" in m["side_by_side"]
+    shortcuts = model["shortcuts"]
+    assert shortcuts["method"] == "saliency" and shortcuts["n_images"] == 40  # the whole split
+    assert set(shortcuts["classes"]) <= set(summary["per_class"]) and shortcuts["classes"]
+    lifts = [c["lift"] for c in shortcuts["classes"].values()]
+    suspects = {s["class"] for s in shortcuts["suspects"]}
+    assert suspects == {n for n, c in shortcuts["classes"].items() if c["suspect"]}
+    if not suspects:  # then nothing reached the stated bar
+        assert max(lifts) < shortcuts["smallest_flagged_lift"]
 
     # report.html: every section, every image inline, nothing fetched from elsewhere
     html = (out / "report.html").read_text()

@@ -25,9 +25,11 @@ from .overview import (
     SideBySideSection,
     SummarySection,
 )
+from .shortcuts import ShortcutResult, SuspectedShortcutsSection
 
 SECTIONS: list[Section] = [
     SummarySection(),
+    SuspectedShortcutsSection(),
     ImagesClassesSection(),
     MethodsClassesSection(),
     SideBySideSection(),
@@ -59,8 +61,10 @@ __all__ = [
     "MethodsResult",
     "SanityResult",
     "SanitySection",
+    "ShortcutResult",
     "Section",
     "SideBySideResult",
     "SideBySideSection",
     "SummarySection",
+    "SuspectedShortcutsSection",
 ]

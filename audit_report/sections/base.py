@@ -37,6 +37,10 @@ class Section:
         """The section's key in ``metrics.json``."""
         return self.id.replace("-", "_")
 
+    def leads(self, audit: AuditRun) -> bool:
+        """Whether the page should open with this section (e.g. it found a problem)."""
+        return False
+
     def units(self, audit: AuditRun) -> int:
         """Progress-bar units this section's computation counts for (per model)."""
         return 1

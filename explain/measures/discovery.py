@@ -255,6 +255,20 @@ def robust_z(values: Tensor, floor_fraction: float = MAD_FLOOR_FRACTION) -> Tens
     return out.float()
 
 
+def smallest_flagged_lift(lifts: Tensor, z_threshold: float = SUSPECT_Z,
+                          min_lift: float = SUSPECT_MIN_LIFT) -> float:
+    """The lift a new class would need to be a suspect among classes with these ``lifts``.
+
+    What a report says when nothing was found: how strong a cue it could have caught.
+    """
+    v = lifts.detach().double().cpu()
+    v = v[torch.isfinite(v)]
+    if v.numel() == 0:
+        return float("nan")
+    med, mad = _median_mad(v)
+    return max(min_lift, med + z_threshold * _robust_scale(med, mad, MAD_FLOOR_FRACTION))
+
+
 # -- maps and windows --------------------------------------------------------------------
 
 

@@ -33,8 +33,9 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import check_integrity
 from tqdm.auto import tqdm
 
-from .base import BaseImageDataModule, SplitDataset
+from .base import BaseImageDataModule
 from .cue import derive_seed
+from .split import SplitDataset
 
 CIFAR10_CLASSES = [
     "airplane",

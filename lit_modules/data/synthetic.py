@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from .base import BaseImageDataModule, SplitDataset
+from .base import BaseImageDataModule
 from .shapes import SHAPE_CLASSES, SyntheticShapes
+from .split import SplitDataset
 
 
 class SyntheticShapesDataModule(BaseImageDataModule):

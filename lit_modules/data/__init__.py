@@ -13,7 +13,7 @@ from .cifar import (
     CIFAR10DataModule,
     find_cifar10,
 )
-from .cue import POSITIONS, SPLITS, SpuriousCue
+from .cue import POSITIONS, SPLITS, CueConfig, SpuriousCue
 from .fast import DeviceLoader, DeviceSplit, EpochSampler
 from .shapes import SHAPE_CLASSES, SyntheticShapes, generate_shapes
 from .split import SplitDataset
@@ -29,6 +29,7 @@ __all__ = [
     "SPLITS",
     "BaseImageDataModule",
     "CIFAR10DataModule",
+    "CueConfig",
     "DeviceLoader",
     "DeviceSplit",
     "EpochSampler",

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from .cue import SPLITS, SpuriousCue, check_split
+from .cue import SPLITS, CueConfig, SpuriousCue, check_split
 from .fast import DeviceLoader, DeviceSplit
 from .split import SplitDataset
 
@@ -31,14 +31,7 @@ class BaseImageDataModule(L.LightningDataModule):
     Args:
         batch_size: images per batch.
         num_workers: DataLoader worker processes (workers persist between epochs).
-        cue_classes: classes that get the spurious cue; None means no cue.
-        cue_size: side of the cue patch in pixels.
-        cue_color: RGB colour of the patch in ``[0, 1]``.
-        cue_position: ``top_left``, ``top_right``, ``bottom_left``, ``bottom_right``,
-            ``center`` or ``random``.
-        cue_p_train: probability that a train item of a cue class carries the patch.
-        cue_p_eval: the same for validation and test items.
-        cue_seed: seed of the per-item cue draws.
+        cue: a spurious cue to stamp (see ``CueConfig``), or None for no cue.
         loader_seed: seed of the training loader's shuffling (and, on the fast path, of its
             crops and flips).
         data_path: ``classic`` (DataLoader, per-item augmentation on the CPU) or ``fast``
@@ -55,13 +48,7 @@ class BaseImageDataModule(L.LightningDataModule):
         self,
         batch_size: int = 64,
         num_workers: int = 0,
-        cue_classes: list[int] | None = None,
-        cue_size: int = 4,
-        cue_color: tuple[float, float, float] = (1.0, 0.0, 1.0),
-        cue_position: str = "top_left",
-        cue_p_train: float = 0.95,
-        cue_p_eval: float = 0.95,
-        cue_seed: int = 0,
+        cue: CueConfig | None = None,
         loader_seed: int = 0,
         data_path: str = "classic",
         drop_last: bool = False,
@@ -79,18 +66,10 @@ class BaseImageDataModule(L.LightningDataModule):
         self.data_path = data_path
         self.drop_last = drop_last
         self._device_splits: dict[tuple[str, str], DeviceSplit] = {}
-        # Built here (not in setup) so a bad cue option fails when the config is parsed.
-        self.cue: SpuriousCue | None = None
-        if cue_classes is not None:
-            self.cue = SpuriousCue(
-                classes=cue_classes,
-                size=cue_size,
-                color=cue_color,
-                position=cue_position,
-                p_train=cue_p_train,
-                p_eval=cue_p_eval,
-                seed=cue_seed,
-            )
+        # Built here (not in setup) so a bad cue option fails when the config is parsed. A
+        # mapping is accepted too: audit.py rebuilds datamodules from a YAML-loaded config.
+        config = CueConfig.coerce(cue)
+        self.cue: SpuriousCue | None = None if config is None else SpuriousCue.from_config(config)
         self.train_set: SplitDataset | None = None
         self.val_set: SplitDataset | None = None
         self.test_set: SplitDataset | None = None
@@ -116,7 +95,7 @@ class BaseImageDataModule(L.LightningDataModule):
             bad = [c for c in self.cue.classes if c >= self.num_classes]
             if bad:
                 raise ValueError(
-                    f"cue_classes {bad} out of range for {self.num_classes} classes "
+                    f"cue.classes {bad} out of range for {self.num_classes} classes "
                     f"({self.class_names})"
                 )
 

@@ -273,6 +273,19 @@ def test_flat_keys_hint_spells_the_new_form():
     assert "`cue: {size: ..., position: center}`" in two
 
 
+def test_old_saved_configs_can_be_read_back():
+    from lit_modules.data.cue import nest_flat_keys
+
+    old = {"seed": 0, "cue_classes": [0, 1], "cue_size": 8, "cue_p_eval": 1.0}
+    assert nest_flat_keys(old) == {"seed": 0, "cue": {"classes": [0, 1], "size": 8, "p_eval": 1.0}}
+    assert nest_flat_keys({"seed": 0, "cue_classes": None, "cue_size": 4}) == {"seed": 0, "cue": None}
+    assert nest_flat_keys({"seed": 0}) == {"seed": 0}
+    dm = small_shapes_dm(**nest_flat_keys({"num_train": 8, "cue_classes": [3], "cue_size": 8}))
+    assert dm.cue == SpuriousCue([3], size=8)
+    with pytest.raises(ValueError, match="both cue and the old flat options"):
+        nest_flat_keys({"cue": None, "cue_size": 8})
+
+
 # -- synthetic datamodule -------------------------------------------------------------------
 
 

@@ -104,6 +104,22 @@ def flat_keys_hint(values: Mapping[str, object]) -> str:
     )
 
 
+def nest_flat_keys(init_args: Mapping[str, Any]) -> dict[str, Any]:
+    """A datamodule's ``init_args`` with old flat cue options turned into ``cue``.
+
+    For reading configs that runs saved before ``cue:`` existed (an audit of an old
+    checkpoint), not for new configs, which must use ``cue:``. ``cue_classes: null`` (or
+    no ``cue_classes``) meant no cue, whatever the other flat options said.
+    """
+    out = {k: v for k, v in init_args.items() if k not in FLAT_KEYS}
+    flat = {FLAT_KEYS[k]: v for k, v in init_args.items() if k in FLAT_KEYS}
+    if flat:
+        if "cue" in init_args:
+            raise ValueError(f"both cue and the old flat options {sorted(flat)} are given")
+        out["cue"] = flat if flat.get("classes") is not None else None
+    return out
+
+
 @dataclass(frozen=True)
 class CueConfig:
     """The spurious-cue option of every datamodule (``data.init_args.cue`` in a config).

@@ -59,7 +59,8 @@ def check_split(split: str) -> str:
 
 
 # The flat datamodule options of earlier versions, and the field each one became. Kept
-# only so that a config still using them fails with the new spelling (see ``train.py``).
+# only so that a new config still using them fails with the new spelling (``train.py``)
+# and a config saved by an old run can still be read back (``nest_flat_keys``).
 FLAT_KEYS = {
     "cue_classes": "classes",
     "cue_size": "size",

@@ -10,12 +10,14 @@ Subcommands: fit, validate, test, predict (LightningCLI). The resolved config is
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import shlex
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
 import torch.distributed as dist
@@ -26,9 +28,48 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks import AtomicCheckpointIO, InterruptCheckpoint
 from lit_modules import ImageClassifier
+from lit_modules.data.cue import FLAT_KEYS, flat_keys_hint
 from lit_modules.resume import ResumeError, plan_resume
 
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
+_FLAT_CUE_KEY = re.compile(r"\b(" + "|".join(FLAT_KEYS) + r")\b")
+
+
+def old_cue_values(message: str) -> dict[str, object]:
+    """The old flat cue options (``cue_classes``, ...) a parser error mentions, with their
+    values where the message shows them (``...`` where it does not).
+
+    jsonargparse ends such an error with ``Given value: <repr>``: the data section's dict
+    for a YAML config, ``NestedArg(key='cue_classes', val=[3, 5])`` for a command-line flag.
+    """
+    found: dict[str, object] = {k: ... for k in _FLAT_CUE_KEY.findall(message)}
+    given = re.search(r"Given value: (.*)$", message, re.MULTILINE)
+    if not found or given is None:
+        return found
+    text = given.group(1).strip()
+    nested = re.fullmatch(r"NestedArg\(key='(\w+)', val=(.*)\)", text)
+    try:
+        if nested is not None:
+            pairs = {nested.group(1): ast.literal_eval(nested.group(2))}
+        else:
+            value = ast.literal_eval(text)
+            pairs = value.get("init_args", value) if isinstance(value, dict) else {}
+    except (ValueError, SyntaxError):  # not a literal: keep the keys without values
+        return found
+    found.update((k, v) for k, v in pairs.items() if k in FLAT_KEYS)
+    return found
+
+
+class TrainParser(LightningArgumentParser):
+    """LightningCLI's parser, with the new spelling appended to errors about old options."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        # Nested parsers (one per class in the config) raise instead of exiting, and the
+        # parser that exits repeats their message: only that one adds the hint, once.
+        values = old_cue_values(message) if self.exit_on_error else {}
+        if values:
+            message = f"{message.rstrip()}\n{flat_keys_hint(values)}"
+        super().error(message, ex)
 
 
 class TrainCLI(LightningCLI):
@@ -175,6 +216,7 @@ def main(args: list[str] | None = None, run: bool = True) -> TrainCLI:
         ImageClassifier,
         L.LightningDataModule,
         subclass_mode_data=True,
+        parser_class=TrainParser,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

@@ -29,7 +29,7 @@ def tiny_config(tmp_path: Path, *, epochs: int = 2, monitor: dict | None = None,
     monitor_args.update(monitor or {})
     data_args = {
         "num_train": 64, "num_val": 40, "num_test": 40, "batch_size": 16, "seed": 0,
-        "cue_classes": [0, 1], "cue_p_train": 1.0, "cue_p_eval": 1.0,
+        "cue": {"classes": [0, 1], "p_train": 1.0, "p_eval": 1.0},
     }
     data_args.update(data or {})
     trainer: dict = {

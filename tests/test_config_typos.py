@@ -56,3 +56,47 @@ def test_config_typo_exit_status_of_the_real_script(tmp_path) -> None:
     assert proc.returncode == 2, proc.stderr[-800:]
     assert "unrecognized arguments: --trainer.max_epoch 3" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+OLD_CUE = {"cue_classes": [0, 1], "cue_size": 8, "cue_position": "top_left", "cue_p_eval": 1.0}
+
+
+@pytest.mark.parametrize("where", ["yaml", "cli"])
+def test_old_flat_cue_options_fail_showing_the_new_form(where, tmp_path, capsys) -> None:
+    cfg = tiny_config(tmp_path)
+    if where == "yaml":
+        data = yaml.safe_load(cfg.read_text())
+        data["data"]["init_args"].pop("cue")
+        data["data"]["init_args"].update(OLD_CUE)
+        cfg.write_text(yaml.safe_dump(data))
+        args = ["--config", str(cfg)]
+    else:
+        args = ["--config", str(cfg), "--data.init_args.cue_classes", "[3,5]"]
+    with pytest.raises(SystemExit) as info:
+        run_train(["fit", *args])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    hint = err.strip().splitlines()[-1]  # the last line, where a user looks first
+    if where == "yaml":
+        assert hint == (
+            "cue_classes, cue_size, cue_position, cue_p_eval are now cue.classes, cue.size, "
+            "cue.position, cue.p_eval (the cue options are one `cue:` object): write "
+            "`cue: {classes: [0, 1], size: 8, position: top_left, p_eval: 1.0}` under "
+            "data.init_args in a YAML config, or --data.init_args.cue.classes [0,1] "
+            "--data.init_args.cue.size 8 --data.init_args.cue.position top_left "
+            "--data.init_args.cue.p_eval 1.0 on the command line"
+        ), err[-1500:]
+    else:
+        assert hint.startswith(
+            "cue_classes is now cue.classes (the cue options are one `cue:` object): write "
+            "`cue: {classes: [3, 5]}` under data.init_args"
+        ), err[-1500:]
+    assert err.count("now cue.classes") == 1  # said once, not once per nested parser
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_hint_is_not_added_to_unrelated_errors(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        run_train(["fit", "--config", _with(tiny_config(tmp_path), "data", "cue_colour", 1)])
+    err = capsys.readouterr().err
+    assert "Option 'cue_colour' is not accepted" in err and "is now cue." not in err

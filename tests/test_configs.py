@@ -1,14 +1,19 @@
-"""Every shipped config parses and instantiates through the real CLI (nothing runs)."""
+"""Every shipped config parses and instantiates through the real CLI (nothing runs), and
+the saved config round-trips through what audit.py rebuilds from it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, run_train
+import torch
+import yaml
+from helpers import ROOT, run_train, tiny_config
 
 from callbacks import ExplanationMonitor
 from lit_modules import ImageClassifier
+from lit_modules.data import CueConfig, SpuriousCue
+from lit_modules.loading import build_datamodule, read_config
 
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
 PRESETS = sorted(p for p in (ROOT / "configs" / "presets").glob("*.yaml"))
@@ -26,11 +31,68 @@ def test_config_instantiates(config: Path, preset: Path | None, tmp_path, monkey
     monkeypatch.chdir(tmp_path)  # any files a constructor writes land here
     args = ["--config", str(config)] + (["--config", str(preset)] if preset else [])
     cli = run_train(args + ["--trainer.default_root_dir", str(tmp_path)], run=False)
-    assert isinstance(cli.model, ImageClassifier)
+    written = yaml.safe_load(config.read_text())
+    # The model and data are built from the file's values (the preset only touches a few).
+    model_args = {k: v for k, v in written["model"].items()
+                  if preset is None or k not in ("channels_last", "compile")}
+    assert type(cli.model) is ImageClassifier
+    assert {k: cli.model.hparams[k] for k in model_args} == model_args
+    data_args = written["data"]["init_args"]
+    assert type(cli.datamodule).__name__ == written["data"]["class_path"].rsplit(".", 1)[1]
+    assert cli.datamodule.batch_size == data_args["batch_size"]
+    cue = data_args.get("cue")
+    assert cli.datamodule.cue == (None if cue is None else SpuriousCue(**cue))
     assert cli.datamodule.num_classes == cli.model.hparams.num_classes == 10
-    monitors = [c for c in cli.trainer.callbacks if isinstance(c, ExplanationMonitor)]
-    assert len(monitors) == 1 and monitors[0].methods
-    if preset is not None:
-        assert cli.trainer.max_epochs == 2
+    monitors = [c for c in cli.trainer.callbacks if type(c) is ExplanationMonitor]
+    written_monitor = next(c["init_args"] for c in written["trainer"]["callbacks"]
+                           if c["class_path"] == "callbacks.ExplanationMonitor")
+    assert len(monitors) == 1 and monitors[0].methods == written_monitor["methods"]
+    assert cli.trainer.max_epochs == (2 if preset is not None else written["trainer"]["max_epochs"])
 
 
+def test_quickstart_plants_the_documented_cue() -> None:
+    # README: an 8x8 magenta patch, top-left, on every image of classes 0 and 1.
+    cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    cue = SpuriousCue.from_config(CueConfig(**cfg["data"]["init_args"]["cue"]))
+    assert cue == SpuriousCue([0, 1], size=8, position="top_left", p_train=1.0, p_eval=1.0)
+    assert cue.describe() == "8x8 magenta patch at top_left on classes [0, 1] (p=1 train, 1 eval)"
+
+
+def test_saved_config_round_trips_the_cue(tmp_path) -> None:
+    """What train.py saves as config.yaml rebuilds the same cue in audit.py's loader."""
+    cue = {"classes": [3, 5], "size": 6, "color": [0.0, 1.0, 0.0], "position": "random",
+           "p_train": 0.5, "p_eval": 0.25, "seed": 7}
+    cfg = tiny_config(tmp_path, data={"cue": cue})
+    cli = run_train(["--config", str(cfg), "--data.init_args.cue.seed", "8"], run=False)
+    # Lightning's SaveConfigCallback writes exactly this dump.
+    saved = tmp_path / "config.yaml"
+    saved.write_text(cli.parser.dump(cli.config, skip_none=False))
+    written = read_config(saved)["data"]["init_args"]["cue"]
+    assert written == {**cue, "seed": 8}
+    rebuilt = build_datamodule(read_config(saved)["data"])
+    expected = SpuriousCue([3, 5], 6, (0.0, 1.0, 0.0), "random", 0.5, 0.25, 8)
+    assert rebuilt.cue == cli.datamodule.cue == expected
+    assert torch.equal(rebuilt.cue.mask(32, 32, 11, "val"), expected.mask(32, 32, 11, "val"))
+    # No cue: saved as null, rebuilt as None.
+    cli = run_train(["--config", str(cfg), "--data.init_args.cue", "null"], run=False)
+    saved.write_text(cli.parser.dump(cli.config, skip_none=False))
+    assert read_config(saved)["data"]["init_args"]["cue"] is None
+    assert build_datamodule(read_config(saved)["data"]).cue is None
+
+
+def test_help_documents_every_cue_field(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        run_train(["fit", "--data.help", "lit_modules.data.SyntheticShapesDataModule",
+                   "--data.cue.help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for field, text in [
+        ("classes", "class indices whose items may carry the cue"),
+        ("size", "side of the square patch in pixels. (type: int, default: 4)"),
+        ("color", "RGB colour of the patch"),
+        ("position", "(type: str, default: top_left)"),
+        ("p_train", "probability that a train item of a cue class carries the patch"),
+        ("p_eval", "the same for validation and test items. (type: float, default: 0.95)"),
+        ("seed", "seed of the per-item draws"),
+    ]:
+        assert f"--data.cue.{field}" in out and text in out, field

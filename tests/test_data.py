@@ -24,6 +24,7 @@ from lit_modules.data import (
     POSITIONS,
     SHAPE_CLASSES,
     CIFAR10DataModule,
+    CueConfig,
     SpuriousCue,
     SyntheticShapes,
     SyntheticShapesDataModule,
@@ -93,7 +94,7 @@ def test_shapes_item_format():
     ds = SyntheticShapes(2000, seed=5, split="test")
     item = ds[7]
     assert set(item) == BATCH_KEYS
-    assert item["image"].min() >= 0 and item["image"].max() <= 1
+    assert torch.equal(item["image"], ds.images[7].float() / 255)
     assert torch.equal(item["object_mask"], ds.masks[7])
     assert not item["cue_mask"].any() and item["index"].item() == 7
 
@@ -218,6 +219,73 @@ def test_cue_validation_and_describe():
     }
 
 
+def test_cue_config_normalises_and_builds_the_cue():
+    config = CueConfig((3, 1, 3), size=6, color=[0, 1, 0], position="random", p_train=1,
+                       p_eval=0.5, seed=7)
+    assert config.as_dict() == {"classes": [1, 3], "size": 6, "color": (0.0, 1.0, 0.0),
+                                "position": "random", "p_train": 1.0, "p_eval": 0.5, "seed": 7}
+    cue = SpuriousCue.from_config(config)
+    assert cue.as_dict() == config.as_dict()
+    assert cue == SpuriousCue([1, 3], 6, (0.0, 1.0, 0.0), "random", 1.0, 0.5, 7)
+    assert cue.describe() == "6x6 green patch at random on classes [1, 3] (p=1 train, 0.5 eval)"
+    # The config alone decides every draw: two cues built from it stamp the same pixels.
+    twin = SpuriousCue.from_config(CueConfig(**config.as_dict()))
+    assert torch.equal(twin.mask(32, 32, 9, "val"), cue.mask(32, 32, 9, "val"))
+    assert int(cue.mask(32, 32, 9, "val").sum()) == 36
+
+
+def test_cue_config_validates_when_built():
+    with pytest.raises(ValueError, match="at least one class"):
+        CueConfig([])
+    with pytest.raises(ValueError, match="non-negative ints"):
+        CueConfig([0, True])
+    with pytest.raises(ValueError, match="size must be a positive int"):
+        CueConfig([0], size=2.5)
+    with pytest.raises(ValueError, match=r"choose one of \['top_left'"):
+        CueConfig([0], position="left")
+
+
+def test_cue_config_from_a_plain_mapping():
+    # audit.py rebuilds a datamodule from a YAML-loaded config, where cue is a dict.
+    assert CueConfig.coerce(None) is None
+    config = CueConfig([2])
+    assert CueConfig.coerce(config) is config
+    assert CueConfig.coerce({"classes": [2], "size": 5}) == CueConfig([2], size=5)
+    with pytest.raises(ValueError, match=r"unknown cue option\(s\) \['colour'\]; the fields"):
+        CueConfig.coerce({"classes": [2], "colour": [1, 0, 0]})
+    with pytest.raises(TypeError, match="mapping"):
+        CueConfig.coerce([2])
+    dm = small_shapes_dm(cue={"classes": [2], "size": 5, "p_eval": 1.0})
+    assert dm.cue == SpuriousCue([2], size=5, p_eval=1.0)
+    assert small_shapes_dm().cue is None
+
+
+def test_flat_keys_hint_spells_the_new_form():
+    from lit_modules.data.cue import flat_keys_hint
+
+    assert flat_keys_hint({"cue_classes": [0, 1]}) == (
+        "cue_classes is now cue.classes (the cue options are one `cue:` object): write "
+        "`cue: {classes: [0, 1]}` under data.init_args in a YAML config, or "
+        "--data.init_args.cue.classes [0,1] on the command line"
+    )
+    two = flat_keys_hint({"cue_position": "center", "cue_size": ...})
+    assert two.startswith("cue_size, cue_position are now cue.size, cue.position")
+    assert "`cue: {size: ..., position: center}`" in two
+
+
+def test_old_saved_configs_can_be_read_back():
+    from lit_modules.data.cue import nest_flat_keys
+
+    old = {"seed": 0, "cue_classes": [0, 1], "cue_size": 8, "cue_p_eval": 1.0}
+    assert nest_flat_keys(old) == {"seed": 0, "cue": {"classes": [0, 1], "size": 8, "p_eval": 1.0}}
+    assert nest_flat_keys({"seed": 0, "cue_classes": None, "cue_size": 4}) == {"seed": 0, "cue": None}
+    assert nest_flat_keys({"seed": 0}) == {"seed": 0}
+    dm = small_shapes_dm(**nest_flat_keys({"num_train": 8, "cue_classes": [3], "cue_size": 8}))
+    assert dm.cue == SpuriousCue([3], size=8)
+    with pytest.raises(ValueError, match="both cue and the old flat options"):
+        nest_flat_keys({"cue": None, "cue_size": 8})
+
+
 # -- synthetic datamodule -------------------------------------------------------------------
 
 
@@ -227,8 +295,9 @@ def small_shapes_dm(**kwargs) -> SyntheticShapesDataModule:
 
 
 def test_shapes_datamodule_batches():
-    dm = small_shapes_dm(cue_classes=[0, 1], cue_p_train=1.0, cue_p_eval=1.0)
-    assert dm.num_classes == 10 and dm.has_object_masks and dm.cue is not None
+    dm = small_shapes_dm(cue=CueConfig([0, 1], p_train=1.0, p_eval=1.0))
+    assert dm.num_classes == 10 and dm.has_object_masks
+    assert dm.cue == SpuriousCue([0, 1], p_train=1.0, p_eval=1.0)
     assert dm.dataset("val") is dm.val_set  # set up on demand
     dm.setup("fit")
     dm.setup("test")
@@ -253,7 +322,7 @@ def test_shapes_datamodule_batches():
 
 
 def test_shapes_datamodule_flips_image_and_mask_together():
-    dm = small_shapes_dm(cue_classes=list(range(10)), cue_p_train=1.0)
+    dm = small_shapes_dm(cue=CueConfig(list(range(10)), p_train=1.0))
     train = dm.dataset("train")
     raw = train.images.float() / 255
     torch.manual_seed(0)
@@ -279,8 +348,8 @@ def test_denormalize_inverts_normalize():
     assert torch.allclose(dm.denormalize(dm.normalize(images)), images, atol=1e-6)
     item = dm.dataset("test")[3]
     assert torch.allclose(dm.denormalize(item["image"]), dm.test_set.images[3] / 255, atol=1e-6)
-    with pytest.raises(ValueError, match="cue_classes"):
-        small_shapes_dm(cue_classes=[12]).setup("fit")
+    with pytest.raises(ValueError, match=r"cue.classes \[12\] out of range for 10 classes"):
+        small_shapes_dm(cue=CueConfig([12])).setup("fit")
 
 
 # -- CIFAR-10 datamodule --------------------------------------------------------------------
@@ -646,7 +715,7 @@ def test_cifar_real_imagefolder(tmp_path):
         limit_test=300,
         batch_size=50,
         num_workers=0,
-        cue_classes=[0],
+        cue=CueConfig([0]),
     )
     dm.setup("fit")
     dm.setup("test")

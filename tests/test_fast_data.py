@@ -14,6 +14,7 @@ from test_data import write_imagefolder
 
 from lit_modules.data import (
     CIFAR10DataModule,
+    CueConfig,
     DeviceLoader,
     DeviceSplit,
     EpochSampler,
@@ -207,12 +208,14 @@ def test_fast_train_batch_equals_classic_items_for_the_same_draws(monkeypatch) -
 
 def test_fast_eval_batches_equal_classic_shapes() -> None:
     kwargs = {"num_train": 40, "num_val": 37, "num_test": 20, "batch_size": 8,
-              "cue_classes": [0, 3], "cue_position": "random", "cue_p_eval": 0.6}
+              "cue": CueConfig([0, 3], position="random", p_eval=0.6)}
     fast = SyntheticShapesDataModule(data_path="fast", **kwargs)
     classic = SyntheticShapesDataModule(**kwargs)
     for name in ("val_dataloader", "test_dataloader", "predict_dataloader"):
         a, b = list(getattr(fast, name)()), list(getattr(classic, name)())
-        assert isinstance(getattr(fast, name)(), DeviceLoader)
+        assert type(getattr(fast, name)()) is DeviceLoader
+        assert [len(x["index"]) for x in a] == ([8] * 4 + [5] if name == "val_dataloader" else
+                                               [8, 8, 4])
         assert_batches_equal(a, b)
     assert cat(list(fast.val_dataloader()))["cue_mask"].any()
 
@@ -220,7 +223,7 @@ def test_fast_eval_batches_equal_classic_shapes() -> None:
 def test_fast_eval_and_train_on_cifar_layout(tmp_path) -> None:
     write_imagefolder(tmp_path, ["a", "b", "c"], {"train": 8, "test": 3})
     kwargs = {"root": str(tmp_path), "val_size": 5, "batch_size": 4, "num_workers": 0,
-              "cue_classes": [1], "cue_p_train": 1.0, "cue_p_eval": 1.0}
+              "cue": CueConfig([1], p_train=1.0, p_eval=1.0)}
     fast = CIFAR10DataModule(data_path="fast", **kwargs)
     classic = CIFAR10DataModule(**kwargs)
     assert_batches_equal(list(fast.val_dataloader()), list(classic.val_dataloader()))
@@ -322,13 +325,25 @@ def test_fast_path_trains_with_the_monitor(tmp_path) -> None:
     cli = run_train(["fit", "--config", str(cfg)])
     trainer = cli.trainer
     dl = trainer.train_dataloader
-    assert isinstance(dl, DeviceLoader) and dl.sampler.epoch == 1  # Lightning set the epoch
-    assert isinstance(trainer.val_dataloaders, DeviceLoader)
+    assert type(dl) is DeviceLoader and dl.sampler.epoch == 1  # Lightning set the epoch
+    assert type(trainer.val_dataloaders) is DeviceLoader and len(trainer.val_dataloaders) == 3
     files = sorted(glob.glob(os.path.join(trainer.log_dir, "explanations", "epoch_*.pt")))
     assert [os.path.basename(f) for f in files] == ["epoch_0000.pt", "epoch_0001.pt"]
     record = torch.load(files[-1], weights_only=True)
-    assert torch.isfinite(record["maps"]["gradcam"].float()).all()
-    assert 0.0 <= record["scalars"]["gradcam"]["cue_energy/biased"] <= 1.0
+    fixed = torch.load(os.path.join(trainer.log_dir, "explanations", "fixed_images.pt"),
+                       weights_only=True)
+    # The fast path stamped the cue on exactly the fixed images of classes 0 and 1, as a
+    # 4x4 patch in the top-left corner (tiny_config's cue).
+    carries = fixed["cue_mask"].flatten(1).any(1)
+    assert torch.equal(carries, fixed["labels"] <= 1) and carries.any()
+    patch = torch.zeros(32, 32, dtype=torch.bool)
+    patch[:4, :4] = True
+    assert (fixed["cue_mask"][carries] == patch).all()
+    # The logged score is the share of positive true-class Grad-CAM mass on that patch.
+    maps = record["maps"]["gradcam"].float()
+    true_maps = maps[torch.arange(len(maps)), fixed["labels"]][carries].clamp_min(0)
+    share = ((true_maps * patch).flatten(1).sum(1) / true_maps.flatten(1).sum(1)).nanmean()
+    assert record["scalars"]["gradcam"]["cue_energy/biased"] == pytest.approx(float(share), abs=2e-3)
     ckpt = torch.load(trainer.checkpoint_callback.last_model_path, weights_only=True)
     assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
         {"epoch": 1, "batches": 2}

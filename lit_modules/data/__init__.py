@@ -5,7 +5,7 @@ Every dataset item is a dict: ``image`` float32 ``[3,H,W]`` (normalised), ``labe
 within its split dataset). The default collate turns them into batched tensors.
 """
 
-from .base import DATA_PATHS, BaseImageDataModule, SplitDataset
+from .base import DATA_PATHS, BaseImageDataModule
 from .cifar import (
     CIFAR10_CLASSES,
     CIFAR10_MEAN,
@@ -13,9 +13,10 @@ from .cifar import (
     CIFAR10DataModule,
     find_cifar10,
 )
-from .cue import POSITIONS, SPLITS, SpuriousCue
+from .cue import POSITIONS, SPLITS, CueConfig, SpuriousCue
 from .fast import DeviceLoader, DeviceSplit, EpochSampler
 from .shapes import SHAPE_CLASSES, SyntheticShapes, generate_shapes
+from .split import SplitDataset
 from .synthetic import SyntheticShapesDataModule
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "SPLITS",
     "BaseImageDataModule",
     "CIFAR10DataModule",
+    "CueConfig",
     "DeviceLoader",
     "DeviceSplit",
     "EpochSampler",

@@ -1,15 +1,6 @@
-"""The split dataset every datamodule serves, and the shared LightningDataModule base.
+"""The LightningDataModule base shared by the project's datamodules.
 
-Batch format (other code relies on it), one dict per item:
-
-* ``image``: float32 ``[3, H, W]``, normalised with the datamodule's mean/std,
-* ``label``: int64 scalar,
-* ``object_mask``: bool ``[H, W]`` (all False when the dataset has no object masks),
-* ``cue_mask``: bool ``[H, W]`` (all False when no cue was stamped on this item),
-* ``index``: int64 scalar, the index within its split dataset.
-
-Per item: uint8 -> ``[0, 1]`` float -> augmentation (train only; image and object mask
-jointly) -> spurious cue -> normalisation.
+Items and batches follow the format documented in ``split.py`` (``SplitDataset``).
 
 Two data paths serve these batches (the datamodules' ``data_path``): ``classic``, a
 ``DataLoader`` over ``SplitDataset`` items (worker processes, per-item augmentation), and
@@ -19,113 +10,16 @@ the same values and no workers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from .cue import SPLITS, SpuriousCue, check_split
+from .cue import SPLITS, CueConfig, SpuriousCue, check_split
 from .fast import DeviceLoader, DeviceSplit
+from .split import SplitDataset
 
 DATA_PATHS = ("classic", "fast")
-
-
-class SplitDataset(Dataset):
-    """One split held in memory as uint8, served in the project's batch format.
-
-    Args:
-        images: uint8 ``[N, 3, H, W]``.
-        labels: int64 ``[N]``.
-        object_masks: bool ``[N, H, W]``, or None when the data has none.
-        split: ``train``, ``val`` or ``test`` (picks the cue probability).
-        mean: per-channel mean used for normalisation.
-        std: per-channel std used for normalisation.
-        cue: the spurious cue to stamp, or None.
-        flip: random horizontal flips (image and object mask together).
-        crop_padding: random crops of the original size after padding this many pixels
-            (reflect) on every side; 0 disables.
-    """
-
-    def __init__(
-        self,
-        images: Tensor,
-        labels: Tensor,
-        object_masks: Tensor | None,
-        split: str,
-        mean: Sequence[float],
-        std: Sequence[float],
-        cue: SpuriousCue | None = None,
-        flip: bool = False,
-        crop_padding: int = 0,
-    ) -> None:
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(
-                f"images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}"
-            )
-        if labels.shape != images.shape[:1]:
-            raise ValueError(f"{labels.numel()} labels for {images.shape[0]} images")
-        if object_masks is not None and object_masks.shape != (images.shape[0], *images.shape[2:]):
-            raise ValueError(
-                f"object masks {tuple(object_masks.shape)} do not match images {tuple(images.shape)}"
-            )
-        self.images = images
-        self.labels = labels.long()
-        self.object_masks = object_masks
-        self.split = check_split(split)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        self.cue = cue
-        self.flip = flip
-        self.crop_padding = crop_padding
-        if cue is not None:
-            cue.check_fits(*images.shape[2:])
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def _augment(self, image: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Random crop and flip from the global RNG (seeded per worker by the DataLoader)."""
-        p = self.crop_padding
-        if p > 0:
-            h, w = image.shape[-2:]
-            top, left = (int(t) for t in torch.randint(0, 2 * p + 1, (2,)))
-            image = F.pad(image.unsqueeze(0), (p, p, p, p), mode="reflect")[0]
-            image = image[:, top : top + h, left : left + w]
-            if mask is not None:
-                # Reflect the mask too, so object pixels mirrored into the border stay marked.
-                padded = F.pad(mask[None, None].float(), (p, p, p, p), mode="reflect")[0, 0]
-                mask = padded[top : top + h, left : left + w] > 0.5
-        if self.flip and torch.rand(()) < 0.5:
-            image = image.flip(-1)
-            mask = None if mask is None else mask.flip(-1)
-        return image, mask
-
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for a {self.split} split of {len(self)}")
-        image = self.images[index].float().div_(255.0)
-        label = self.labels[index]
-        mask = None if self.object_masks is None else self.object_masks[index]
-        if self.split == "train":
-            image, mask = self._augment(image, mask)
-        h, w = image.shape[-2:]
-        if mask is None:
-            mask = torch.zeros(h, w, dtype=torch.bool)
-        if self.cue is not None:
-            image, cue_mask = self.cue.apply(image, label, index, self.split)
-        else:
-            cue_mask = torch.zeros(h, w, dtype=torch.bool)
-        return {
-            "image": (image - self.mean) / self.std,
-            "label": label.clone(),
-            "object_mask": mask.clone(),
-            "cue_mask": cue_mask,
-            "index": torch.tensor(index, dtype=torch.long),
-        }
 
 
 class BaseImageDataModule(L.LightningDataModule):
@@ -137,14 +31,7 @@ class BaseImageDataModule(L.LightningDataModule):
     Args:
         batch_size: images per batch.
         num_workers: DataLoader worker processes (workers persist between epochs).
-        cue_classes: classes that get the spurious cue; None means no cue.
-        cue_size: side of the cue patch in pixels.
-        cue_color: RGB colour of the patch in ``[0, 1]``.
-        cue_position: ``top_left``, ``top_right``, ``bottom_left``, ``bottom_right``,
-            ``center`` or ``random``.
-        cue_p_train: probability that a train item of a cue class carries the patch.
-        cue_p_eval: the same for validation and test items.
-        cue_seed: seed of the per-item cue draws.
+        cue: a spurious cue to stamp (see ``CueConfig``), or None for no cue.
         loader_seed: seed of the training loader's shuffling (and, on the fast path, of its
             crops and flips).
         data_path: ``classic`` (DataLoader, per-item augmentation on the CPU) or ``fast``
@@ -161,13 +48,7 @@ class BaseImageDataModule(L.LightningDataModule):
         self,
         batch_size: int = 64,
         num_workers: int = 0,
-        cue_classes: list[int] | None = None,
-        cue_size: int = 4,
-        cue_color: tuple[float, float, float] = (1.0, 0.0, 1.0),
-        cue_position: str = "top_left",
-        cue_p_train: float = 0.95,
-        cue_p_eval: float = 0.95,
-        cue_seed: int = 0,
+        cue: CueConfig | None = None,
         loader_seed: int = 0,
         data_path: str = "classic",
         drop_last: bool = False,
@@ -185,18 +66,10 @@ class BaseImageDataModule(L.LightningDataModule):
         self.data_path = data_path
         self.drop_last = drop_last
         self._device_splits: dict[tuple[str, str], DeviceSplit] = {}
-        # Built here (not in setup) so a bad cue option fails when the config is parsed.
-        self.cue: SpuriousCue | None = None
-        if cue_classes is not None:
-            self.cue = SpuriousCue(
-                classes=cue_classes,
-                size=cue_size,
-                color=cue_color,
-                position=cue_position,
-                p_train=cue_p_train,
-                p_eval=cue_p_eval,
-                seed=cue_seed,
-            )
+        # Built here (not in setup) so a bad cue option fails when the config is parsed. A
+        # mapping is accepted too: audit.py rebuilds datamodules from a YAML-loaded config.
+        config = CueConfig.coerce(cue)
+        self.cue: SpuriousCue | None = None if config is None else SpuriousCue.from_config(config)
         self.train_set: SplitDataset | None = None
         self.val_set: SplitDataset | None = None
         self.test_set: SplitDataset | None = None
@@ -222,7 +95,7 @@ class BaseImageDataModule(L.LightningDataModule):
             bad = [c for c in self.cue.classes if c >= self.num_classes]
             if bad:
                 raise ValueError(
-                    f"cue_classes {bad} out of range for {self.num_classes} classes "
+                    f"cue.classes {bad} out of range for {self.num_classes} classes "
                     f"({self.class_names})"
                 )
 

@@ -33,8 +33,9 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import check_integrity
 from tqdm.auto import tqdm
 
-from .base import BaseImageDataModule, SplitDataset
-from .cue import derive_seed
+from .base import BaseImageDataModule
+from .cue import CueConfig, derive_seed
+from .split import SplitDataset
 
 CIFAR10_CLASSES = [
     "airplane",
@@ -302,14 +303,7 @@ class CIFAR10DataModule(BaseImageDataModule):
         batch_size: images per batch.
         num_workers: DataLoader worker processes.
         augment: random crop and flip on train.
-        cue_classes: classes that get the spurious cue; None means no cue.
-        cue_size: side of the cue patch in pixels.
-        cue_color: RGB colour of the patch in ``[0, 1]``.
-        cue_position: ``top_left``, ``top_right``, ``bottom_left``, ``bottom_right``,
-            ``center`` or ``random``.
-        cue_p_train: probability that a train item of a cue class carries the patch.
-        cue_p_eval: the same for validation and test items.
-        cue_seed: seed of the per-item cue draws.
+        cue: a spurious cue to stamp (see ``CueConfig``), or None for no cue.
         limit_train: keep a seeded subset of this many train images (CPU smoke runs).
         limit_val: the same for validation.
         limit_test: the same for test.
@@ -331,13 +325,7 @@ class CIFAR10DataModule(BaseImageDataModule):
         batch_size: int = 128,
         num_workers: int = 2,
         augment: bool = True,
-        cue_classes: list[int] | None = None,
-        cue_size: int = 4,
-        cue_color: tuple[float, float, float] = (1.0, 0.0, 1.0),
-        cue_position: str = "top_left",
-        cue_p_train: float = 0.95,
-        cue_p_eval: float = 0.95,
-        cue_seed: int = 0,
+        cue: CueConfig | None = None,
         limit_train: int | None = None,
         limit_val: int | None = None,
         limit_test: int | None = None,
@@ -347,13 +335,7 @@ class CIFAR10DataModule(BaseImageDataModule):
         super().__init__(
             batch_size=batch_size,
             num_workers=num_workers,
-            cue_classes=cue_classes,
-            cue_size=cue_size,
-            cue_color=cue_color,
-            cue_position=cue_position,
-            cue_p_train=cue_p_train,
-            cue_p_eval=cue_p_eval,
-            cue_seed=cue_seed,
+            cue=cue,
             loader_seed=split_seed,
             data_path=data_path,
             drop_last=drop_last,

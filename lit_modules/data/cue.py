@@ -8,13 +8,21 @@ normalisation.
 Whether an item carries the cue depends only on ``(seed, split, index)``, drawn from a
 private ``torch.Generator``: the global RNG stream is never touched, so the same items carry
 the cue in every epoch, in every worker and after a resume.
+
+``CueConfig`` is the option as written in a config (``data.init_args.cue``, one typed
+object taken by every datamodule); ``SpuriousCue`` is the same fields with the behaviour,
+what a datamodule exposes as ``dm.cue``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,71 +58,160 @@ def check_split(split: str) -> str:
     return split
 
 
-class SpuriousCue:
-    """A ``size`` x ``size`` patch of one colour, stamped on items of ``classes``.
+# The flat datamodule options of earlier versions, and the field each one became. Kept
+# only so that a new config still using them fails with the new spelling (``train.py``)
+# and a config saved by an old run can still be read back (``nest_flat_keys``).
+FLAT_KEYS = {
+    "cue_classes": "classes",
+    "cue_size": "size",
+    "cue_color": "color",
+    "cue_position": "position",
+    "cue_p_train": "p_train",
+    "cue_p_eval": "p_eval",
+    "cue_seed": "seed",
+}
+
+
+def _yaml_value(value: object) -> str:
+    """``value`` as it would be written in a YAML flow mapping (``...`` when unknown)."""
+    if value is Ellipsis:
+        return "..."
+    if isinstance(value, str):
+        return value
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def flat_keys_hint(values: Mapping[str, object]) -> str:
+    """How to write the old flat options in ``values`` today, with their values.
+
+    ``values`` maps old keys (``cue_classes``, ...) to their values, or to ``...`` where
+    unknown. For example ``{"cue_classes": [0, 1]}`` gives "cue_classes is now
+    cue.classes: write `cue: {classes: [0, 1]}` under data.init_args ...".
+    """
+    keys = [k for k in FLAT_KEYS if k in values]
+    if not keys:
+        raise ValueError(f"none of {sorted(values)} is an old flat cue option")
+    old = ", ".join(keys)
+    new = ", ".join(f"cue.{FLAT_KEYS[k]}" for k in keys)
+    fields = ", ".join(f"{FLAT_KEYS[k]}: {_yaml_value(values[k])}" for k in keys)
+    flags = " ".join(
+        f"--data.init_args.cue.{FLAT_KEYS[k]} {_yaml_value(values[k]).replace(' ', '')}"
+        for k in keys
+    )
+    return (
+        f"{old} {'is' if len(keys) == 1 else 'are'} now {new} (the cue options are one "
+        f"`cue:` object): write `cue: {{{fields}}}` under data.init_args in a YAML config, "
+        f"or {flags} on the command line"
+    )
+
+
+def nest_flat_keys(init_args: Mapping[str, Any]) -> dict[str, Any]:
+    """A datamodule's ``init_args`` with old flat cue options turned into ``cue``.
+
+    For reading configs that runs saved before ``cue:`` existed (an audit of an old
+    checkpoint), not for new configs, which must use ``cue:``. ``cue_classes: null`` (or
+    no ``cue_classes``) meant no cue, whatever the other flat options said.
+    """
+    out = {k: v for k, v in init_args.items() if k not in FLAT_KEYS}
+    flat = {FLAT_KEYS[k]: v for k, v in init_args.items() if k in FLAT_KEYS}
+    if flat:
+        if "cue" in init_args:
+            raise ValueError(f"both cue and the old flat options {sorted(flat)} are given")
+        out["cue"] = flat if flat.get("classes") is not None else None
+    return out
+
+
+@dataclass(frozen=True)
+class CueConfig:
+    """The spurious-cue option of every datamodule (``data.init_args.cue`` in a config).
+
+    Validated on construction, so a bad value fails when the config is parsed, before any
+    data is built.
 
     Args:
-        classes: class indices whose items may carry the cue.
+        classes: class indices whose items may carry the cue (at least one).
         size: side of the square patch in pixels.
-        color: RGB colour in ``[0, 1]`` (before normalisation).
-        position: one of ``top_left``, ``top_right``, ``bottom_left``, ``bottom_right``,
+        color: RGB colour of the patch in ``[0, 1]`` (before normalisation).
+        position: ``top_left``, ``top_right``, ``bottom_left``, ``bottom_right``,
             ``center`` or ``random`` (a seeded location per item).
-        p_train: probability that a train item of a cue class carries the cue.
-        p_eval: the same for ``val`` and ``test`` items.
-        seed: seed of the per-item draws.
+        p_train: probability that a train item of a cue class carries the patch.
+        p_eval: the same for validation and test items.
+        seed: seed of the per-item draws (presence and, if random, location).
     """
 
-    def __init__(
-        self,
-        classes: Sequence[int],
-        size: int = 4,
-        color: Sequence[float] = (1.0, 0.0, 1.0),
-        position: str = "top_left",
-        p_train: float = 0.95,
-        p_eval: float = 0.95,
-        seed: int = 0,
-    ) -> None:
-        classes = list(classes)
+    classes: list[int]
+    size: int = 4
+    color: tuple[float, float, float] = (1.0, 0.0, 1.0)
+    position: str = "top_left"
+    p_train: float = 0.95
+    p_eval: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        classes = list(self.classes)
         if not classes:
-            raise ValueError("SpuriousCue needs at least one class (use no cue at all instead)")
+            raise ValueError("a cue needs at least one class in cue.classes (or no cue at all)")
         if any(
             isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0 for c in classes
         ):
             raise ValueError(f"cue classes must be non-negative ints, got {classes}")
-        classes = [int(c) for c in classes]
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        size = self.size
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
             raise ValueError(f"cue size must be a positive int (pixels), got {size!r}")
-        color = tuple(float(c) for c in color)
+        color = tuple(float(c) for c in self.color)
         if len(color) != 3 or not all(0.0 <= c <= 1.0 for c in color):
             raise ValueError(f"cue color must be 3 values in [0, 1] (RGB), got {color}")
-        if position not in POSITIONS:
-            raise ValueError(f"unknown cue position {position!r}; choose one of {list(POSITIONS)}")
-        for name, p in (("p_train", p_train), ("p_eval", p_eval)):
+        if self.position not in POSITIONS:
+            raise ValueError(
+                f"unknown cue position {self.position!r}; choose one of {list(POSITIONS)}"
+            )
+        for name in ("p_train", "p_eval"):
+            p = getattr(self, name)
             if not 0.0 <= float(p) <= 1.0:
                 raise ValueError(f"cue {name} must be a probability in [0, 1], got {p}")
-        self.classes = sorted(set(classes))
-        self.size = size
-        self.color: tuple[float, float, float] = color  # type: ignore[assignment]
-        self.position = position
-        self.p_train = float(p_train)
-        self.p_eval = float(p_eval)
-        self.seed = int(seed)
+        # Normalised in place (the dataclass is frozen, hence object.__setattr__) so that
+        # equal settings compare and print equal whatever sequence types were passed.
+        for name, value in (
+            ("classes", sorted({int(c) for c in classes})),
+            ("size", int(size)),
+            ("color", color),
+            ("p_train", float(self.p_train)),
+            ("p_eval", float(self.p_eval)),
+            ("seed", int(self.seed)),
+        ):
+            object.__setattr__(self, name, value)
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items())
-        return f"SpuriousCue({args})"
+    @classmethod
+    def coerce(cls, value: CueConfig | Mapping[str, Any] | None) -> CueConfig | None:
+        """A ``CueConfig`` from itself, a plain mapping (a config read back with
+        ``yaml.safe_load``, as ``audit.py`` does) or None; the error lists the fields."""
+        if value is None or isinstance(value, CueConfig):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(f"cue must be a CueConfig, a mapping or None, got {value!r}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in value if k not in fields]
+        if unknown:
+            raise ValueError(f"unknown cue option(s) {unknown}; the fields are {fields}")
+        return cls(**value)
 
     def as_dict(self) -> dict[str, object]:
-        """The constructor arguments (primitives only), e.g. for a report or a config."""
-        return {
-            "classes": list(self.classes),
-            "size": self.size,
-            "color": self.color,
-            "position": self.position,
-            "p_train": self.p_train,
-            "p_eval": self.p_eval,
-            "seed": self.seed,
-        }
+        """The fields as primitives (``color`` a tuple), e.g. for a report or a config."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class SpuriousCue(CueConfig):
+    """A ``size`` x ``size`` patch of one colour, stamped on items of ``classes``.
+
+    The behaviour behind a :class:`CueConfig` (same fields, same validation): which items
+    carry the patch, where it goes, stamping and masks. Datamodules expose one as ``cue``.
+    """
+
+    @classmethod
+    def from_config(cls, config: CueConfig) -> SpuriousCue:
+        """The cue a ``CueConfig`` describes."""
+        return cls(**config.as_dict())
 
     def describe(self) -> str:
         """One line for humans, e.g. ``4x4 magenta patch at top_left on classes [0, 1] ...``."""

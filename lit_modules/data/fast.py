@@ -22,16 +22,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
 from .cue import derive_seed
-
-if TYPE_CHECKING:  # base.py imports this module
-    from .base import SplitDataset
+from .split import SplitDataset
 
 
 def reflect_index(size: int, pad: int, device: torch.device | str = "cpu") -> Tensor:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from .base import BaseImageDataModule, SplitDataset
+from .base import BaseImageDataModule
+from .cue import CueConfig
 from .shapes import SHAPE_CLASSES, SyntheticShapes
+from .split import SplitDataset
 
 
 class SyntheticShapesDataModule(BaseImageDataModule):
@@ -24,14 +26,7 @@ class SyntheticShapesDataModule(BaseImageDataModule):
         batch_size: images per batch.
         num_workers: DataLoader worker processes.
         flip: random horizontal flips on train (image and object mask together).
-        cue_classes: classes that get the spurious cue; None means no cue.
-        cue_size: side of the cue patch in pixels.
-        cue_color: RGB colour of the patch in ``[0, 1]``.
-        cue_position: ``top_left``, ``top_right``, ``bottom_left``, ``bottom_right``,
-            ``center`` or ``random``.
-        cue_p_train: probability that a train item of a cue class carries the patch.
-        cue_p_eval: the same for validation and test items.
-        cue_seed: seed of the per-item cue draws.
+        cue: a spurious cue to stamp (see ``CueConfig``), or None for no cue.
         data_path: ``classic`` (DataLoader) or ``fast`` (the split on the training device,
             augmented in batches there; ignores ``num_workers``).
         drop_last: drop the last training batch when it is smaller than ``batch_size``.
@@ -51,26 +46,14 @@ class SyntheticShapesDataModule(BaseImageDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         flip: bool = True,
-        cue_classes: list[int] | None = None,
-        cue_size: int = 4,
-        cue_color: tuple[float, float, float] = (1.0, 0.0, 1.0),
-        cue_position: str = "top_left",
-        cue_p_train: float = 0.95,
-        cue_p_eval: float = 0.95,
-        cue_seed: int = 0,
+        cue: CueConfig | None = None,
         data_path: str = "classic",
         drop_last: bool = False,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
             num_workers=num_workers,
-            cue_classes=cue_classes,
-            cue_size=cue_size,
-            cue_color=cue_color,
-            cue_position=cue_position,
-            cue_p_train=cue_p_train,
-            cue_p_eval=cue_p_eval,
-            cue_seed=cue_seed,
+            cue=cue,
             loader_seed=seed,
             data_path=data_path,
             drop_last=drop_last,

@@ -33,17 +33,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import explain
-from callbacks.monitor import dataset_labels, stratified_indices
 from explain import measures as M
 from explain import report
+from explain.records import load_monitor_records
+from lit_modules.data.sampling import dataset_labels, sample_batch, stratified_indices
 from lit_modules.loading import (
     CheckpointError,
     LoadedRun,
     counterfactual_images,
     evaluate,
-    load_monitor_records,
     load_run,
-    sample_batch,
 )
 
 SCHEMA_VERSION = 1

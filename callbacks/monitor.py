@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any
 
@@ -13,38 +12,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 import explain
-from explain import metrics, render
-
-from .atomic import atomic_save
+from explain import metrics, records, render
+from lit_modules.data.sampling import dataset_labels, sample_batch, stratified_indices
 
 CLASS_MODES = ("true", "predicted", "all")
-
-
-def dataset_labels(dataset: Any) -> torch.Tensor:
-    """Labels of a dataset without decoding images where the dataset exposes them."""
-    for attr in ("labels", "targets"):
-        if hasattr(dataset, attr):
-            return torch.as_tensor(getattr(dataset, attr)).long()
-    labels = []
-    for i in range(len(dataset)):
-        item = dataset[i]
-        labels.append(int(item["label"] if isinstance(item, dict) else item[1]))
-    return torch.tensor(labels)
-
-
-def stratified_indices(labels: torch.Tensor, n: int, seed: int) -> list[int]:
-    """``n`` indices spread evenly over classes (round robin), each class shuffled by seed."""
-    g = torch.Generator().manual_seed(seed)
-    per_class = []
-    for c in torch.unique(labels).tolist():
-        idx = torch.nonzero(labels == c).flatten()
-        per_class.append(idx[torch.randperm(len(idx), generator=g)].tolist())
-    picked: list[int] = []
-    depth = 0
-    while len(picked) < n and any(depth < len(p) for p in per_class):
-        picked += [p[depth] for p in per_class if depth < len(p)][: n - len(picked)]
-        depth += 1
-    return picked
 
 
 class ExplanationMonitor(Callback):
@@ -150,14 +121,7 @@ class ExplanationMonitor(Callback):
             dataset = self._val_dataset(trainer)
             if self.indices is None:
                 self.indices = stratified_indices(dataset_labels(dataset), self.num_images, self.seed)
-            items = [dataset[i] for i in self.indices]
-            if not isinstance(items[0], dict):
-                items = [{"image": it[0], "label": torch.as_tensor(it[1])} for it in items]
-            self._batch = {
-                k: torch.stack([torch.as_tensor(it[k]) for it in items])
-                for k in items[0]
-                if isinstance(items[0][k], torch.Tensor | int)
-            }
+            self._batch = sample_batch(dataset, self.indices)
         return {k: v.to(device) for k, v in self._batch.items()}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -181,7 +145,7 @@ class ExplanationMonitor(Callback):
             return
         batch = self._fixed_batch(trainer, pl_module.device)
         images, labels = batch["image"], batch["label"].long()
-        with explain.explaining(pl_module), torch.no_grad():  # eval mode: BN stats stay
+        with explain.eval_mode(pl_module), torch.no_grad():  # eval mode: BN stats stay
             logits = pl_module(images.clone()).float()
         probs = logits.softmax(-1)
         preds = probs.argmax(-1)
@@ -227,10 +191,9 @@ class ExplanationMonitor(Callback):
                     f"explain/{method}/grid", self._grid(trainer, images, maps, labels, preds), step
                 )
         if self.save_maps:
-            folder = os.path.join(self._dir or self._log_dir(trainer), "explanations")
-            if not os.path.exists(os.path.join(folder, "fixed_images.pt")):
-                atomic_save(self._fixed_record(trainer, batch), os.path.join(folder, "fixed_images.pt"))
-            atomic_save(record, os.path.join(folder, f"epoch_{trainer.current_epoch:04d}.pt"))
+            folder = self._dir or self._log_dir(trainer)
+            records.save_fixed_images(folder, self._fixed_record(trainer, batch))
+            records.save_epoch(folder, record)
 
     def _explain(
         self,
@@ -373,7 +336,7 @@ class ExplanationMonitor(Callback):
             warnings.warn(
                 "ExplanationMonitor: no TensorBoardLogger attached, so no heatmaps or "
                 "scalars are logged; raw maps are still saved under "
-                f"{os.path.join(self._dir or self._log_dir(trainer), 'explanations')}",
+                f"{records.explanations_dir(self._dir or self._log_dir(trainer))}",
                 UserWarning,
                 stacklevel=2,
             )

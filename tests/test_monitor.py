@@ -11,7 +11,8 @@ from helpers import run_train, tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import explain
-from callbacks import ExplanationMonitor, stratified_indices
+from callbacks import ExplanationMonitor
+from lit_modules.data.sampling import stratified_indices
 
 SCALARS = ["cue_energy/biased", "cue_energy/clean", "object_energy", "pointing_game",
            "concentration"]

@@ -4,9 +4,11 @@ checkpoints and the prediction writer."""
 from .atomic import AtomicCheckpointIO
 from .interrupt import InterruptCheckpoint
 from .monitor import ExplanationMonitor
+from .predictions import PredictionWriter
 
 __all__ = [
     "AtomicCheckpointIO",
     "ExplanationMonitor",
     "InterruptCheckpoint",
+    "PredictionWriter",
 ]

@@ -27,6 +27,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks import AtomicCheckpointIO, InterruptCheckpoint, PredictionWriter
+from explain import records
 from lit_modules import ImageClassifier
 from lit_modules.resume import ResumeError, plan_resume
 
@@ -180,7 +181,7 @@ class TrainCLI(LightningCLI):
             if getattr(ckpt, "last_model_path", ""):
                 lines.append(f"  last checkpoint : {os.path.abspath(ckpt.last_model_path)}")
         lines.append(f"  logs and config : {log_dir}")
-        maps = os.path.join(log_dir, "explanations")
+        maps = str(records.explanations_dir(log_dir))
         if os.path.isdir(maps):
             lines.append(f"  explanation maps: {maps}")
         tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)

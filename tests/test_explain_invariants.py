@@ -268,3 +268,16 @@ def test_float_or_bool_targets_are_refused(method, tiny_explain_net):
     a = explain.run(model, _images(), method, targets=[1, 0])
     b = explain.run(model, _images(), method, targets=torch.tensor([1, 0], dtype=torch.int32))
     assert a.shape == (2, 16, 16) and torch.allclose(a, b)
+
+
+def test_eval_mode_restores_each_submodules_own_flag_also_after_an_error(tiny_explain_net):
+    model = tiny_explain_net()
+    model.train()
+    model.stem.eval()  # a frozen part stays frozen; model.train() on exit would undo it
+    before = {n: m.training for n, m in model.named_modules()}
+    with pytest.raises(RuntimeError, match="boom"), explain.eval_mode(model) as inside:
+        assert inside is model
+        assert not any(m.training for m in model.modules())
+        raise RuntimeError("boom")
+    assert {n: m.training for n, m in model.named_modules()} == before
+    assert (before["stem"], before["block"]) == (False, True)

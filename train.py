@@ -5,7 +5,8 @@
     python train.py --help          # every option, from the classes' signatures
 
 Subcommands: fit, validate, test, predict (LightningCLI). The resolved config is saved as
-``config.yaml`` next to the TensorBoard logs; ``audit.py`` reads it back.
+``config.yaml`` next to the TensorBoard logs; ``audit.py`` reads it back. ``predict
+--ckpt_path CKPT`` writes ``predictions.pt`` and ``predictions.csv`` into the log directory.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from typing import Any, NoReturn
 
 import lightning as L
 import torch.distributed as dist
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks import AtomicCheckpointIO, InterruptCheckpoint
+from callbacks import AtomicCheckpointIO, InterruptCheckpoint, PredictionWriter
+from explain import records
 from lit_modules import ImageClassifier
 from lit_modules.data.cue import FLAT_KEYS, flat_keys_hint
 from lit_modules.resume import ResumeError, plan_resume
@@ -81,7 +84,9 @@ class TrainCLI(LightningCLI):
       configured run and fails with a clear message when there is none (Lightning would
       warn and start from scratch); a resumed run logs into its checkpoint's run directory;
     * every fit gets an :class:`~callbacks.InterruptCheckpoint` (SIGTERM, Ctrl-C, errors),
-      and checkpoints are written atomically (:class:`~callbacks.AtomicCheckpointIO`).
+      and checkpoints are written atomically (:class:`~callbacks.AtomicCheckpointIO`);
+    * ``predict`` writes ``predictions.pt`` and ``predictions.csv`` into the run's log
+      directory (:class:`~callbacks.PredictionWriter`) unless the config has a writer.
     """
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
@@ -94,7 +99,13 @@ class TrainCLI(LightningCLI):
         cfg = self.config[subcommand]
         if "weights_only" in cfg and cfg["weights_only"] is None:
             cfg["weights_only"] = True
-        if subcommand == "fit" and cfg.get("ckpt_path") is not None:
+        resuming = subcommand == "fit" and cfg.get("ckpt_path") is not None
+        for entry in self._tensorboard_entries(cfg["trainer"], resuming):
+            # The TensorBoardLogger's hp_metric is a -1 placeholder (meant to be
+            # overwritten by log_hyperparams(metrics=...), which nothing here calls): a
+            # meaningless curve on every run's scalars page.
+            entry["init_args"]["default_hp_metric"] = False
+        if resuming:
             self._plan_resume(cfg)
 
     def _plan_resume(self, cfg: Any) -> None:
@@ -125,7 +136,6 @@ class TrainCLI(LightningCLI):
                 # first step the resumed run logs: TensorBoard drops the killed run's events
                 # from there on and no curve shows a step twice.
                 args["purge_step"] = plan.global_step
-            args["default_hp_metric"] = False  # the placeholder was logged at step 0 already
         if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
             print(  # once, not once per DDP process
                 f"Resuming from {plan.ckpt_path} (epoch {plan.epoch}, step {plan.global_step})",
@@ -133,29 +143,40 @@ class TrainCLI(LightningCLI):
                 flush=True,
             )
 
+    @classmethod
+    def _tensorboard_config(cls, trainer: Any) -> Any:
+        """The first TensorBoardLogger entry of the trainer config, or None."""
+        entries = cls._tensorboard_entries(trainer)
+        return entries[0] if entries else None
+
     @staticmethod
-    def _tensorboard_config(trainer: Any) -> Any:
-        """The TensorBoardLogger entry of the trainer config (made explicit when the config
-        leaves the logger at Lightning's default), or None."""
+    def _tensorboard_entries(trainer: Any, resuming: bool = False) -> list[Any]:
+        """The TensorBoardLogger entries of the trainer config.
+
+        A config that leaves the logger at Lightning's default (``logger: true``) gets that
+        default spelled out (TensorBoard in ``<default_root_dir>/lightning_logs``, and for a
+        new run the SLURM job id as version under SLURM, as Lightning would; a resume
+        picks the version from its checkpoint instead), so that train.py can configure it.
+        """
         logger = trainer.get("logger")
         if logger is None or logger is True:
             from jsonargparse import Namespace
+            from lightning.fabric.plugins.environments import SLURMEnvironment
 
             logger = Namespace(
                 class_path=TENSORBOARD,
                 init_args=Namespace(
                     save_dir=trainer.get("default_root_dir") or os.getcwd(),
                     name="lightning_logs",
-                    version=None,
+                    version=None if resuming else SLURMEnvironment.job_id(),
                     purge_step=None,
                 ),
             )
             trainer["logger"] = logger
+        if logger is False:
+            return []
         entries = logger if isinstance(logger, list) else [logger]
-        for entry in entries:
-            if getattr(entry, "class_path", None) == TENSORBOARD:
-                return entry
-        return None
+        return [e for e in entries if getattr(e, "class_path", None) == TENSORBOARD]
 
     @staticmethod
     def _checkpoint_dirs(trainer: Any, root: Path) -> list[Path]:
@@ -173,6 +194,10 @@ class TrainCLI(LightningCLI):
             isinstance(cb, InterruptCheckpoint) for cb in trainer.callbacks
         ):
             trainer.callbacks.append(InterruptCheckpoint())
+        if self.subcommand == "predict" and not any(
+            isinstance(cb, BasePredictionWriter) for cb in trainer.callbacks
+        ):
+            trainer.callbacks.append(PredictionWriter())
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's plugin
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
@@ -197,7 +222,7 @@ class TrainCLI(LightningCLI):
             if getattr(ckpt, "last_model_path", ""):
                 lines.append(f"  last checkpoint : {os.path.abspath(ckpt.last_model_path)}")
         lines.append(f"  logs and config : {log_dir}")
-        maps = os.path.join(log_dir, "explanations")
+        maps = str(records.explanations_dir(log_dir))
         if os.path.isdir(maps):
             lines.append(f"  explanation maps: {maps}")
         tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
@@ -210,6 +235,16 @@ class TrainCLI(LightningCLI):
         print("\n".join(lines), flush=True)
 
 
+PREDICT_HELP = (
+    "Predict the datamodule's predict split (the test split) with a trained model: "
+    "python train.py predict --config CONFIG --ckpt_path CKPT. Writes predictions.pt "
+    "(index, label, pred, probs, class_names) and predictions.csv (index, label, pred, "
+    "confidence, one probability per class) atomically into the run's log directory; "
+    "add callbacks.PredictionWriter with output_dir to the trainer's callbacks to choose "
+    "another folder."
+)
+
+
 def main(args: list[str] | None = None, run: bool = True) -> TrainCLI:
     """Build the CLI (``run=False`` only instantiates, which the config tests use)."""
     return TrainCLI(
@@ -218,6 +253,7 @@ def main(args: list[str] | None = None, run: bool = True) -> TrainCLI:
         subclass_mode_data=True,
         parser_class=TrainParser,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"predict": {"description": PREDICT_HELP}},
         args=args,
         run=run,
     )
@@ -236,7 +272,9 @@ def close_process_group() -> None:
 
 if __name__ == "__main__":
     try:
-        main(sys.argv[1:] or None)
+        # No args: LightningCLI reads sys.argv itself. Passing sys.argv[1:] as ``args`` made
+        # it warn on every run that it was given both args and command-line arguments.
+        main()
     except SIGTERMException:
         # Lightning ends a SIGTERMed fit with a bare SystemExit (status 0); a scheduler or
         # a shell script should see that the run was terminated, not that it finished.

@@ -1,13 +1,14 @@
-"""Lightning extensions: the explanation monitor, the interrupt checkpoint, atomic writes."""
+"""Lightning extensions: the explanation monitor, the interrupt checkpoint, atomic
+checkpoints and the prediction writer."""
 
-from .atomic import AtomicCheckpointIO, atomic_save
+from .atomic import AtomicCheckpointIO
 from .interrupt import InterruptCheckpoint
-from .monitor import ExplanationMonitor, stratified_indices
+from .monitor import ExplanationMonitor
+from .predictions import PredictionWriter
 
 __all__ = [
     "AtomicCheckpointIO",
     "ExplanationMonitor",
     "InterruptCheckpoint",
-    "atomic_save",
-    "stratified_indices",
+    "PredictionWriter",
 ]

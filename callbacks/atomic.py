@@ -1,40 +1,22 @@
-"""Writing files so that a crash never leaves a truncated one under the final name."""
+"""Lightning's checkpoint writer on top of the project's one atomic writer.
+
+The writer itself (temporary file beside the target, fsync, rename) lives in
+:mod:`explain.records`, because ``explain`` may not import Lightning and the report and the
+monitor's maps need it too.
+"""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any
 
-import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    The rename is atomic on one filesystem, which is why the temporary file sits beside the
-    target rather than in ``/tmp``. A crash mid-write leaves the previous file (or none),
-    never a truncated one, and no temporary file behind.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())  # the data is on disk before the name points at it
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+from explain.records import atomic_save
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer with :func:`atomic_save` for local paths.
+    """Lightning's checkpoint writer with :func:`explain.records.atomic_save` for local paths.
 
     Lightning's own writer goes through an fsspec transaction whose temporary file lives in
     the system temp folder; where that is another filesystem than the run directory, the

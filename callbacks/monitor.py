@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import re
 import warnings
 from typing import Any
 
@@ -11,48 +11,65 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 import explain
-from explain import render
+from explain import records, render
 from explain.measures import map_scores
-
-from .atomic import atomic_save
+from lit_modules.data.sampling import dataset_labels, sample_batch, stratified_indices
 
 CLASS_MODES = ("true", "predicted", "all")
+TAG_PREFIX = "explain"
+
+# Scores that belong on one chart in TensorBoard's custom-scalars layout (per method):
+# the cue share on cue-carrying images against its baseline on clean ones, and the two
+# object-localisation scores. Every other score gets a chart of its own.
+PAIRED_SCORES = {
+    "cue energy: biased vs clean": ("cue_energy/biased", "cue_energy/clean"),
+    "object: energy and pointing game": ("object_energy", "pointing_game"),
+}
+SINGLE_SCORES = ("drift", "concentration", "nan_maps")
 
 
-def dataset_labels(dataset: Any) -> torch.Tensor:
-    """Labels of a dataset without decoding images where the dataset exposes them."""
-    for attr in ("labels", "targets"):
-        if hasattr(dataset, attr):
-            return torch.as_tensor(getattr(dataset, attr)).long()
-    labels = []
-    for i in range(len(dataset)):
-        item = dataset[i]
-        labels.append(int(item["label"] if isinstance(item, dict) else item[1]))
-    return torch.tensor(labels)
+def scalar_tag(method: str, score: str) -> str:
+    """The logged name of a score: ``explain/<method>/<score>``."""
+    return f"{TAG_PREFIX}/{method}/{score}"
 
 
-def stratified_indices(labels: torch.Tensor, n: int, seed: int) -> list[int]:
-    """``n`` indices spread evenly over classes (round robin), each class shuffled by seed."""
-    g = torch.Generator().manual_seed(seed)
-    per_class = []
-    for c in torch.unique(labels).tolist():
-        idx = torch.nonzero(labels == c).flatten()
-        per_class.append(idx[torch.randperm(len(idx), generator=g)].tolist())
-    picked: list[int] = []
-    depth = 0
-    while len(picked) < n and any(depth < len(p) for p in per_class):
-        picked += [p[depth] for p in per_class if depth < len(p)][: n - len(picked)]
-        depth += 1
-    return picked
+def custom_scalars_layout(methods: list[str]) -> dict[str, dict[str, list[Any]]]:
+    """TensorBoard custom-scalars layout: ``{category: {chart title: ["Multiline", tags]}}``.
+
+    One category per method (its paired scores on shared charts, the others alone) and,
+    with several methods, a category comparing their biased cue energy. Tags are regular
+    expressions in TensorBoard; they are escaped and anchored so that ``gradcam`` does not
+    also pick up ``gradcam_pp``.
+    """
+
+    def exact(tag: str) -> str:
+        return f"^{re.escape(tag)}$"
+
+    layout: dict[str, dict[str, list[Any]]] = {}
+    for method in methods:
+        charts: dict[str, list[Any]] = {}
+        for title, scores in PAIRED_SCORES.items():
+            charts[f"{method}: {title}"] = ["Multiline", [exact(scalar_tag(method, s)) for s in scores]]
+        for score in SINGLE_SCORES:
+            charts[f"{method}: {score}"] = ["Multiline", [exact(scalar_tag(method, score))]]
+        layout[f"{TAG_PREFIX}/{method}"] = charts
+    if len(methods) > 1:
+        score = "cue_energy/biased"
+        layout[f"{TAG_PREFIX}: methods side by side"] = {
+            f"{score}, every method": ["Multiline", [exact(scalar_tag(m, score)) for m in methods]],
+        }
+    return layout
 
 
 class ExplanationMonitor(Callback):
     """Explain a fixed, class-stratified set of validation images at each validation epoch end.
 
-    For every method it logs to TensorBoard one image grid and the scalars
-    ``explain/<method>/...``:
+    For every method it logs the scalars ``explain/<method>/...`` through Lightning
+    (``pl_module.log``), so every attached logger records them (TensorBoard, CSV, ...) at
+    the step of ``val/acc``, and ``ModelCheckpoint`` or ``EarlyStopping`` can monitor them:
 
     * ``cue_energy/biased``: share of the true-class map's positive mass inside the cue
       patch, over fixed images that carry the cue (a rising curve = a shortcut forming);
@@ -60,10 +77,19 @@ class ExplanationMonitor(Callback):
       the patch's region (the baseline for "attention to that corner");
     * ``object_energy``: share inside the object mask (datasets with masks);
     * ``pointing_game``: how often the map's peak lies on the object;
-    * ``drift``: ``1 - cosine`` similarity with the previous epoch's maps;
-    * ``concentration``: ``1 - normalised entropy`` of the map (1 = a single pixel).
+    * ``drift``: ``1 - cosine`` similarity with the previous epoch's maps (from the second
+      explained epoch on);
+    * ``concentration``: ``1 - normalised entropy`` of the map (1 = a single pixel);
+    * ``nan_maps``: fixed images whose map was not finite; the method's scores are NaN then.
 
-    The raw maps of every epoch are saved atomically to ``<log_dir>/explanations/``.
+    A TensorBoardLogger also gets one image grid per method and epoch
+    (``explain/<method>/grid``) and a custom-scalars layout that puts each method's paired
+    scores on one chart. Without one, a warning says so once; scalars still go to the other
+    loggers and the raw maps of every epoch are still saved atomically to
+    ``<log_dir>/explanations/`` (see :mod:`explain.records`).
+
+    To monitor a score with ``ModelCheckpoint``, give both callbacks the same
+    ``every_n_epochs``: Lightning stops a run whose monitored key was not logged.
 
     Args:
         methods: explanation method names (see ``explain.available()``).
@@ -121,6 +147,7 @@ class ExplanationMonitor(Callback):
         self._previous: dict[str, torch.Tensor] = {}
         self._batch: dict[str, torch.Tensor] | None = None
         self._warned_logger = False
+        self._layout_written = False
         self._dir: str | None = None
 
     # -- state: primitives and tensors only, so checkpoints load with weights_only=True ---
@@ -151,17 +178,12 @@ class ExplanationMonitor(Callback):
             dataset = self._val_dataset(trainer)
             if self.indices is None:
                 self.indices = stratified_indices(dataset_labels(dataset), self.num_images, self.seed)
-            items = [dataset[i] for i in self.indices]
-            if not isinstance(items[0], dict):
-                items = [{"image": it[0], "label": torch.as_tensor(it[1])} for it in items]
-            self._batch = {
-                k: torch.stack([torch.as_tensor(it[k]) for it in items])
-                for k in items[0]
-                if isinstance(items[0][k], torch.Tensor | int)
-            }
+            self._batch = sample_batch(dataset, self.indices)
         return {k: v.to(device) for k, v in self._batch.items()}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage not in ("fit", "validate"):
+            return  # test and predict never reach on_validation_epoch_end
         # Every rank runs setup. trainer.log_dir is a collective (a broadcast), so it is read
         # here and never from the rank-zero-only explanation step, which would hang DDP.
         self._dir = self._log_dir(trainer)
@@ -172,17 +194,77 @@ class ExplanationMonitor(Callback):
             self.indices = stratified_indices(
                 dataset_labels(dm.dataset("val")), self.num_images, self.seed
             )
+        if trainer.world_size > 1:
+            # Every rank logs rank zero's broadcast numbers unsynced (see _share): Lightning's
+            # advice to sync_dist them would only average identical values, one collective each.
+            warnings.filterwarnings(
+                "ignore",
+                message=rf"It is recommended to use `self\.log\('{TAG_PREFIX}/",
+                category=PossibleUserWarning,
+            )
+        if trainer.is_global_zero and not self._layout_written:
+            tb = self._tensorboard(trainer, warn=False)
+            if tb is not None:
+                # Written at every fit/validate start of this process: TensorBoard shows
+                # the last layout of a run, so a resumed run that adds a method adds its charts.
+                tb.add_custom_scalars(custom_scalars_layout(self.methods))
+                self._layout_written = True
 
     # -- the work -----------------------------------------------------------------------
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
             return
+        scalars: dict[str, float] | None = None
+        failure: Exception | None = None
         # Only rank zero explains: the engine runs no collective, so no rank can wait on it.
-        if not trainer.is_global_zero:
-            return
+        if trainer.is_global_zero:
+            try:
+                scalars = self.explain_epoch(trainer, pl_module)
+            except Exception as exc:
+                if trainer.world_size == 1:
+                    raise
+                failure = exc  # raised after the broadcast, which the other ranks are in
+        # Outside the rank-zero branch: every rank reaches this same call.
+        scalars = self._share(trainer, scalars, failure)
+        if failure is not None:
+            raise failure
+        # Lightning's own logging: every logger gets the numbers, at val/acc's step, and
+        # ModelCheckpoint/EarlyStopping can monitor them. No sync_dist: the values are
+        # already the same on every rank.
+        pl_module.log_dict(scalars, on_step=False, on_epoch=True, sync_dist=False, batch_size=1)
+
+    @staticmethod
+    def _share(
+        trainer: L.Trainer, scalars: dict[str, float] | None, failure: Exception | None
+    ) -> dict[str, float]:
+        """Rank zero's scalars on every rank (one broadcast under DDP, nothing otherwise).
+
+        Every rank must log them: ModelCheckpoint runs on every rank, raises where its
+        monitored key is missing, and decides with the other ranks whether to save, so all
+        ranks need the same value. Rank zero's are broadcast rather than computed on every
+        rank, because each rank's BatchNorm statistics move with its own last batch (the
+        values would differ slightly, and the ranks could disagree on the best checkpoint),
+        and an expensive method would cost every device the time. A failure on rank zero is
+        broadcast too, so the other ranks stop instead of waiting forever.
+        """
+        if trainer.world_size == 1:
+            return scalars or {}
+        message = None if failure is None else f"{type(failure).__name__}: {failure}"
+        scalars, message = trainer.strategy.broadcast((scalars, message), src=0)
+        if message is not None and not trainer.is_global_zero:
+            raise RuntimeError(f"ExplanationMonitor failed on global rank 0: {message}")
+        return scalars or {}
+
+    def explain_epoch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Explain the fixed images, draw the grids, save the maps; return the scalars.
+
+        ``{"explain/<method>/<score>": value}``: what :meth:`on_validation_epoch_end` logs.
+        Runs on one process (rank zero); calls no collective. Leaves the model as found
+        (train/eval flags, BatchNorm statistics, ``.grad``, hooks, the RNG stream).
+        """
         batch = self._fixed_batch(trainer, pl_module.device)
         images, labels = batch["image"], batch["label"].long()
-        with explain.explaining(pl_module), torch.no_grad():  # eval mode: BN stats stay
+        with explain.eval_mode(pl_module), torch.no_grad():  # eval mode: BN stats stay
             logits = pl_module(images.clone()).float()
         probs = logits.softmax(-1)
         preds = probs.argmax(-1)
@@ -200,38 +282,40 @@ class ExplanationMonitor(Callback):
             "explained": self.explain_classes if self.explain_classes == "all" else self.classes,
         }
         tb = self._tensorboard(trainer)
-        step = self._log_step(trainer)
+        out: dict[str, float] = {}
         for method in self.methods:
             maps = self._explain(
                 pl_module, images, method, finite_logits, labels, preds, logits.shape[-1]
             )
             # Images whose map is not finite (a diverged or poisoned model): counted and
-            # logged, never drawn or scored, and training goes on.
+            # logged, never drawn or scored (their scores are NaN), and training goes on.
             bad = int((~torch.isfinite(maps).flatten(1).all(1)).sum()) if maps is not None else n
             record["nan_maps"][method] = bad
-            if tb is not None:
-                tb.add_scalar(f"explain/{method}/nan_maps", bad, step)
+            out[scalar_tag(method, "nan_maps")] = float(bad)
             if bad:
                 rank_zero_warn(
                     f"ExplanationMonitor: {method} gave non-finite maps for {bad} of {n} fixed "
                     f"images at epoch {trainer.current_epoch} (does the model output NaN?); "
                     "no grid or scores this epoch"
                 )
-                continue
+                maps = None
             scalars = self._scalars(method, maps, labels.cpu(), batch)
+            out.update({scalar_tag(method, k): v for k, v in scalars.items()})
+            if maps is None:
+                continue
             record["maps"][method] = maps.half()
             record["scalars"][method] = scalars
             if tb is not None:
-                for name, value in scalars.items():
-                    tb.add_scalar(f"explain/{method}/{name}", value, step)
                 tb.add_image(
-                    f"explain/{method}/grid", self._grid(trainer, images, maps, labels, preds), step
+                    scalar_tag(method, "grid"),
+                    self._grid(trainer, images, maps, labels, preds),
+                    self._image_step(trainer),
                 )
         if self.save_maps:
-            folder = os.path.join(self._dir or self._log_dir(trainer), "explanations")
-            if not os.path.exists(os.path.join(folder, "fixed_images.pt")):
-                atomic_save(self._fixed_record(trainer, batch), os.path.join(folder, "fixed_images.pt"))
-            atomic_save(record, os.path.join(folder, f"epoch_{trainer.current_epoch:04d}.pt"))
+            folder = self._dir or self._log_dir(trainer)
+            records.save_fixed_images(folder, self._fixed_record(trainer, batch))
+            records.save_epoch(folder, record)
+        return out
 
     def _explain(
         self,
@@ -269,34 +353,53 @@ class ExplanationMonitor(Callback):
             return None  # e.g. an SVD that can not converge on NaN activations
 
     def _scalars(
-        self, method: str, maps: torch.Tensor, labels: torch.Tensor, batch: dict[str, torch.Tensor]
+        self,
+        method: str,
+        maps: torch.Tensor | None,
+        labels: torch.Tensor,
+        batch: dict[str, torch.Tensor],
     ) -> dict[str, float]:
-        true_maps = maps[torch.arange(len(labels)), labels]
+        """The scores of one method's maps ``[N, K, H, W]``; NaN for each when ``maps`` is
+        None (non-finite), so the same keys are logged every epoch.
+
+        Which scores exist depends on the fixed images only (a cue, object masks) and on a
+        previous epoch's maps for ``drift``: a monitored score never goes missing because
+        one epoch's maps were broken.
+        """
+        nan = float("nan")
+        true_maps = maps[torch.arange(len(labels)), labels] if maps is not None else None
+
+        def score(fn: Any) -> float:
+            return nan if true_maps is None else map_scores.nanmean(fn(true_maps))
+
         out: dict[str, float] = {}
         cue = batch.get("cue_mask")
         if cue is not None:
             cue = cue.cpu()
             carries = cue.flatten(1).any(1)
             if carries.any():
-                out["cue_energy/biased"] = map_scores.nanmean(
-                    map_scores.energy_in_mask(true_maps[carries], cue[carries])
+                out["cue_energy/biased"] = score(
+                    lambda m: map_scores.energy_in_mask(m[carries], cue[carries])
                 )
                 region = cue[carries].any(0)  # where the patch sits (fixed-position cues)
                 clean = ~carries
                 if clean.any():
-                    out["cue_energy/clean"] = map_scores.nanmean(
-                        map_scores.energy_in_mask(true_maps[clean], region.expand_as(cue[clean]))
+                    out["cue_energy/clean"] = score(
+                        lambda m: map_scores.energy_in_mask(m[clean], region.expand_as(cue[clean]))
                     )
         obj = batch.get("object_mask")
         if obj is not None and obj.any():
             obj = obj.cpu()
-            out["object_energy"] = map_scores.nanmean(map_scores.energy_in_mask(true_maps, obj))
-            out["pointing_game"] = map_scores.nanmean(map_scores.pointing_game(true_maps, obj))
+            out["object_energy"] = score(lambda m: map_scores.energy_in_mask(m, obj))
+            out["pointing_game"] = score(lambda m: map_scores.pointing_game(m, obj))
         prev = self._previous.get(method)
-        if prev is not None and prev.shape == maps.shape:
-            out["drift"] = map_scores.nanmean(map_scores.drift(maps.flatten(0, 1), prev.float().flatten(0, 1)))
-        out["concentration"] = map_scores.nanmean(map_scores.concentration(true_maps))
-        self._previous[method] = maps.half()
+        if prev is not None and (maps is None or prev.shape == maps.shape):
+            out["drift"] = nan if maps is None else map_scores.nanmean(
+                map_scores.drift(maps.flatten(0, 1), prev.float().flatten(0, 1))
+            )
+        out["concentration"] = score(map_scores.concentration)
+        if maps is not None:  # drift is measured against the last finite maps
+            self._previous[method] = maps.half()
         return out
 
     def _grid(
@@ -350,31 +453,34 @@ class ExplanationMonitor(Callback):
         }
 
     @staticmethod
-    def _log_step(trainer: L.Trainer) -> int:
-        """The step Lightning's own loggers use at this point (``val/acc`` is logged there).
+    def _image_step(trainer: L.Trainer) -> int:
+        """The step Lightning logs this validation's metrics at, for the grids.
 
-        During validation that is the count of optimiser steps *before* the current batch's,
-        one less than ``trainer.global_step``; sharing it puts the monitor's curves on
-        ``val/acc``'s x positions and lets a resumed run purge exactly the lost steps.
+        While fitting, Lightning logs a validation at the index of the last training batch
+        that stepped the optimiser, which is ``global_step - 1`` for this project's one
+        optimiser (the scalars get it from Lightning itself); ``trainer.validate`` logs at
+        ``global_step``. Sharing it puts the grids on ``val/acc``'s x positions and lets a
+        resumed run purge exactly the lost steps.
         """
-        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-        step = getattr(loop, "_batches_that_stepped", None)
-        return int(step) if step is not None else max(trainer.global_step - 1, 0)
+        fitting = trainer.state.fn == "fit"
+        return max(trainer.global_step - (1 if fitting else 0), 0)
 
     @staticmethod
     def _log_dir(trainer: L.Trainer) -> str:
         return trainer.log_dir or trainer.default_root_dir
 
-    def _tensorboard(self, trainer: L.Trainer) -> Any:
+    def _tensorboard(self, trainer: L.Trainer, warn: bool = True) -> Any:
+        """The first TensorBoardLogger's writer, or None (with a warning, once)."""
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 return logger.experiment
-        if not self._warned_logger:
+        if warn and not self._warned_logger:
             self._warned_logger = True
+            others = ", ".join(type(lg).__name__ for lg in trainer.loggers) or "none"
             warnings.warn(
-                "ExplanationMonitor: no TensorBoardLogger attached, so no heatmaps or "
-                "scalars are logged; raw maps are still saved under "
-                f"{os.path.join(self._dir or self._log_dir(trainer), 'explanations')}",
+                "ExplanationMonitor: no TensorBoardLogger attached, so no heatmap grids are "
+                f"logged (scalars go to the attached loggers: {others}); raw maps are still "
+                f"saved under {records.explanations_dir(self._dir or self._log_dir(trainer))}",
                 UserWarning,
                 stacklevel=2,
             )

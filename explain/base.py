@@ -137,22 +137,35 @@ def input_size_problem(model: nn.Module, images: torch.Tensor) -> str | None:
 
 
 @contextlib.contextmanager
-def explaining(model: nn.Module) -> Iterator[None]:
-    """Eval mode, grad enabled (even under inference mode), RNG forked; all undone on exit."""
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode; on exit (also after an exception) give every submodule
+    back its own train/eval flag.
+
+    ``model.train()`` on exit would be wrong: it sets every submodule alike, so a backbone
+    the user froze in eval mode (or a BatchNorm kept in eval while fine-tuning) would come
+    back training. The flags are set directly for the same reason.
+    """
     modes = [(m, m.training) for m in model.modules()]
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    rng_devices = [device] if device.type == "cuda" else []
     try:
-        with (
-            torch.random.fork_rng(devices=rng_devices),
-            torch.inference_mode(False),
-            torch.enable_grad(),
-        ):
-            model.eval()
-            yield
+        model.eval()
+        yield model
     finally:
         for m, was_training in modes:
             m.training = was_training
+
+
+@contextlib.contextmanager
+def explaining(model: nn.Module) -> Iterator[None]:
+    """Eval mode, grad enabled (even under inference mode), RNG forked; all undone on exit."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    rng_devices = [device] if device.type == "cuda" else []
+    with (
+        eval_mode(model),
+        torch.random.fork_rng(devices=rng_devices),
+        torch.inference_mode(False),
+        torch.enable_grad(),
+    ):
+        yield
 
 
 @dataclass

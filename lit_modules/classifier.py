@@ -172,6 +172,24 @@ class ImageClassifier(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, "test", self.test_acc)
 
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Predictions for one batch: ``index`` (the items' indices in their split, or -1
+        where the batch carries none), ``label`` (-1 where unknown), ``pred`` (argmax class)
+        and ``probs`` (softmax, float32 ``[B, K]``); all on the CPU, so a whole split of
+        them does not pile up in device memory."""
+        if isinstance(batch, dict):
+            x, y, index = batch["image"], batch.get("label"), batch.get("index")
+        else:
+            x, y, index = batch[0], batch[1] if len(batch) > 1 else None, None
+        probs = self._logits(x).float().softmax(-1)
+        missing = torch.full((x.shape[0],), -1, dtype=torch.long)
+        return {
+            "index": index.long().cpu() if index is not None else missing,
+            "label": y.long().cpu() if y is not None else missing,
+            "pred": probs.argmax(-1).cpu(),
+            "probs": probs.cpu(),
+        }
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         # No weight decay on BatchNorm and bias parameters (standard for ResNet training).

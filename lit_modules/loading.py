@@ -25,6 +25,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from explain import eval_mode
+
 from .classifier import ImageClassifier, unpack_batch
 
 # A config is data, but ``class_path`` names code: only this project's modules may be
@@ -245,23 +247,17 @@ def evaluate(
     per_class = MulticlassAccuracy(num_classes, average=None).to(device)
     confusion = MulticlassConfusionMatrix(num_classes).to(device)
     labels, preds = [], []
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-                x, y = unpack_batch(batch)
-                x, y = x.to(device), y.to(device)
-                p = model(x).argmax(-1)
-                for metric in (acc, per_class, confusion):
-                    metric.update(p, y)
-                labels.append(y.cpu())
-                preds.append(p.cpu())
-                if progress is not None:
-                    progress(len(y))
-    finally:
-        for m, was_training in modes:
-            m.training = was_training
+    with eval_mode(model), torch.no_grad():
+        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            x, y = unpack_batch(batch)
+            x, y = x.to(device), y.to(device)
+            p = model(x).argmax(-1)
+            for metric in (acc, per_class, confusion):
+                metric.update(p, y)
+            labels.append(y.cpu())
+            preds.append(p.cpu())
+            if progress is not None:
+                progress(len(y))
     labels_t, preds_t = torch.cat(labels), torch.cat(preds)
     support = torch.bincount(labels_t, minlength=num_classes)
     recall = per_class.compute().cpu().float()
@@ -276,18 +272,6 @@ def evaluate(
 
 
 # -- data for the audit -----------------------------------------------------------------
-
-
-def sample_batch(dataset: Any, indices: list[int]) -> dict[str, Tensor]:
-    """Stack dataset items (the project's dict format, or ``(x, y)`` pairs) into a batch."""
-    items = [dataset[i] for i in indices]
-    if not isinstance(items[0], dict):
-        items = [{"image": it[0], "label": torch.as_tensor(it[1])} for it in items]
-    return {
-        k: torch.stack([torch.as_tensor(it[k]) for it in items])
-        for k in items[0]
-        if isinstance(items[0][k], Tensor | int)
-    }
 
 
 @dataclass
@@ -340,26 +324,3 @@ def counterfactual_images(
         datamodule.normalize(control01), labels,
     )
 
-
-def load_monitor_records(log_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
-    """The ExplanationMonitor's saved maps: ``(fixed_images record, epoch records)``.
-
-    Files are ``<log_dir>/explanations/fixed_images.pt`` and ``epoch_NNNN.pt`` (read with
-    ``weights_only=True``); None when the run saved none. Unreadable epoch files are
-    skipped with a warning (a run killed mid-epoch leaves no partial file, but a copied
-    folder might).
-    """
-    folder = Path(log_dir) / "explanations"
-    fixed_path = folder / "fixed_images.pt"
-    if not fixed_path.is_file():
-        return None
-    fixed = torch.load(fixed_path, map_location="cpu", weights_only=True)
-    epochs = []
-    for path in sorted(folder.glob("epoch_*.pt")):
-        try:
-            epochs.append(torch.load(path, map_location="cpu", weights_only=True))
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-            warnings.warn(f"skipping unreadable monitor file {path}: {exc}", UserWarning,
-                          stacklevel=2)
-    epochs.sort(key=lambda r: int(r.get("epoch", 0)))
-    return fixed, epochs

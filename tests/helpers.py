@@ -12,18 +12,21 @@ from pathlib import Path
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
+from torch.nn.modules import module as module_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(tmp_path: Path, *, epochs: int = 2, monitor: dict | None = None,
-                data: dict | None = None, logger: bool = True, backbone: str = "resnet18_cifar",
+                data: dict | None = None, logger: bool | dict | list = True,
+                backbone: str = "resnet18_cifar",
                 name: str = "tiny", callbacks: list[dict] | None = None,
                 model: dict | None = None, trainer_args: dict | None = None) -> Path:
     """Write a seconds-long synthetic-data training config and return its path.
 
     ``callbacks`` are appended to the monitor and checkpoint; ``model`` and ``trainer_args``
-    update those sections.
+    update those sections. ``logger``: True for a TensorBoardLogger, False for none, or
+    the trainer's ``logger:`` entry (a class_path dict, or a list of them) as is.
     """
     monitor_args = {"methods": ["gradcam"], "num_images": 10, "classes": "true"}
     monitor_args.update(monitor or {})
@@ -45,11 +48,10 @@ def tiny_config(tmp_path: Path, *, epochs: int = 2, monitor: dict | None = None,
         ],
     }
     trainer.update(trainer_args or {})
-    trainer["logger"] = (
-        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-         "init_args": {"save_dir": str(tmp_path / "runs"), "name": name}}
-        if logger else False
-    )
+    if logger is True:
+        logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                  "init_args": {"save_dir": str(tmp_path / "runs"), "name": name}}
+    trainer["logger"] = logger
     cfg = {
         "seed_everything": 0,
         "trainer": trainer,
@@ -182,3 +184,58 @@ def register_tiny_backbone() -> str:
         register_backbone(TINY_BACKBONE)(TinyBackbone)
     assert torch.is_tensor(BACKBONES[TINY_BACKBONE]().classifier.weight)
     return TINY_BACKBONE
+
+
+# -- model inspection --------------------------------------------------------------------
+
+# Every per-module hook dict PyTorch has; the call hooks are the ones an explainer adds.
+CALL_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+OTHER_HOOKS = (
+    "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+    "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                "_global_backward_pre_hooks")
+
+
+def hook_counts(model: torch.nn.Module) -> dict[str, int]:
+    """``{"<module>.<kind>": n}`` for every non-empty hook container of ``model``, its
+    parameters and PyTorch's global module hooks; ``"<module>.forward replaced": 1`` where
+    an instance attribute shadows a module's ``forward`` (a monkeypatch left behind).
+
+    Equal before and after a call = the call left no hook (or patch) behind.
+    """
+    counts = {}
+    for name, m in model.named_modules():
+        for kind in CALL_HOOKS + OTHER_HOOKS:
+            n = len(getattr(m, kind, None) or {})
+            if n:
+                counts[f"{name or '<root>'}.{kind}"] = n
+        if "forward" in vars(m):
+            counts[f"{name or '<root>'}.forward replaced"] = 1
+    for name, p in model.named_parameters():
+        for kind in ("_backward_hooks", "_post_accumulate_grad_hooks"):
+            n = len(getattr(p, kind, None) or {})
+            if n:
+                counts[f"{name}.{kind}"] = n
+    for kind in GLOBAL_HOOKS:
+        n = len(getattr(module_mod, kind, None) or {})
+        if n:
+            counts[f"global {kind}"] = n
+    return counts
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-map Pearson correlation of ``[N, ...]`` maps, in float64; two constant maps
+    count as 1 (both say "nothing here"), one constant against a varying map as 0."""
+    a = a.reshape(a.shape[0], -1).double()
+    b = b.reshape(b.shape[0], -1).double()
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    na, nb = a.norm(dim=1), b.norm(dim=1)
+    r = (a * b).sum(1) / (na * nb).clamp_min(1e-300)
+    flat_a = na <= 1e-12 * (1 + na.max())
+    flat_b = nb <= 1e-12 * (1 + nb.max())
+    r = torch.where(flat_a & flat_b, torch.ones_like(r), r)
+    return torch.where(flat_a ^ flat_b, torch.zeros_like(r), r)

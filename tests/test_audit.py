@@ -162,7 +162,7 @@ def test_data_without_cue_masks_or_monitor_maps(trained: Path, tmp_path: Path,
     from lit_modules.data import SyntheticShapesDataModule
 
     cfg = yaml.safe_load((trained.parent.parent / "config.yaml").read_text())
-    cfg["data"]["init_args"]["cue_classes"] = None
+    cfg["data"]["init_args"]["cue"] = None
     config = tmp_path / "elsewhere" / "config.yaml"  # no explanations/ folder beside it
     config.parent.mkdir()
     config.write_text(yaml.safe_dump(cfg))
@@ -326,7 +326,7 @@ def _train_for_bias(tmp: Path, cue: bool) -> Path:
     other, which is a true finding but not the one this test is about.
     """
     data = {"image_size": 16, "num_train": 240, "num_val": 50, "num_test": 400,
-            "batch_size": 32, "cue_classes": [0] if cue else None}
+            "batch_size": 32, "cue": {"classes": [0]} if cue else None}
     tmp.mkdir(parents=True)
     cfg = tiny_config(tmp, epochs=3, data=data, name="cue" if cue else "clean")
     cli = run_train(["fit", "--config", str(cfg), "--trainer.limit_train_batches", "1.0",

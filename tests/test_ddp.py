@@ -15,6 +15,7 @@ from lit_modules import ImageClassifier
 from lit_modules.data import SyntheticShapesDataModule
 
 EPOCHS = 2
+MONITORED = "explain/gradcam/cue_energy/biased"
 
 
 @pytest.mark.slow
@@ -22,8 +23,11 @@ EPOCHS = 2
                     reason="torch.distributed with gloo is not available")
 def test_ddp_two_processes_one_writer_and_rank_zero_maps(tmp_path: Path) -> None:
     # The fast data path: its per-rank sharding is this project's code, not Lightning's.
+    # A ModelCheckpoint on a monitor score runs on both ranks: rank 1 must see the key too.
+    best = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+        "monitor": MONITORED, "mode": "max", "save_top_k": 1, "filename": "best"}}
     cfg = tiny_config(tmp_path, epochs=EPOCHS, monitor={"methods": ["gradcam", "saliency"]},
-                      data={"data_path": "fast"})
+                      data={"data_path": "fast"}, callbacks=[best])
     done = train_subprocess(["fit", "--config", str(cfg), "--trainer.strategy", "ddp",
                              "--trainer.devices", "2"], timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -54,6 +58,15 @@ def test_ddp_two_processes_one_writer_and_rank_zero_maps(tmp_path: Path) -> None
         fresh = explain.run(model, images, method)
         scale = fresh.abs().amax().clamp_min(1e-12)
         assert ((saved - fresh).abs().amax() / scale) < 2e-3, method  # fp16 storage
+    # The best checkpoint holds the epoch whose logged (rank zero's) score was highest.
+    logged = [e.value for e in acc.Scalars(MONITORED)]
+    assert len(logged) == EPOCHS
+    best_state = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    assert best_state["epoch"] == logged.index(max(logged))
+    best_cb = next(v for k, v in best_state["callbacks"].items() if MONITORED in k)
+    assert float(best_cb["best_model_score"]) == pytest.approx(max(logged), rel=1e-6)
+    # Rank zero's broadcast values are logged unsynced on purpose: no advice to sync them.
+    assert "recommended to use `self.log('explain/" not in done.stderr
     # Both ranks would have picked the same images: they are a function of (labels, seed).
     monitor_state = next(v for k, v in state["callbacks"].items() if "ExplanationMonitor" in k)
     assert monitor_state["indices"] == record["indices"].tolist()

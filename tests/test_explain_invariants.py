@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import hook_counts
 
 import explain
 
@@ -34,27 +35,6 @@ def _refused(method: str, split: bool) -> bool:
 def _images(batch: int = 2, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, 16, 16, generator=gen)
-
-
-def _hooks(model: torch.nn.Module) -> list[str]:
-    found = []
-    for name, m in model.named_modules():
-        for kind in (
-            "_forward_hooks",
-            "_forward_pre_hooks",
-            "_backward_hooks",
-            "_backward_pre_hooks",
-        ):
-            if getattr(m, kind):
-                found.append(f"{name or '<root>'}.{kind}")
-        if "forward" in vars(m):
-            found.append(f"{name or '<root>'}.forward replaced")
-    from torch.nn.modules import module as module_mod
-
-    for kind in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks"):
-        if getattr(module_mod, kind, None):
-            found.append(f"global {kind}")
-    return found
 
 
 def _mixed_modes(model: torch.nn.Module) -> dict[str, bool]:
@@ -100,7 +80,7 @@ def test_model_left_as_found(method, split, tiny_explain_net):
         assert _refused(method, split)
     assert torch.equal(torch.get_rng_state(), rng), "global RNG stream moved"
     assert {n: m.training for n, m in model.named_modules()} == modes
-    assert _hooks(model) == []
+    assert hook_counts(model) == {}
     for name, p in model.named_parameters():
         if p is model.classifier.weight:
             assert torch.equal(p.grad, marker)
@@ -147,7 +127,7 @@ def test_no_hooks_and_modes_restored_after_an_exception(method, at_call, tiny_ex
             explain.run(model, _images(), method, **_kwargs(method, False))
     finally:
         handle.remove()
-    assert _hooks(model) == []
+    assert hook_counts(model) == {}
     assert {n: m.training for n, m in model.named_modules()} == modes
     assert all(p.grad is None for p in model.parameters())
 
@@ -243,7 +223,7 @@ def test_images_smaller_than_the_network_takes(method, split, tiny_explain_net):
             explain.run(model, x, method, **_kwargs(method, split))
     elif method != "occlusion":
         assert explain.run(model, x, method).shape == (2, NUM_CLASSES, 2, 2)
-    assert _hooks(model) == []
+    assert hook_counts(model) == {}
     assert {n: m.training for n, m in model.named_modules()} == modes
 
 
@@ -288,3 +268,16 @@ def test_float_or_bool_targets_are_refused(method, tiny_explain_net):
     a = explain.run(model, _images(), method, targets=[1, 0])
     b = explain.run(model, _images(), method, targets=torch.tensor([1, 0], dtype=torch.int32))
     assert a.shape == (2, 16, 16) and torch.allclose(a, b)
+
+
+def test_eval_mode_restores_each_submodules_own_flag_also_after_an_error(tiny_explain_net):
+    model = tiny_explain_net()
+    model.train()
+    model.stem.eval()  # a frozen part stays frozen; model.train() on exit would undo it
+    before = {n: m.training for n, m in model.named_modules()}
+    with pytest.raises(RuntimeError, match="boom"), explain.eval_mode(model) as inside:
+        assert inside is model
+        assert not any(m.training for m in model.modules())
+        raise RuntimeError("boom")
+    assert {n: m.training for n, m in model.named_modules()} == before
+    assert (before["stem"], before["block"]) == (False, True)

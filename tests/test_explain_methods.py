@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import pearson
 from torch import nn
 
 import explain
@@ -29,18 +30,6 @@ def _images(batch: int, seed: int, size: int = 32) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-map Pearson correlation of ``[N, ...]`` maps; two constant maps count as 1."""
-    a = a.reshape(a.shape[0], -1).double()
-    b = b.reshape(b.shape[0], -1).double()
-    a = a - a.mean(1, keepdim=True)
-    b = b - b.mean(1, keepdim=True)
-    na, nb = a.norm(dim=1), b.norm(dim=1)
-    r = (a * b).sum(1) / (na * nb).clamp_min(1e-300)
-    both_flat = (na <= 1e-12 * (1 + na.max())) & (nb <= 1e-12 * (1 + nb.max()))
-    return torch.where(both_flat, torch.ones_like(r), r)
-
-
 # -- exact identities -----------------------------------------------------------------------
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_gradcam_equals_hirescam_equals_cam_on_gap_heads(backbone):
@@ -55,7 +44,7 @@ def test_gradcam_equals_hirescam_equals_cam_on_gap_heads(backbone):
     torch.testing.assert_close(grad * hw, cam, atol=1e-5 * float(scale), rtol=1e-4)
     torch.testing.assert_close(hires * hw, cam, atol=1e-5 * float(scale), rtol=1e-4)
     for other in (grad, hires):
-        assert _pearson(cam.flatten(0, 1), other.flatten(0, 1)).min() > 0.9999
+        assert pearson(cam.flatten(0, 1), other.flatten(0, 1)).min() > 0.9999
 
 
 def _completeness_error(model, x, targets, per_image=False, **options) -> torch.Tensor:

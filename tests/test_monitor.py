@@ -2,25 +2,46 @@
 
 from __future__ import annotations
 
+import csv
 import glob
+import math
 import os
+import re
 
 import pytest
 import torch
-from helpers import run_train, tiny_config
+from helpers import hook_counts, register_tiny_backbone, run_train, tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.util import tensor_util
 
 import explain
-from callbacks import ExplanationMonitor, stratified_indices
+from callbacks import ExplanationMonitor
+from explain import records
+from lit_modules.data.sampling import stratified_indices
 
 SCALARS = ["cue_energy/biased", "cue_energy/clean", "object_energy", "pointing_game",
            "concentration"]
 
 
 def _events(log_dir: str) -> EventAccumulator:
-    acc = EventAccumulator(log_dir, size_guidance={"images": 0, "scalars": 0})
+    acc = EventAccumulator(log_dir, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     acc.Reload()
     return acc
+
+
+def _layout(acc: EventAccumulator) -> dict[str, dict[str, list[str]]]:
+    """The run's custom-scalars layout as ``{category: {chart: [tag regex, ...]}}``."""
+    (event,) = acc.Tensors("custom_scalars__config__")[-1:]
+    layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(event.tensor_proto).item())
+    return {c.title: {ch.title: list(ch.multiline.tag) for ch in c.chart}
+            for c in layout.category}
+
+
+def _positive_share(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Share of each map's positive mass inside its mask, written out independently."""
+    m = maps.float().clamp_min(0).flatten(1)
+    return (m * masks.flatten(1).float()).sum(1) / m.sum(1)
 
 
 def test_two_epochs_log_grids_scalars_and_maps(tmp_path) -> None:
@@ -35,25 +56,51 @@ def test_two_epochs_log_grids_scalars_and_maps(tmp_path) -> None:
     # The monitor logs at Lightning's own step for the epoch's validation, beside val/acc.
     steps = [cli.trainer.num_training_batches * (epoch + 1) - 1 for epoch in range(2)]
     assert [e.step for e in acc.Scalars("val/acc")] == steps
+    saved = [records.load_monitor_records(log_dir)[1][e] for e in range(2)]
     for method in ("gradcam", "hirescam"):
         for name in SCALARS:
             events = acc.Scalars(f"explain/{method}/{name}")
             assert [e.step for e in events] == steps, name
-            assert all(0.0 <= e.value <= 1.0 for e in events), name
+            # What TensorBoard shows is what the epoch files hold (float32 in the events).
+            want = [r["scalars"][method][name] for r in saved]
+            assert [e.value for e in events] == pytest.approx(want, rel=1e-6, abs=1e-7), name
         # drift needs a previous epoch: logged from the second epoch on
         assert [e.step for e in acc.Scalars(f"explain/{method}/drift")] == steps[1:]
         assert [e.value for e in acc.Scalars(f"explain/{method}/nan_maps")] == [0, 0]
         grids = acc.Images(f"explain/{method}/grid")
         assert [g.step for g in grids] == steps
-        assert grids[0].width > 32 * 4 and grids[0].height > 32 * 4
+        # 10 images x (image, overlay) = 20 tiles of 32*4 px in rows of 8, 2 px apart.
+        assert (grids[0].width, grids[0].height) == (8 * 130 + 2, 3 * 130 + 2)
     files = sorted(glob.glob(os.path.join(log_dir, "explanations", "epoch_*.pt")))
     assert [os.path.basename(f) for f in files] == ["epoch_0000.pt", "epoch_0001.pt"]
-    record = torch.load(files[-1], weights_only=True)
+    record = saved[-1]
     assert record["explained"] == "all"
     maps = record["maps"]["gradcam"]
     assert maps.shape == (10, 10, 32, 32) and torch.isfinite(maps.float()).all()
-    assert record["scalars"]["gradcam"]["drift"] >= 0
+    # The scores, recomputed here from the saved fp16 maps and masks.
     fixed = torch.load(os.path.join(log_dir, "explanations", "fixed_images.pt"), weights_only=True)
+    labels, cue = fixed["labels"], fixed["cue_mask"]
+    true_maps = maps[torch.arange(10), labels]
+    carries = cue.flatten(1).any(1)
+    assert carries.tolist() == [c in (0, 1) for c in labels.tolist()]  # cue_p_eval = 1
+    biased = _positive_share(true_maps[carries], cue[carries]).nanmean()
+    assert record["scalars"]["gradcam"]["cue_energy/biased"] == pytest.approx(float(biased), abs=2e-3)
+    cos = torch.nn.functional.cosine_similarity(
+        maps.float().flatten(0, 1).flatten(1), saved[0]["maps"]["gradcam"].float().flatten(0, 1).flatten(1),
+        dim=1, eps=1e-12)
+    assert record["scalars"]["gradcam"]["drift"] == pytest.approx(float((1 - cos).nanmean()), abs=2e-3)
+    # One custom-scalars layout: biased and clean cue energy of a method share a chart,
+    # and every pattern in it selects exactly one logged curve.
+    layout = _layout(acc)
+    assert list(layout) == ["explain/gradcam", "explain/hirescam", "explain: methods side by side"]
+    assert layout["explain/gradcam"]["gradcam: cue energy: biased vs clean"] == [
+        "^explain/gradcam/cue_energy/biased$", "^explain/gradcam/cue_energy/clean$"]
+    logged = tags["scalars"]
+    for charts in layout.values():
+        for chart, patterns in charts.items():
+            for pattern in patterns:
+                assert len([t for t in logged if re.search(pattern, t)]) == 1, (chart, pattern)
+    assert not [t for t in logged if "hp_metric" in t]  # no placeholder from the logger
     assert fixed["images"].dtype == torch.uint8 and fixed["images"].shape == (10, 3, 32, 32)
     # Stratified: 10 images over 10 classes = one of each.
     assert sorted(fixed["labels"].tolist()) == list(range(10))
@@ -90,6 +137,44 @@ def test_without_tensorboard_warns_once_and_saves_maps(tmp_path) -> None:
     assert len(glob.glob(os.path.join(folder, "epoch_*.pt"))) == 2
 
 
+MONITORED = "explain/gradcam/cue_energy/biased"
+
+
+def test_scores_reach_every_logger_and_model_checkpoint_can_monitor_them(tmp_path) -> None:
+    best = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+        "monitor": MONITORED, "mode": "max", "save_top_k": 1, "filename": "best"}}
+    csv_logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                  "init_args": {"save_dir": str(tmp_path / "runs"), "name": "csv"}}
+    cfg = tiny_config(tmp_path, epochs=3, backbone=register_tiny_backbone(), logger=csv_logger,
+                      callbacks=[best], monitor={"methods": ["gradcam", "saliency"]})
+    # A non-TensorBoard logger: one warning (no grids), the scalars still reach it.
+    with pytest.warns(UserWarning, match="no TensorBoardLogger") as caught:
+        cli = run_train(["fit", "--config", str(cfg)])
+    assert sum("no TensorBoardLogger" in str(w.message) for w in caught) == 1
+    assert "CSVLogger" in next(str(w.message) for w in caught if "TensorBoard" in str(w.message))
+    log_dir = cli.trainer.log_dir
+    with open(os.path.join(log_dir, "metrics.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    for method in ("gradcam", "saliency"):
+        for name in [*SCALARS, "drift", "nan_maps"]:
+            assert f"explain/{method}/{name}" in rows[0], name
+    explained = [r for r in rows if r[MONITORED]]
+    assert [int(r["epoch"]) for r in explained] == [0, 1, 2]
+    # The same step as val/acc, Lightning's own.
+    assert [r["step"] for r in explained] == [r["step"] for r in rows if r["val/acc"]]
+    logged = [float(r[MONITORED]) for r in explained]
+    saved = records.load_monitor_records(log_dir)[1]
+    assert logged == pytest.approx([r["scalars"]["gradcam"]["cue_energy/biased"] for r in saved],
+                                   rel=1e-6)
+    # ModelCheckpoint saw the value the loggers got, and kept the epoch with the highest.
+    ckpt_cb = next(cb for cb in cli.trainer.checkpoint_callbacks if cb.monitor == MONITORED)
+    assert float(ckpt_cb.best_model_score) == pytest.approx(max(logged), rel=1e-6)
+    state = torch.load(ckpt_cb.best_model_path, weights_only=True)
+    assert state["epoch"] == logged.index(max(logged))
+    assert os.path.basename(ckpt_cb.best_model_path) == "best.ckpt"
+    assert len(saved) == 3  # maps saved every epoch without TensorBoard
+
+
 def test_callback_leaves_model_and_rng_untouched(tmp_path) -> None:
     cfg = tiny_config(tmp_path, epochs=1, monitor={"methods": ["gradcam", "gradcam_pp"]})
     cli = run_train(["fit", "--config", str(cfg)])
@@ -101,17 +186,22 @@ def test_callback_leaves_model_and_rng_untouched(tmp_path) -> None:
     for p in module.parameters():
         p.grad = torch.full_like(p, 0.5)
     bn = {k: v.clone() for k, v in module.state_dict().items() if "running" in k}
-    hooks = sum(len(m._forward_hooks) + len(m._backward_hooks) for m in module.modules())
+    hooks = hook_counts(module)
     rng = torch.get_rng_state()
     with torch.inference_mode():  # what Lightning's validate/test runs under
-        monitor.on_validation_epoch_end(trainer, module)
+        scalars = monitor.explain_epoch(trainer, module)
     assert torch.equal(torch.get_rng_state(), rng)
     assert {n: m.training for n, m in module.named_modules()} == modes
     assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in module.parameters())
     for k, v in module.state_dict().items():
         if "running" in k:
             assert torch.equal(v, bn[k]), k
-    assert hooks == sum(len(m._forward_hooks) + len(m._backward_hooks) for m in module.modules())
+    assert hook_counts(module) == hooks
+    # and it did its work: the scores of the last (the current) epoch's saved record
+    saved = torch.load(records.epoch_path(trainer.log_dir, 0), weights_only=True)
+    for method in ("gradcam", "gradcam_pp"):
+        for name, value in saved["scalars"][method].items():
+            assert scalars[f"explain/{method}/{name}"] == value
 
 
 def test_stratified_indices_cover_classes_and_depend_on_seed() -> None:
@@ -140,9 +230,11 @@ def test_nan_model_is_reported_and_training_goes_on(tmp_path) -> None:
     acc = _events(cli.trainer.log_dir)
     for method in ("gradcam", "eigencam"):
         assert [e.value for e in acc.Scalars(f"explain/{method}/nan_maps")] == [0, 10, 10]
-        # Drawn and scored for the healthy epoch only.
+        # Drawn for the healthy epoch only; scored NaN when broken, so the same keys are
+        # logged every epoch (a ModelCheckpoint monitoring one never misses it).
         assert len(acc.Images(f"explain/{method}/grid")) == 1
-        assert len(acc.Scalars(f"explain/{method}/concentration")) == 1
+        values = [e.value for e in acc.Scalars(f"explain/{method}/concentration")]
+        assert [math.isnan(v) for v in values] == [False, True, True]
     record = torch.load(os.path.join(cli.trainer.log_dir, "explanations", "epoch_0002.pt"),
                         weights_only=True)
     assert record["nan_maps"] == {"gradcam": 10, "eigencam": 10} and record["maps"] == {}

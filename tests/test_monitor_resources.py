@@ -6,42 +6,11 @@ import gc
 import os
 
 import pytest
-import torch
-from helpers import register_tiny_backbone, run_train, tiny_config
-from torch.nn.modules import module as module_mod
+from helpers import CALL_HOOKS, hook_counts, register_tiny_backbone, run_train, tiny_config
 
 from callbacks import ExplanationMonitor
 
 EPOCHS = 50
-# Every per-module hook dict PyTorch has; the forward/backward ones must stay empty.
-CALL_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-OTHER_HOOKS = (
-    "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
-    "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
-GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                "_global_backward_pre_hooks")
-
-
-def hook_counts(model: torch.nn.Module) -> dict[str, int]:
-    """``{"<module>.<kind>": n}`` for every non-empty hook container (tensors' too)."""
-    counts = {}
-    for name, m in model.named_modules():
-        for kind in CALL_HOOKS + OTHER_HOOKS:
-            n = len(getattr(m, kind, None) or {})
-            if n:
-                counts[f"{name or '<root>'}.{kind}"] = n
-    for name, p in model.named_parameters():
-        for kind in ("_backward_hooks", "_post_accumulate_grad_hooks"):
-            n = len(getattr(p, kind, None) or {})
-            if n:
-                counts[f"{name}.{kind}"] = n
-    for kind in GLOBAL_HOOKS:
-        n = len(getattr(module_mod, kind, None) or {})
-        if n:
-            counts[f"global {kind}"] = n
-    return counts
 
 
 def rss_bytes() -> int:

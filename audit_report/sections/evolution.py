@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lit_modules.loading import load_monitor_records
+from explain.records import load_monitor_records
 
 from ..figures import fig_evolution_curves, fig_evolution_maps
 from ..findings import lead_method

@@ -8,18 +8,14 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from explain.base import eval_mode
+
 
 @contextlib.contextmanager
 def eval_no_grad(model: nn.Module) -> Iterator[None]:
     """Eval mode without autograd; every module's train flag is restored on exit."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        with torch.no_grad():
-            model.eval()
-            yield
-    finally:
-        for m, was_training in modes:
-            m.training = was_training
+    with eval_mode(model), torch.no_grad():
+        yield
 
 
 def model_device(model: nn.Module) -> torch.device:

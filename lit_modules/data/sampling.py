@@ -1,4 +1,65 @@
-"""Placeholder until the sampling module lands."""
+"""Picking and stacking a few dataset items: the monitor's fixed images, the audit's sample.
 
-from callbacks.monitor import dataset_labels, stratified_indices  # noqa: F401
-from lit_modules.loading import sample_batch  # noqa: F401
+Both pick with :func:`stratified_indices` over :func:`dataset_labels` and stack with
+:func:`sample_batch`, so the same ``(labels, n, seed)`` gives the same images everywhere
+(and on every DDP rank, with no communication).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def dataset_labels(dataset: Any) -> Tensor:
+    """Labels ``[N]`` (int64) of a dataset, without decoding images where it exposes them
+    (``labels`` or torchvision's ``targets``); else item by item."""
+    for attr in ("labels", "targets"):
+        if hasattr(dataset, attr):
+            return torch.as_tensor(getattr(dataset, attr)).long()
+    labels = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        labels.append(int(item["label"] if isinstance(item, dict) else item[1]))
+    return torch.tensor(labels, dtype=torch.long)
+
+
+def stratified_indices(labels: Tensor, n: int, seed: int) -> list[int]:
+    """``n`` indices spread evenly over the classes present, a function of the arguments only.
+
+    Each class's indices are shuffled with ``seed``; then classes are taken round robin in
+    class order (one of each class, then a second of each, ...), so the first ``K`` picks
+    are one image per class and a class with few images just drops out when exhausted.
+    Fewer than ``n`` come back only when the dataset has fewer items.
+    """
+    g = torch.Generator().manual_seed(seed)
+    per_class = []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        per_class.append(idx[torch.randperm(len(idx), generator=g)].tolist())
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < n and any(depth < len(p) for p in per_class):
+        picked += [p[depth] for p in per_class if depth < len(p)][: n - len(picked)]
+        depth += 1
+    return picked
+
+
+def sample_batch(dataset: Any, indices: list[int]) -> dict[str, Tensor]:
+    """Stack the items at ``indices`` into one batch dict.
+
+    Items in the project's dict format keep their tensor (and int) fields; ``(x, y)`` pairs
+    become ``{"image", "label"}``. Non-tensor fields (e.g. strings) are dropped.
+    """
+    if len(indices) == 0:
+        raise ValueError("sample_batch needs at least one index")
+    items = [dataset[i] for i in indices]
+    if not isinstance(items[0], dict):
+        items = [{"image": it[0], "label": torch.as_tensor(it[1])} for it in items]
+    return {
+        k: torch.stack([torch.as_tensor(it[k]) for it in items])
+        for k in items[0]
+        if isinstance(items[0][k], Tensor | int)
+    }

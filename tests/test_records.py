@@ -1,0 +1,55 @@
+"""The explanations folder format: names, round trip, order, damaged files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from explain import records
+
+
+def _epoch(epoch: int) -> dict:
+    return {"epoch": epoch, "global_step": 10 * epoch, "indices": torch.arange(3),
+            "labels": torch.tensor([0, 1, 2]), "probs": torch.full((3, 3), 1 / 3),
+            "maps": {"gradcam": torch.full((3, 3, 4, 4), float(epoch)).half()},
+            "scalars": {"gradcam": {"concentration": 0.25 * epoch}},
+            "nan_maps": {"gradcam": 0}, "explained": "all"}
+
+
+def test_the_folder_format_is_the_documented_one(tmp_path: Path) -> None:
+    # README and audit users rely on these exact names.
+    assert records.fixed_images_path(tmp_path) == tmp_path / "explanations" / "fixed_images.pt"
+    assert records.epoch_path(tmp_path, 7) == tmp_path / "explanations" / "epoch_0007.pt"
+    assert records.epoch_path(tmp_path, 12345).name == "epoch_12345.pt"
+    with pytest.raises(ValueError, match="epoch"):
+        records.epoch_path(tmp_path, -1)
+
+
+def test_round_trip_in_epoch_order_and_first_fixed_images_win(tmp_path: Path) -> None:
+    assert records.load_monitor_records(tmp_path) is None  # nothing saved yet
+    fixed = {"indices": torch.arange(3), "images": torch.zeros(3, 3, 4, 4, dtype=torch.uint8),
+             "labels": torch.tensor([0, 1, 2]), "object_mask": torch.zeros(0),
+             "cue_mask": torch.zeros(0), "class_names": ["a", "b", "c"], "methods": ["gradcam"]}
+    records.save_fixed_images(tmp_path, fixed)
+    records.save_fixed_images(tmp_path, {**fixed, "class_names": ["x", "y", "z"]})
+    for epoch in (10000, 2, 9999):  # numeric order, not the names' lexicographic one
+        records.save_epoch(tmp_path, _epoch(epoch))
+    loaded_fixed, epochs = records.load_monitor_records(tmp_path)
+    assert loaded_fixed["class_names"] == ["a", "b", "c"]
+    assert [e["epoch"] for e in epochs] == [2, 9999, 10000]
+    assert [p.name for p in records.epoch_paths(tmp_path)] == [
+        "epoch_0002.pt", "epoch_9999.pt", "epoch_10000.pt"]
+    assert epochs[1]["scalars"]["gradcam"]["concentration"] == 0.25 * 9999
+    assert torch.equal(epochs[0]["maps"]["gradcam"], torch.full((3, 3, 4, 4), 2.0).half())
+
+
+def test_an_unreadable_epoch_file_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    records.save_fixed_images(tmp_path, {"indices": torch.arange(1)})
+    records.save_epoch(tmp_path, _epoch(0))
+    records.epoch_path(tmp_path, 1).write_bytes(b"not a torch file")
+    (records.explanations_dir(tmp_path) / ".epoch_0002.pt.tmp").write_bytes(b"debris")
+    with pytest.warns(UserWarning, match="epoch_0001.pt"):
+        _, epochs = records.load_monitor_records(tmp_path)
+    assert [e["epoch"] for e in epochs] == [0]

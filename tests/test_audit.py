@@ -326,7 +326,8 @@ def _train_for_bias(tmp: Path, cue: bool) -> Path:
     other, which is a true finding but not the one this test is about.
     """
     data = {"image_size": 16, "num_train": 240, "num_val": 50, "num_test": 400,
-            "batch_size": 32, "cue": {"classes": [0]} if cue else None}
+            "batch_size": 32,
+            "cue": {"classes": [0], "p_train": 1.0, "p_eval": 1.0} if cue else None}
     tmp.mkdir(parents=True)
     cfg = tiny_config(tmp, epochs=3, data=data, name="cue" if cue else "clean")
     cli = run_train(["fit", "--config", str(cfg), "--trainer.limit_train_batches", "1.0",

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from explain.records import load_monitor_records
+from explain.records import explanations_dir, load_monitor_records
 
 from ..figures import fig_evolution_curves, fig_evolution_maps
 from ..findings import lead_method
@@ -91,7 +91,7 @@ class EvolutionSection(Section):
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
             return EvolutionResult(skipped=f"the monitor's files are unreadable: {exc}")
         if found is None or not found[1]:
-            folder = model.run.log_dir / "explanations"
+            folder = explanations_dir(model.run.log_dir)
             return EvolutionResult(skipped=f"no ExplanationMonitor maps under {folder}")
         numbers, filmstrip = evolution_data(*found)
         return EvolutionResult(None, **numbers, filmstrip=filmstrip)

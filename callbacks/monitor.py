@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 import explain
 from explain import records, render
-from explain.measures import map_scores
+from explain.measures import discovery, map_scores
 from lit_modules.data.sampling import dataset_labels, sample_batch, stratified_indices
 
 CLASS_MODES = ("true", "predicted", "all")
@@ -36,7 +36,9 @@ def scalar_tag(method: str, score: str) -> str:
     return f"{TAG_PREFIX}/{method}/{score}"
 
 
-def custom_scalars_layout(methods: list[str]) -> dict[str, dict[str, list[Any]]]:
+def custom_scalars_layout(
+    methods: list[str], discovery: bool = False
+) -> dict[str, dict[str, list[Any]]]:
     """TensorBoard custom-scalars layout: ``{category: {chart title: ["Multiline", tags]}}``.
 
     One category per method (its paired scores on shared charts, the others alone) and,
@@ -55,6 +57,12 @@ def custom_scalars_layout(methods: list[str]) -> dict[str, dict[str, list[Any]]]
             charts[f"{method}: {title}"] = ["Multiline", [exact(scalar_tag(method, s)) for s in scores]]
         for score in SINGLE_SCORES:
             charts[f"{method}: {score}"] = ["Multiline", [exact(scalar_tag(method, score))]]
+        if discovery:
+            charts[f"{method}: suspects"] = ["Multiline", [exact(scalar_tag(method, "suspects"))]]
+            # Every class's hotspot lift on one chart: a shortcut is the line that leaves
+            # the pack.
+            charts[f"{method}: hotspot lift per class"] = [
+                "Multiline", [f"^{re.escape(scalar_tag(method, 'hotspot_lift'))}/"]]
         layout[f"{TAG_PREFIX}/{method}"] = charts
     if len(methods) > 1:
         score = "cue_energy/biased"
@@ -80,7 +88,16 @@ class ExplanationMonitor(Callback):
     * ``drift``: ``1 - cosine`` similarity with the previous epoch's maps (from the second
       explained epoch on);
     * ``concentration``: ``1 - normalised entropy`` of the map (1 = a single pixel);
-    * ``nan_maps``: fixed images whose map was not finite; the method's scores are NaN then.
+    * ``nan_maps``: fixed images whose map was not finite; the method's scores are NaN then;
+    * ``hotspot_lift/<class>``: label-free shortcut discovery (:mod:`explain.measures.discovery`):
+      the best window of the class-mean true-class map, its mass over its area share (1 =
+      an even map). A shortcut at a fixed place stands out from the other classes' lifts;
+    * ``suspects``: classes whose lift stands out (robust z >= 3.5 and lift >= 2). A class
+      that becomes a suspect is named in one warning line with its box and the epoch.
+
+    A class mean needs several images per class: with ``discovery_per_class`` (default 8)
+    the fixed set grows to that many per class; the grid still shows the first
+    ``num_images`` (one per class first), the scores use them all.
 
     A TensorBoardLogger also gets one image grid per method and epoch
     (``explain/<method>/grid``) and a custom-scalars layout that puts each method's paired
@@ -107,6 +124,7 @@ class ExplanationMonitor(Callback):
         upscale: nearest-neighbour enlargement of grid tiles.
         save_maps: write the raw maps of each epoch to disk.
         method_options: per-method engine options, e.g. ``{"scorecam": {"batch_size": 256}}``.
+        discovery_per_class: fixed images per class for shortcut discovery (0: off).
     """
 
     def __init__(
@@ -121,6 +139,7 @@ class ExplanationMonitor(Callback):
         upscale: int = 4,
         save_maps: bool = True,
         method_options: dict[str, dict] | None = None,
+        discovery_per_class: int = 8,
     ) -> None:
         super().__init__()
         self.methods = list(methods) if methods is not None else ["gradcam"]
@@ -134,7 +153,11 @@ class ExplanationMonitor(Callback):
             raise ValueError(f"classes must be one of {CLASS_MODES}, got {classes!r}")
         if explain_classes not in ("all", "shown"):
             raise ValueError(f"explain_classes must be 'all' or 'shown', got {explain_classes!r}")
+        if discovery_per_class < 0:
+            raise ValueError(f"discovery_per_class must be >= 0, got {discovery_per_class}")
         self.num_images = num_images
+        self.discovery_per_class = discovery_per_class
+        self._suspected: dict[str, list[int]] = {}  # method -> classes already announced
         self.every_n_epochs = every_n_epochs
         self.classes = classes
         self.explain_classes = "all" if classes == "all" else explain_classes
@@ -156,11 +179,13 @@ class ExplanationMonitor(Callback):
             "indices": list(self.indices or []),
             "previous": {k: v.clone() for k, v in self._previous.items()},
             "seed": self.seed,
+            "suspected": {k: list(v) for k, v in self._suspected.items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.indices = list(state_dict["indices"]) or None
         self._previous = dict(state_dict.get("previous", {}))
+        self._suspected = {k: list(v) for k, v in state_dict.get("suspected", {}).items()}
         self._batch = None
 
     # -- selection ----------------------------------------------------------------------
@@ -173,11 +198,18 @@ class ExplanationMonitor(Callback):
         loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
         return loader.dataset
 
+    def _pick(self, labels: torch.Tensor) -> list[int]:
+        """The fixed images: ``num_images`` for the grid, grown to ``discovery_per_class``
+        a class for shortcut discovery. Stratified round robin, so the first ``num_images``
+        are the same with or without discovery."""
+        n = max(self.num_images, self.discovery_per_class * len(torch.unique(labels)))
+        return stratified_indices(labels, n, self.seed)
+
     def _fixed_batch(self, trainer: L.Trainer, device: torch.device) -> dict[str, torch.Tensor]:
         if self._batch is None:
             dataset = self._val_dataset(trainer)
             if self.indices is None:
-                self.indices = stratified_indices(dataset_labels(dataset), self.num_images, self.seed)
+                self.indices = self._pick(dataset_labels(dataset))
             self._batch = sample_batch(dataset, self.indices)
         return {k: v.to(device) for k, v in self._batch.items()}
 
@@ -191,9 +223,7 @@ class ExplanationMonitor(Callback):
         # ones. A restored state (resume) replaces them afterwards.
         dm = trainer.datamodule
         if self.indices is None and dm is not None and hasattr(dm, "dataset"):
-            self.indices = stratified_indices(
-                dataset_labels(dm.dataset("val")), self.num_images, self.seed
-            )
+            self.indices = self._pick(dataset_labels(dm.dataset("val")))
         if trainer.world_size > 1:
             # Every rank logs rank zero's broadcast numbers unsynced (see _share): Lightning's
             # advice to sync_dist them would only average identical values, one collective each.
@@ -207,7 +237,8 @@ class ExplanationMonitor(Callback):
             if tb is not None:
                 # Written at every fit/validate start of this process: TensorBoard shows
                 # the last layout of a run, so a resumed run that adds a method adds its charts.
-                tb.add_custom_scalars(custom_scalars_layout(self.methods))
+                tb.add_custom_scalars(
+                    custom_scalars_layout(self.methods, self.discovery_per_class > 0))
                 self._layout_written = True
 
     # -- the work -----------------------------------------------------------------------
@@ -300,17 +331,23 @@ class ExplanationMonitor(Callback):
                 )
                 maps = None
             scalars = self._scalars(method, maps, labels.cpu(), batch)
+            found = self._discover(trainer, method, maps, labels.cpu(), logits.shape[-1])
+            scalars.update(found[0])
             out.update({scalar_tag(method, k): v for k, v in scalars.items()})
             if maps is None:
                 continue
             record["maps"][method] = maps.half()
             record["scalars"][method] = scalars
             if tb is not None:
+                g = min(self.num_images, n)  # the grid shows the first num_images
                 tb.add_image(
                     scalar_tag(method, "grid"),
-                    self._grid(trainer, images, maps, labels, preds),
+                    self._grid(trainer, images[:g], maps[:g], labels[:g], preds[:g]),
                     self._image_step(trainer),
                 )
+                if found[1] is not None:
+                    tb.add_image(scalar_tag(method, "hotspots"), found[1],
+                                 self._image_step(trainer))
         if self.save_maps:
             folder = self._dir or self._log_dir(trainer)
             records.save_fixed_images(folder, self._fixed_record(trainer, batch))
@@ -401,6 +438,73 @@ class ExplanationMonitor(Callback):
         if maps is not None:  # drift is measured against the last finite maps
             self._previous[method] = maps.half()
         return out
+
+    def _discover(
+        self, trainer: L.Trainer, method: str, maps: torch.Tensor | None, labels: torch.Tensor,
+        num_classes: int,
+    ) -> tuple[dict[str, float], torch.Tensor | None]:
+        """Label-free shortcut discovery on the true-class maps of the fixed images.
+
+        Returns the scores (``hotspot_lift/<class>``, ``suspects``; NaN when the maps are
+        broken, so the keys stay the same every epoch) and, with maps, an image of the
+        class-mean maps with their hotspot windows (red: a suspect). Warns once per class
+        when it becomes a suspect. Clustering is left to the audit (cost).
+        """
+        if self.discovery_per_class == 0:
+            return {}, None
+        names = self._class_names(trainer, num_classes)
+        nan = float("nan")
+        if maps is None:
+            return {**{f"hotspot_lift/{c}": nan for c in names}, "suspects": nan}, None
+        true_maps = maps[torch.arange(len(labels)), labels].float()
+        classes = discovery.class_hotspots(true_maps, labels, num_classes, cluster=False)
+        suspects = discovery.find_suspects(classes)
+        scores = {f"hotspot_lift/{names[h.label]}": h.hotspot.lift if h.hotspot else nan
+                  for h in classes}
+        scores["suspects"] = float(len(suspects))
+        announced = self._suspected.setdefault(method, [])
+        for s in suspects:
+            if s.label not in announced:
+                announced.append(s.label)
+                x0, y0, x1, y1 = s.window
+                rank_zero_warn(
+                    f"ExplanationMonitor: class {names[s.label]} is a suspected shortcut at "
+                    f"epoch {trainer.current_epoch}: its {method} maps concentrate in the box "
+                    f"x {x0}-{x1}, y {y0}-{y1} (lift {s.lift:.1f}, robust z {s.z:.1f}); "
+                    "confirm with audit.py"
+                )
+        return scores, self._hotspot_image(true_maps, labels, classes, num_classes)
+
+    def _hotspot_image(
+        self, true_maps: torch.Tensor, labels: torch.Tensor,
+        classes: list[discovery.ClassHotspots], num_classes: int,
+    ) -> torch.Tensor:
+        """The class-mean maps side by side, each with its hotspot window drawn in."""
+        norm, usable = discovery.normalise_maps(true_maps)
+        h, w = true_maps.shape[-2:]
+        tiles = []
+        for c in range(num_classes):
+            sel = (labels == c) & usable
+            mean = norm[sel].mean(0) if bool(sel.any()) else torch.zeros(h, w)
+            tile = render.overlay(torch.zeros(1, 3, h, w), render.normalize_maps(mean[None]),
+                                  alpha=1.0)[0]
+            spot = classes[c].hotspot
+            if spot is not None:
+                x0, y0, x1, y1 = spot.window
+                colour = torch.tensor([0.9, 0.1, 0.1] if classes[c].suspect else [1.0, 1.0, 1.0])
+                for ys, xs in ((slice(y0, y0 + 1), slice(x0, x1)),
+                               (slice(y1 - 1, y1), slice(x0, x1)),
+                               (slice(y0, y1), slice(x0, x0 + 1)),
+                               (slice(y0, y1), slice(x1 - 1, x1))):
+                    tile[:, ys, xs] = colour.view(3, 1, 1)
+            tiles.append(tile)
+        stacked = render.upscale(torch.stack(tiles).clamp(0, 1), self.upscale)
+        return render.grid(stacked, ncol=num_classes)
+
+    @staticmethod
+    def _class_names(trainer: L.Trainer, num_classes: int) -> list[str]:
+        names = list(getattr(trainer.datamodule, "class_names", None) or [])
+        return names if len(names) == num_classes else [str(c) for c in range(num_classes)]
 
     def _grid(
         self,

@@ -28,7 +28,8 @@ def tiny_config(tmp_path: Path, *, epochs: int = 2, monitor: dict | None = None,
     update those sections. ``logger``: True for a TensorBoardLogger, False for none, or
     the trainer's ``logger:`` entry (a class_path dict, or a list of them) as is.
     """
-    monitor_args = {"methods": ["gradcam"], "num_images": 10, "classes": "true"}
+    monitor_args = {"methods": ["gradcam"], "num_images": 10, "classes": "true",
+                    "discovery_per_class": 0}
     monitor_args.update(monitor or {})
     data_args = {
         "num_train": 64, "num_val": 40, "num_test": 40, "batch_size": 16, "seed": 0,

@@ -287,3 +287,71 @@ def test_shown_classes_only_are_explained_and_equal_the_full_maps(tmp_path) -> N
         assert set(record["scalars"][method]) >= {"cue_energy/biased", "concentration"}
     with pytest.raises(ValueError, match="explain_classes"):
         ExplanationMonitor(explain_classes="some")
+
+
+def test_discovery_names_the_class_whose_maps_sit_at_one_place(tmp_path) -> None:
+    """Hand-made true-class maps: class 3's all peak in the top-left 4x4, the others' at
+    random places; the monitor's discovery makes class 3 (only) a suspect, once."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(10).repeat_interleave(8)
+    maps = torch.zeros(80, 10, 32, 32)
+    for i, c in enumerate(labels.tolist()):
+        if c == 3:
+            y, x = 0, 0
+        else:
+            y, x = (int(v) for v in torch.randint(0, 26, (2,), generator=g))
+        maps[i, c, y : y + 4 + 2 * (c != 3), x : x + 4 + 2 * (c != 3)] = 1.0
+    monitor = ExplanationMonitor(methods=["saliency"], discovery_per_class=8)
+
+    class Trainer:  # what _discover reads
+        current_epoch = 2
+        datamodule = None
+
+    with pytest.warns(UserWarning, match=r"class 3 is a suspected shortcut at epoch 2.*x 0-6, y 0-6"):
+        scores, image = monitor._discover(Trainer(), "saliency", maps, labels, 10)
+    assert scores["suspects"] == 1.0
+    lifts = {k: v for k, v in scores.items() if k.startswith("hotspot_lift/")}
+    assert len(lifts) == 10 and max(lifts, key=lifts.get) == "hotspot_lift/3"
+    assert lifts["hotspot_lift/3"] == pytest.approx((32 * 32) / 36, rel=1e-4)  # all mass in 6x6
+    assert image.shape == (3, 4 * 32 + 4, 10 * (4 * 32 + 2) + 2)
+    # Announced once: the next epoch logs it again but does not warn again.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again, _ = monitor._discover(Trainer(), "saliency", maps, labels, 10)
+    assert again["suspects"] == 1.0
+    assert monitor.state_dict()["suspected"] == {"saliency": [3]}
+    # Broken maps: the same keys, all NaN.
+    broken, none = monitor._discover(Trainer(), "saliency", None, labels, 10)
+    assert none is None and set(broken) == set(scores)
+    assert all(math.isnan(v) for v in broken.values())
+
+
+def test_discovery_in_a_run_logs_lifts_and_grows_the_fixed_set(tmp_path) -> None:
+    cfg = tiny_config(tmp_path, epochs=1, monitor={"discovery_per_class": 3},
+                      data={"num_val": 60})
+    cli = run_train(["fit", "--config", str(cfg)])
+    log_dir = cli.trainer.log_dir
+    fixed = torch.load(os.path.join(log_dir, "explanations", "fixed_images.pt"), weights_only=True)
+    assert torch.bincount(fixed["labels"], minlength=10).min() >= 3  # 3 a class, 30 at least
+    record = records.load_monitor_records(log_dir)[1][0]
+    maps = record["maps"]["gradcam"].float()
+    true_maps = maps[torch.arange(len(fixed["labels"])), fixed["labels"]]
+    from explain.measures import discovery
+
+    classes = discovery.class_hotspots(true_maps, fixed["labels"], 10, cluster=False)
+    acc = _events(log_dir)
+    names = cli.datamodule.class_names
+    for h in classes:  # TensorBoard holds the lifts recomputed here from the saved maps
+        logged = acc.Scalars(f"explain/gradcam/hotspot_lift/{names[h.label]}")[0].value
+        if h.hotspot is None:  # every map of the class was zero: no lift, logged as NaN
+            assert math.isnan(logged)
+        else:
+            assert logged == pytest.approx(h.hotspot.lift, rel=2e-3)
+    suspects = len(discovery.find_suspects(classes))
+    assert acc.Scalars("explain/gradcam/suspects")[0].value == suspects
+    grid = acc.Images("explain/gradcam/grid")[0]
+    assert (grid.width, grid.height) == (8 * 130 + 2, 3 * 130 + 2)  # still 10 images
+    assert acc.Images("explain/gradcam/hotspots")[0].width == 10 * 130 + 2
+

@@ -27,6 +27,20 @@ def module_files(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> dic
     return out
 
 
+def absolute_module(name: str, is_package: bool, node: ast.ImportFrom) -> str:
+    """The absolute module a ``from ... import`` in module ``name`` reads from.
+
+    Relative: level 1 is the module's own package (the module itself for an
+    ``__init__.py``), each further level one package up.
+    """
+    if not node.level:
+        return node.module or ""
+    anchor = name.split(".")
+    drop = node.level - 1 if is_package else node.level
+    anchor = anchor[: len(anchor) - drop] if drop else anchor
+    return ".".join([*anchor, node.module] if node.module else anchor)
+
+
 def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
     """The modules of ``known`` that module ``name`` (file ``path``) imports.
 
@@ -41,14 +55,7 @@ def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                # Relative: level 1 is the module's own package (the module itself for
-                # an __init__.py), each further level one package up.
-                anchor = name.split(".")
-                drop = node.level - 1 if is_package else node.level
-                anchor = anchor[: len(anchor) - drop] if drop else anchor
-                base = ".".join([*anchor, base] if base else anchor)
+            base = absolute_module(name, is_package, node)
             for alias in node.names:
                 sub = f"{base}.{alias.name}"
                 found.add(sub if sub in known else base)
@@ -61,6 +68,23 @@ def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
         if parts and ".".join(parts) != name:
             out.add(".".join(parts))
     return out
+
+
+def missing_modules(name: str, path: Path, known: set[str]) -> set[str]:
+    """Modules of the scanned packages that ``name`` imports from but that do not exist.
+
+    ``from .gone import X`` under ``TYPE_CHECKING`` never runs, so nothing else catches a
+    stale one; the cycle search would also misread it as an import of the package.
+    """
+    packages = {k.split(".")[0] for k in known}
+    is_package = path.name == "__init__.py"
+    missing = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            base = absolute_module(name, is_package, node)
+            if base.split(".")[0] in packages and base not in known:
+                missing.add(base)
+    return missing
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -129,6 +153,26 @@ def test_a_type_checking_cycle_is_found(tmp_path) -> None:
     graph = import_graph(tmp_path, ("pkg",))
     assert graph == {"pkg": {"pkg.a"}, "pkg.a": {"pkg.b"}, "pkg.b": {"pkg.a"}, "pkg.c": {"pkg.a"}}
     assert find_cycles(graph) == [["pkg.a", "pkg.b", "pkg.a"]]
+
+
+def test_imports_of_missing_modules_are_found(tmp_path) -> None:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .gone import A\n"
+        "from pkg import b\nfrom os import path\n"
+    )
+    (pkg / "b.py").write_text("")
+    known = set(module_files(tmp_path, ("pkg",)))
+    assert missing_modules("pkg.a", pkg / "a.py", known) == {"pkg.gone"}
+    assert missing_modules("pkg.b", pkg / "b.py", known) == set()
+
+
+def test_no_imports_of_missing_modules() -> None:
+    files = module_files()
+    missing = {n: m for n, p in files.items() if (m := missing_modules(n, p, set(files)))}
+    assert not missing, f"imports of modules that do not exist: {missing}"
 
 
 def test_no_import_cycles() -> None:

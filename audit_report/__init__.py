@@ -14,9 +14,10 @@ neither of those imports this package.
 from __future__ import annotations
 
 from .files import AuditError
-from .run import SCHEMA_VERSION, AuditRun, ModelAudit, run_audit
+from .run import run_audit
 from .sections import SECTIONS, Section
 from .settings import AuditSettings
+from .state import SCHEMA_VERSION, AuditRun, ModelAudit
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -19,7 +19,7 @@ from explain.measures import get_measure
 from explain.records import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from .audit import AuditRun, ModelAudit
+    from .state import AuditRun, ModelAudit
 
 
 # -- number formatting ------------------------------------------------------------------

@@ -8,116 +8,27 @@ and every section reads them from there.
 from __future__ import annotations
 
 import datetime as _dt
-import inspect
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
 import explain
 from explain.measures import available_measures, get_measure
 from explain.measures.inference import predict_proba
-from lit_modules.loading import LoadedRun, load_run
+from lit_modules.loading import load_run
 
 from . import files
-from .findings import Finding
 from .page import Page
-from .sample import Sample, make_sample
+from .sample import make_sample
 from .sections import SECTIONS, Section
-from .settings import AuditSettings
-
-SCHEMA_VERSION = 2  # 2: sections as typed results; the counterfactual test has a control
-# Engine options that only trade memory for speed: perturbation methods get the audit's
-# batch size.
-EXPENSIVE_OPTIONS = ("batch_size",)
-
-
-def method_options(method: str, settings: AuditSettings) -> dict[str, Any]:
-    """The user's options for ``method``, plus a batch size for perturbation methods.
-
-    Gradient methods keep the engine's default batch: their batches also hold a backward
-    graph for every class, so a large batch costs memory rather than saving time.
-    """
-    info = explain.get(method)
-    options: dict[str, Any] = {}
-    if info.family == "perturbation":
-        params = inspect.signature(info.fn).parameters
-        options = {k: settings.batch_size for k in EXPENSIVE_OPTIONS if k in params}
-    options.update(settings.method_options.get(method, {}))
-    return options
-
-
-@dataclass
-class MethodMaps:
-    """One method's explanation of the sample, computed once and shared by every section."""
-
-    method: str
-    family: str
-    class_specific: bool
-    status: str = "ok"  # or "error"
-    error: str | None = None
-    seconds: float | None = None
-    true_maps: Tensor | None = None  # [N, H, W], true class
-    pred_maps: Tensor | None = None  # [N, H, W], predicted class
-    shown_all: Tensor | None = None  # [show, K, H, W], every class of the shown images
-
-
-@dataclass
-class ModelAudit:
-    """One checkpoint under audit: its model, predictions, maps and section results."""
-
-    label: str  # "A" or "B"
-    run: LoadedRun
-    probs: Tensor  # [N, K] on the sample
-    methods: dict[str, MethodMaps] = field(default_factory=dict)
-    results: dict[str, Any] = field(default_factory=dict)  # section id -> typed result
-    findings: list[Finding] = field(default_factory=list)
-    timing: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.run.name
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.run.model
-
-    @property
-    def preds(self) -> Tensor:
-        return self.probs.argmax(1)
-
-    def ok_maps(self) -> dict[str, MethodMaps]:
-        """The methods whose maps were computed and finite."""
-        return {m: mm for m, mm in self.methods.items() if mm.status == "ok"}
-
-
-@dataclass
-class AuditRun:
-    """Everything one audit knows: settings, the shared sample, the models, the results."""
-
-    settings: AuditSettings
-    sample: Sample
-    data_run: LoadedRun
-    models: list[ModelAudit]
-    progress: Any  # a tqdm bar (disabled when quiet)
-    created: str = ""
-    command: list[str] = field(default_factory=list)
-    versions: dict[str, str] = field(default_factory=dict)
-    results: dict[str, Any] = field(default_factory=dict)  # cross-model sections
-    seconds: float = 0.0
-    schema_version: int = SCHEMA_VERSION
-
-    def step(self, what: str, n: int = 1) -> None:
-        """Advance the progress bar by ``n`` units, naming the work just done."""
-        self.progress.set_postfix_str(what[:40], refresh=False)
-        self.progress.update(n)
+from .settings import AuditSettings, method_options
+from .state import AuditRun, MethodMaps, ModelAudit
 
 
 def explain_methods(audit: AuditRun, model: ModelAudit) -> None:

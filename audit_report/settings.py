@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
+
+import explain
+
+# Engine options that only trade memory for speed: perturbation methods get the audit's
+# batch size.
+EXPENSIVE_OPTIONS = ("batch_size",)
 
 
 @dataclass
@@ -47,3 +54,18 @@ class AuditSettings:
     batch_size: int = 256
     progress: bool = True
     command: list[str] = field(default_factory=list)
+
+
+def method_options(method: str, settings: AuditSettings) -> dict[str, Any]:
+    """The user's options for ``method``, plus a batch size for perturbation methods.
+
+    Gradient methods keep the engine's default batch: their batches also hold a backward
+    graph for every class, so a large batch costs memory rather than saving time.
+    """
+    info = explain.get(method)
+    options: dict[str, Any] = {}
+    if info.family == "perturbation":
+        params = inspect.signature(info.fn).parameters
+        options = {k: settings.batch_size for k in EXPENSIVE_OPTIONS if k in params}
+    options.update(settings.method_options.get(method, {}))
+    return options

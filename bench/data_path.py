@@ -56,7 +56,7 @@ class CifarStyleShapes(SyntheticShapesDataModule):
 
 def datamodule(images: int, batch_size: int, path: str, workers: int) -> CifarStyleShapes:
     dm = CifarStyleShapes(num_train=images, num_val=16, num_test=16, batch_size=batch_size,
-                          num_workers=workers, data_path=path, cue_classes=[0, 1], seed=0)
+                          num_workers=workers, data_path=path, cue={"classes": [0, 1]}, seed=0)
     dm.setup("fit")  # generation is not part of the pipeline's cost
     return dm
 

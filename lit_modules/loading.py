@@ -28,6 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from explain import eval_mode
 
 from .classifier import ImageClassifier, unpack_batch
+from .data.cue import nest_flat_keys
 
 # A config is data, but ``class_path`` names code: only this project's modules may be
 # imported from it, so a config shipped with someone else's checkpoint cannot make the
@@ -156,7 +157,8 @@ def build_datamodule(data_cfg: dict[str, Any]) -> L.LightningDataModule:
     cls = _import_class(data_cfg["class_path"], "data")
     if not (isinstance(cls, type) and issubclass(cls, L.LightningDataModule)):
         raise CheckpointError(f"data class {data_cfg['class_path']!r} is not a LightningDataModule")
-    return cls(**dict(data_cfg.get("init_args") or {}))
+    # Configs saved before the nested cue: option still load (flat cue_* keys are nested).
+    return cls(**nest_flat_keys(dict(data_cfg.get("init_args") or {})))
 
 
 @dataclass

@@ -51,7 +51,7 @@ def test_ddp_two_processes_one_writer_and_rank_zero_maps(tmp_path: Path) -> None
     model = ImageClassifier(backbone="resnet18_cifar")
     model.load_state_dict(state["state_dict"])
     dm = SyntheticShapesDataModule(num_train=64, num_val=40, num_test=40, batch_size=16, seed=0,
-                                   cue_classes=[0, 1], cue_p_train=1.0, cue_p_eval=1.0)
+                                   cue={"classes": [0, 1], "p_train": 1.0, "p_eval": 1.0})
     images = torch.stack([dm.dataset("val")[i]["image"] for i in record["indices"].tolist()])
     for method in ("gradcam", "saliency"):
         saved = record["maps"][method].float()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from helpers import ROOT
 
-PACKAGES = ("lit_modules", "callbacks", "explain")
+PACKAGES = ("lit_modules", "callbacks", "explain", "audit_report")
 
 
 def module_files(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> dict[str, Path]:

@@ -44,7 +44,7 @@ def test_fit_is_quiet_and_predict_writes_the_models_argmax(tmp_path: Path) -> No
     model.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"])
     model.eval()
     dm = SyntheticShapesDataModule(num_train=64, num_val=40, num_test=40, batch_size=16, seed=0,
-                                   cue_classes=[0, 1], cue_p_train=1.0, cue_p_eval=1.0)
+                                   cue={"classes": [0, 1], "p_train": 1.0, "p_eval": 1.0})
     test = dm.dataset("test")
     images = torch.stack([test[i]["image"] for i in range(len(test))])
     with torch.no_grad():

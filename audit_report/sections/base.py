@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     from ..findings import Finding
     from ..page import Page
-    from ..run import AuditRun, ModelAudit
+    from ..state import AuditRun, ModelAudit
 
 # Dataclass field metadata for tensors that only the figures need: left out of metrics.json.
 VISUAL: dict[str, bool] = {"visual": True}

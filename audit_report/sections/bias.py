@@ -32,7 +32,7 @@ from .base import Section
 
 if TYPE_CHECKING:
     from ..page import Page
-    from ..run import AuditRun, ModelAudit
+    from ..state import AuditRun, ModelAudit
 
 
 @dataclass

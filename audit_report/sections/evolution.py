@@ -17,7 +17,7 @@ from .base import VISUAL, Section
 
 if TYPE_CHECKING:
     from ..page import Page
-    from ..run import AuditRun, ModelAudit
+    from ..state import AuditRun, ModelAudit
 
 
 @dataclass

@@ -22,13 +22,14 @@ from ..figures import (
 )
 from ..findings import CAM_AGREEMENT_MIN, SANITY_FLAG_THRESHOLD, Finding, mean_of
 from ..page import esc, fmt_stat, measure_head, method_table, not_run
+from ..settings import method_options
 from .base import VISUAL, Section
 
 if TYPE_CHECKING:
     from torch import Tensor
 
     from ..page import Page
-    from ..run import AuditRun, ModelAudit
+    from ..state import AuditRun, ModelAudit
 
 
 @dataclass
@@ -289,15 +290,13 @@ class SanitySection(Section):
         return len(cascade_steps(audit.models[0].model)) + 1
 
     def compute(self, audit: AuditRun, model: ModelAudit) -> SanityResult:
-        from .. import run  # the options rule lives with the runner
-
         sample, settings = audit.sample, audit.settings
         m = min(settings.sanity_images, len(sample.labels))
         images, targets = sample.images[:m], sample.labels[:m]
         methods = list(model.ok_maps())
 
         def explainer(method: str):
-            options = run.method_options(method, settings)
+            options = method_options(method, settings)
 
             def explain_with(net: torch.nn.Module) -> torch.Tensor:
                 torch.manual_seed(settings.seed)

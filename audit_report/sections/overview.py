@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from ..page import Page
-    from ..run import AuditRun, ModelAudit
+    from ..state import AuditRun, ModelAudit
 
 
 @dataclass

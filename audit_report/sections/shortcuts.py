@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from ..page import Page
-    from ..run import AuditRun, ModelAudit
+    from ..state import AuditRun, ModelAudit
 
 # A pixel-level method: Grad-CAM at a ResNet's layer4 has 4 x 4 cells at 32 x 32 and misses a
 # 4-pixel cue; saliency resolves it and costs one backward for the true class.

@@ -182,3 +182,64 @@ def register_tiny_backbone() -> str:
         register_backbone(TINY_BACKBONE)(TinyBackbone)
     assert torch.is_tensor(BACKBONES[TINY_BACKBONE]().classifier.weight)
     return TINY_BACKBONE
+
+
+# -- explanation-engine test helpers (shared by test_explain_*.py and test_fold.py) ---------
+
+
+def randomise_batchnorm(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Give every BatchNorm2d statistics and affine parameters as after some training.
+
+    Drawn from a private generator seeded with ``seed`` (the global RNG is untouched):
+    running mean and bias in [-0.2, 0.2), running variance in [0.5, 2), weight in
+    [0.5, 1.5), so no BatchNorm is the identity. Returns the model in eval mode.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(m: torch.nn.BatchNorm2d, low: float, high: float) -> torch.Tensor:
+        return torch.rand(m.num_features, generator=gen) * (high - low) + low
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(draw(m, -0.2, 0.2))
+                m.running_var.copy_(draw(m, 0.5, 2.0))
+                m.weight.copy_(draw(m, 0.5, 1.5))
+                m.bias.copy_(draw(m, -0.2, 0.2))
+    return model.eval()
+
+
+def leftover_hooks(model: torch.nn.Module) -> list[str]:
+    """Every hook (module or global) and replaced ``forward`` found on ``model``; [] if clean."""
+    from torch.nn.modules import module as module_mod
+
+    found = []
+    for name, m in model.named_modules():
+        for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                     "_backward_pre_hooks"):
+            if getattr(m, kind):
+                found.append(f"{name or '<root>'}.{kind}")
+        if "forward" in vars(m):
+            found.append(f"{name or '<root>'}.forward replaced")
+    for kind in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks"):
+        if getattr(module_mod, kind, None):
+            found.append(f"global {kind}")
+    return found
+
+
+def map_pearson(a, b) -> torch.Tensor:
+    """Per-map Pearson correlation of paired ``[N, ...]`` maps (tensors or arrays), float64.
+
+    Two constant maps count as 1 (the same picture), one constant map against a varying
+    one as 0. Independent of ``explain.measures.agreement.pearson`` (NaN there), which the
+    engine's tests must not lean on.
+    """
+    a = torch.as_tensor(a).detach().reshape(len(a), -1).double()
+    b = torch.as_tensor(b).detach().reshape(len(b), -1).double()
+    # Constant: the centred norm is rounding next to the map's own size (scale-free).
+    flat_a = (a - a.mean(1, keepdim=True)).norm(dim=1) <= 1e-12 * a.norm(dim=1)
+    flat_b = (b - b.mean(1, keepdim=True)).norm(dim=1) <= 1e-12 * b.norm(dim=1)
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    r = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
+    return torch.where(flat_a & flat_b, torch.ones_like(r), torch.where(flat_a | flat_b, 0.0, r))

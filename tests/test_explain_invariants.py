@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import leftover_hooks, map_pearson
 
 import explain
 
@@ -34,27 +35,6 @@ def _refused(method: str, split: bool) -> bool:
 def _images(batch: int = 2, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, 16, 16, generator=gen)
-
-
-def _hooks(model: torch.nn.Module) -> list[str]:
-    found = []
-    for name, m in model.named_modules():
-        for kind in (
-            "_forward_hooks",
-            "_forward_pre_hooks",
-            "_backward_hooks",
-            "_backward_pre_hooks",
-        ):
-            if getattr(m, kind):
-                found.append(f"{name or '<root>'}.{kind}")
-        if "forward" in vars(m):
-            found.append(f"{name or '<root>'}.forward replaced")
-    from torch.nn.modules import module as module_mod
-
-    for kind in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks"):
-        if getattr(module_mod, kind, None):
-            found.append(f"global {kind}")
-    return found
 
 
 def _mixed_modes(model: torch.nn.Module) -> dict[str, bool]:
@@ -100,7 +80,7 @@ def test_model_left_as_found(method, split, tiny_explain_net):
         assert _refused(method, split)
     assert torch.equal(torch.get_rng_state(), rng), "global RNG stream moved"
     assert {n: m.training for n, m in model.named_modules()} == modes
-    assert _hooks(model) == []
+    assert leftover_hooks(model) == []
     for name, p in model.named_parameters():
         if p is model.classifier.weight:
             assert torch.equal(p.grad, marker)
@@ -147,7 +127,7 @@ def test_no_hooks_and_modes_restored_after_an_exception(method, at_call, tiny_ex
             explain.run(model, _images(), method, **_kwargs(method, False))
     finally:
         handle.remove()
-    assert _hooks(model) == []
+    assert leftover_hooks(model) == []
     assert {n: m.training for n, m in model.named_modules()} == modes
     assert all(p.grad is None for p in model.parameters())
 
@@ -158,7 +138,10 @@ def test_bf16_model_gives_float32_maps(method, tiny_explain_net):
     maps = explain.run(model, _images(), method)
     assert maps.dtype == torch.float32
     assert maps.shape == (2, NUM_CLASSES, 16, 16)
-    assert torch.isfinite(maps).all()
+    # The same picture as the float32 model's: only the weights' rounding differs. Pixel
+    # gradients (saliency, r = 0.92 here) feel it most; CAMs agree to r > 0.999.
+    reference = explain.run(tiny_explain_net(), _images(), method)
+    assert map_pearson(maps.flatten(0, 1), reference.flatten(0, 1)).min() > 0.9
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -243,7 +226,7 @@ def test_images_smaller_than_the_network_takes(method, split, tiny_explain_net):
             explain.run(model, x, method, **_kwargs(method, split))
     elif method != "occlusion":
         assert explain.run(model, x, method).shape == (2, NUM_CLASSES, 2, 2)
-    assert _hooks(model) == []
+    assert leftover_hooks(model) == []
     assert {n: m.training for n, m in model.named_modules()} == modes
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
@@ -22,6 +24,11 @@ from explain.measures.agreement import pearson
 from explain.measures.statistics import t_quantile
 
 from .page import finite
+
+# What the colour of an overlay means, for each way the maps are scaled before drawing.
+PER_MAP = "share of the map's maximum\n(negative values at 0)"
+PER_IMAGE = "share of the image's largest value\nover all classes shown"
+PER_FILMSTRIP = "share of the image's largest value\nover the epochs shown"
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf"]
@@ -49,12 +56,15 @@ def grid_figure(
     titles: Sequence[Sequence[str]] | None = None,
     frames: Sequence[Sequence[str | None]] | None = None,
     size: float = 1.0,
+    colorbar: str | None = PER_MAP,
 ) -> tuple[Figure, Any, list[list[tuple[int, int]]]]:
     """A grid of image tiles drawn as one image, with row labels left and column labels on top.
 
     All tiles are pasted into a single canvas shown by one ``imshow`` (a hundred small axes
-    cost matplotlib seconds to lay out and save). Returns the figure, its axes and the
-    top-left pixel ``(y, x)`` of every tile, so callers can draw boxes on a tile.
+    cost matplotlib seconds to lay out and save). ``colorbar`` labels the one turbo colour
+    bar drawn on the right (None: no bar, for grids without heatmaps). Returns the figure,
+    its axes and the top-left pixel ``(y, x)`` of every tile, so callers can draw boxes on
+    a tile.
     """
     rows, cols = len(tiles), max(len(r) for r in tiles)
     first = next(t for r in tiles for t in r if t is not None)
@@ -95,7 +105,28 @@ def grid_figure(
     for c, label in enumerate(col_labels[:cols]):
         y, x = where[0][c]
         ax.text(x + w / 2, y - gap - pad, label, ha="center", va="bottom", fontsize=7.5)
+    if colorbar:
+        heatmap_colorbar(fig, colorbar)
     return fig, ax, where
+
+
+def heatmap_colorbar(fig: Figure, label: str) -> None:
+    """A 0..1 colour bar right of a full-figure tile grid, in the overlays' own colours.
+
+    The bar's colour map is the engine's table (``render.TURBO``, matplotlib's turbo to
+    within 1/255), so it shows exactly the colours the tiles were blended with. It sits
+    outside the figure's box; the page saves with ``bbox_inches="tight"``, which takes it
+    in. Sized in inches, so a one-row grid and a twenty-row grid get the same bar.
+    """
+    width, height = fig.get_size_inches()
+    bar = min(0.85 * height, 3.0)
+    cax = fig.add_axes((1 + 0.12 / width, (height - bar) / (2 * height), 0.1 / width,
+                        bar / height))
+    cmap = ListedColormap(render.TURBO.numpy(), name="turbo")
+    cb = fig.colorbar(ScalarMappable(norm=Normalize(0, 1), cmap=cmap), cax=cax)
+    cb.set_ticks([0, 0.5, 1])
+    cb.ax.tick_params(labelsize=6, length=2)
+    cb.set_label(label, fontsize=6.5)
 
 
 def draw_box(
@@ -139,7 +170,8 @@ def fig_images_classes(images01: Tensor, maps: Tensor, probs: Tensor, labels: Te
     titles = [[f"p={float(probs[i, j]):.2f}" for j in range(k)] for i in range(n)]
     frames = [["#1e7d34" if j == int(labels[i]) else None for j in range(k)] for i in range(n)]
     row_labels = [f"{names[int(labels[i])]}" for i in range(n)]
-    fig, _, _ = grid_figure(grid, row_labels, [f"map: {c}" for c in names[:k]], titles, frames)
+    fig, _, _ = grid_figure(grid, row_labels, [f"map: {c}" for c in names[:k]], titles, frames,
+                            colorbar=PER_IMAGE)
     return fig
 
 
@@ -304,7 +336,7 @@ def fig_evolution_maps(evis: dict[str, Any], max_epochs: int = 12, max_images: i
     names = evis["class_names"]
     labels = [names[int(c)] if int(c) < len(names) else str(int(c)) for c in evis["labels"][:n]]
     fig, _, _ = grid_figure(rows, labels, ["image", *[f"epoch {evis['epochs'][j]}" for j in cols]],
-                          size=0.9)
+                            size=0.9, colorbar=PER_FILMSTRIP)
     return fig
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import warnings
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -157,21 +158,17 @@ def guided_gradcam(
 def quadrature(steps: int, rule: str = "gausslegendre") -> tuple[torch.Tensor, torch.Tensor]:
     """Nodes ``alpha`` in [0, 1] and weights (summing to 1) for the path integral, float64.
 
-    ``gausslegendre`` (captum's default; Golub-Welsch: the nodes are the eigenvalues of
-    the Jacobi matrix of the Legendre polynomials, the weights twice the squared first
-    components of its eigenvectors, both mapped from [-1, 1] to [0, 1]) or the Riemann
-    rules ``riemann_left``, ``riemann_right``, ``riemann_middle``, ``riemann_trapezoid``.
+    ``gausslegendre`` (captum's default: numpy's ``leggauss`` nodes and weights, mapped
+    from [-1, 1] to [0, 1]; exact for polynomials of degree ``2 * steps - 1``) or the
+    Riemann rules ``riemann_left``, ``riemann_right``, ``riemann_middle``,
+    ``riemann_trapezoid``.
     """
     if steps < 1 or (rule.startswith("riemann") and steps < 2):
         raise ExplainError(f"steps must be >= {2 if rule.startswith('riemann') else 1}")
     n = steps
     if rule == "gausslegendre":
-        k = torch.arange(1, n, dtype=torch.float64)
-        beta = k / torch.sqrt(4 * k * k - 1)
-        jacobi = torch.diag(beta, 1) + torch.diag(beta, -1)
-        nodes, vectors = torch.linalg.eigh(jacobi)
-        weights = 2 * vectors[0] ** 2
-        return (1 + nodes) / 2, weights / 2
+        nodes, weights = np.polynomial.legendre.leggauss(n)  # ascending nodes on [-1, 1]
+        return torch.from_numpy((1 + nodes) / 2), torch.from_numpy(weights / 2)
     weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
     if rule == "riemann_trapezoid":
         # n nodes 1/(n-1) apart, end weights halved: the weights sum to 1. (captum keeps

@@ -262,26 +262,33 @@ def occlusion(
 
 # -- LIME -----------------------------------------------------------------------------------
 def grid_segments(b: int, size: tuple[int, int], cells: int, device: torch.device) -> torch.Tensor:
-    """``[B, H, W]`` labels of a ``cells x cells`` grid (cells differ by at most one pixel)."""
+    """``[B, H, W]`` labels of a ``cells x cells`` grid (cells differ by at most one pixel).
+
+    Every label has pixels when ``cells <= min(H, W)``; :func:`lime` caps ``cells`` so.
+    """
     rows = torch.arange(size[0], device=device) * cells // size[0]
     cols = torch.arange(size[1], device=device) * cells // size[1]
     labels = rows[:, None] * cells + cols[None, :]
     return labels.expand(b, *size).contiguous()
 
 
-def slic_segments(
+def kmeans_segments(
     x: torch.Tensor, cells: int, compactness: float = 1.0, iters: int = 10
 ) -> torch.Tensor:
-    """``[B, H, W]`` superpixel labels by SLIC-style k-means (Achanta et al. 2012), torch only.
+    """``[B, H, W]`` segment labels by k-means on colour and position, torch only.
 
-    Pixels are clustered on ``(colour, position)``: colour standardised per image,
-    position in units of the seed spacing ``S`` times ``compactness``; ``cells x cells``
-    seeds start on a grid and move to their cluster means for ``iters`` rounds (an empty
-    cluster keeps its place). Every seed is a candidate for every pixel (fine for small
-    images; SLIC proper searches ``2S`` around each seed). Labels are seed indices; a
-    label may end with no pixels.
+    Not SLIC (Achanta et al. 2012), though it starts like it: ``cells x cells`` seeds on a
+    grid, pixels clustered on ``(colour, position)`` (colour standardised per image,
+    position in units of the seed spacing ``S`` times ``compactness``), centres moved to
+    their cluster means for ``iters`` rounds. Unlike SLIC it searches every seed for every
+    pixel (not ``2S`` around it) and has no connectivity step: a segment may be in pieces.
+    Every label from 0 to ``cells**2 - 1`` has at least one pixel: a cluster k-means left
+    empty takes the pixel nearest its centre from a cluster of two or more.
     """
     b, c, h, w = x.shape
+    nseg = cells * cells
+    if nseg > h * w:
+        raise ExplainError(f"kmeans segments need cells**2 <= H*W, got {nseg} > {h * w}")
     xf = x.detach().float()
     colour = (xf - xf.mean((1, 2, 3), keepdim=True)) / (xf.std((1, 2, 3), keepdim=True) + 1e-6)
     spacing = max(h, w) / cells
@@ -300,11 +307,21 @@ def slic_segments(
     centres = feats[:, (cy[:, None] * w + cx[None, :]).flatten()]  # [B, S, F]
     for _ in range(iters):
         labels = torch.cdist(feats, centres).argmin(-1)  # [B, HW]
-        onehot = nn.functional.one_hot(labels, cells * cells).float()  # [B, HW, S]
+        onehot = nn.functional.one_hot(labels, nseg).float()  # [B, HW, S]
         counts = onehot.sum(1)  # [B, S]
         sums = onehot.transpose(1, 2) @ feats  # [B, S, F]
         centres = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], centres)
-    labels = torch.cdist(feats, centres).argmin(-1)
+    dist = torch.cdist(feats, centres)  # [B, HW, S]
+    labels = dist.argmin(-1)
+    # An empty segment would be a LIME feature that changes no pixel (its weight pure
+    # regulariser). Few are empty and only on small images: a loop is fine.
+    counts = nn.functional.one_hot(labels, nseg).sum(1)  # [B, S]
+    for i, s in (counts == 0).nonzero().tolist():
+        donors = counts[i][labels[i]] > 1  # pixels whose segment can spare one
+        p = int(torch.where(donors, dist[i, :, s], torch.inf).argmin())
+        counts[i, labels[i, p]] -= 1
+        counts[i, s] += 1
+        labels[i, p] = s
     return labels.reshape(b, h, w)
 
 
@@ -321,20 +338,23 @@ def lime(
     seed: int = 0,
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """LIME (Ribeiro et al. 2016): a weighted linear surrogate over superpixels.
+    """LIME (Ribeiro et al. 2016): a weighted linear surrogate over image segments.
 
-    The image is cut into ``cells x cells`` superpixels (``grid``, or ``slic``: torch
-    k-means, :func:`slic_segments`); ``samples`` random on/off patterns ``z`` (the first
-    all on; the rest Bernoulli(0.5) from a private generator seeded with ``seed``) replace
-    the off superpixels with ``fill``; the class ``score`` (``logit`` or ``softmax``) of
+    The image is cut into ``cells x cells`` segments (``cells`` capped at the image's
+    shorter side, so none is empty): by default a grid of rectangles
+    (:func:`grid_segments`; LIME's own image explainer uses quickshift superpixels), or
+    ``kmeans``: k-means clusters of colour and position (:func:`kmeans_segments`; not
+    SLIC, there is no connectivity step). ``samples`` random on/off patterns ``z`` (the
+    first all on; the rest Bernoulli(0.5) from a private generator seeded with ``seed``)
+    replace the off segments with ``fill``; the class ``score`` (``logit`` or ``softmax``) of
     each is fitted by ridge regression ``y ~ beta . z + b`` (``ridge`` on ``beta`` only)
     weighted by ``exp(-d(z, 1)^2 / kernel_width^2)`` with ``d`` the cosine distance, as in
-    LIME's image explainer. Map: each pixel gets its superpixel's ``beta``. Layer: none.
+    LIME's image explainer. Map: each pixel gets its segment's ``beta``. Layer: none.
     Cost: ``samples`` forwards per image (``batch_size`` a pass), all classes fitted at once
     by one batched solve.
     """
-    if segments not in ("grid", "slic"):
-        raise ExplainError(f"segments must be 'grid' or 'slic', got {segments!r}")
+    if segments not in ("grid", "kmeans"):
+        raise ExplainError(f"segments must be 'grid' or 'kmeans', got {segments!r}")
     if score not in ("logit", "softmax"):
         raise ExplainError(f"score must be 'logit' or 'softmax', got {score!r}")
     if samples < 2 or cells < 1:
@@ -342,10 +362,11 @@ def lime(
     check_batch_size(batch_size)
     x = ctx.images
     b, size = x.shape[0], tuple(x.shape[-2:])
+    cells = min(cells, *size)  # more cells than pixels a side would leave some empty
     if segments == "grid":
         labels = grid_segments(b, size, cells, x.device)
     else:
-        labels = slic_segments(x, cells)
+        labels = kmeans_segments(x, cells)
     nseg = cells * cells
     gen = torch.Generator(device="cpu").manual_seed(seed)
     z = torch.rand((samples, b, nseg), generator=gen) < 0.5

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -227,11 +228,13 @@ def hook_counts(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
-def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-map Pearson correlation of ``[N, ...]`` maps, in float64; two constant maps
-    count as 1 (both say "nothing here"), one constant against a varying map as 0."""
-    a = a.reshape(a.shape[0], -1).double()
-    b = b.reshape(b.shape[0], -1).double()
+def pearson(a: Any, b: Any) -> torch.Tensor:
+    """Per-map Pearson correlation of ``[N, ...]`` maps (tensors or arrays), in float64; two
+    constant maps count as 1 (both say "nothing here"), one constant against a varying map
+    as 0. Independent of ``explain.measures.agreement.pearson`` (NaN there), which the
+    engine's tests must not lean on."""
+    a = torch.as_tensor(a).detach().reshape(len(a), -1).double()
+    b = torch.as_tensor(b).detach().reshape(len(b), -1).double()
     a = a - a.mean(1, keepdim=True)
     b = b - b.mean(1, keepdim=True)
     na, nb = a.norm(dim=1), b.norm(dim=1)
@@ -240,3 +243,28 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     flat_b = nb <= 1e-12 * (1 + nb.max())
     r = torch.where(flat_a & flat_b, torch.ones_like(r), r)
     return torch.where(flat_a ^ flat_b, torch.zeros_like(r), r)
+
+
+# -- explanation-engine test helpers (shared by test_explain_*.py and test_fold.py) ---------
+
+
+def randomise_batchnorm(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Give every BatchNorm2d statistics and affine parameters as after some training.
+
+    Drawn from a private generator seeded with ``seed`` (the global RNG is untouched):
+    running mean and bias in [-0.2, 0.2), running variance in [0.5, 2), weight in
+    [0.5, 1.5), so no BatchNorm is the identity. Returns the model in eval mode.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(m: torch.nn.BatchNorm2d, low: float, high: float) -> torch.Tensor:
+        return torch.rand(m.num_features, generator=gen) * (high - low) + low
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(draw(m, -0.2, 0.2))
+                m.running_var.copy_(draw(m, 0.5, 2.0))
+                m.weight.copy_(draw(m, 0.5, 1.5))
+                m.bias.copy_(draw(m, -0.2, 0.2))
+    return model.eval()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import hook_counts
+from helpers import hook_counts, pearson
 
 import explain
 
@@ -138,7 +138,10 @@ def test_bf16_model_gives_float32_maps(method, tiny_explain_net):
     maps = explain.run(model, _images(), method)
     assert maps.dtype == torch.float32
     assert maps.shape == (2, NUM_CLASSES, 16, 16)
-    assert torch.isfinite(maps).all()
+    # The same picture as the float32 model's: only the weights' rounding differs. Pixel
+    # gradients (saliency, r = 0.92 here) feel it most; CAMs agree to r > 0.999.
+    reference = explain.run(tiny_explain_net(), _images(), method)
+    assert pearson(maps.flatten(0, 1), reference.flatten(0, 1)).min() > 0.9
 
 
 @pytest.mark.parametrize("method", METHODS)

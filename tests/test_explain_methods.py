@@ -16,6 +16,7 @@ from torch import nn
 import explain
 from explain.cam import principal_projection
 from explain.gradient import quadrature
+from explain.perturbation import grid_segments, kmeans_segments
 from lit_modules.backbones import resnet18_cifar, vgg16_gap
 
 BACKBONES = {"resnet18_cifar": resnet18_cifar, "vgg16_gap": vgg16_gap}
@@ -126,8 +127,15 @@ def test_reciprocam_logit_point_equals_bias_plus_cam():
     hw = model.features(x[:1]).shape[-2:].numel()
     expected = model.classifier.bias.view(1, -1, 1, 1) + cam / hw
     torch.testing.assert_close(recipro, expected.detach(), rtol=1e-4, atol=1e-5)
-    probs = explain.run(model, x, "reciprocam")  # softmax scores are probabilities
-    assert (probs >= 0).all() and (probs <= 1).all()
+    # Softmax scores: the class probabilities of those logits at each cell, upsampled.
+    probs = explain.run(model, x, "reciprocam")
+    with torch.no_grad():
+        act = model.features(x)
+        # Only cell (i, j) kept: GAP gives A[:, i, j] / hw, the head adds the bias.
+        cells = torch.einsum("ck,bkhw->bchw", model.classifier.weight, act) / hw
+        cells = cells + model.classifier.bias.view(1, -1, 1, 1)
+    expected_probs = explain.upsample(cells.softmax(1), (32, 32))
+    torch.testing.assert_close(probs, expected_probs, rtol=1e-4, atol=1e-6)
     gauss = explain.run(model, x, "reciprocam", kernel="gaussian")
     assert gauss.shape == probs.shape and not torch.allclose(gauss, probs)
 
@@ -229,8 +237,16 @@ def test_occlusion_a_linear_model_gives_its_weights():
     w = model[1].weight.detach().view(4, 3, 6, 6)
     expected = torch.einsum("cdhw,bdhw->bchw", w, x)
     torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-5)
+    # 4x4 windows at offsets 0 and 2: a pixel gets the mean drop of the windows on it.
     wide = explain.run(model, x, "occlusion", window=4, stride=2, fill=0.25)
-    assert wide.shape == (2, 4, 6, 6) and torch.isfinite(wide).all()
+    contrib = torch.einsum("cdhw,bdhw->bchw", w, x - 0.25)
+    total, count = torch.zeros(2, 4, 6, 6), torch.zeros(6, 6)
+    for top in (0, 2):
+        for left in (0, 2):
+            window = (..., slice(top, top + 4), slice(left, left + 4))
+            total[window] += contrib[window].sum((-2, -1), keepdim=True)
+            count[window[1:]] += 1
+    torch.testing.assert_close(wide, total / count, rtol=1e-4, atol=1e-5)
     with pytest.raises(explain.ExplainError, match="skips pixels"):
         explain.run(model, x, "occlusion", window=2, stride=3)
 
@@ -251,8 +267,29 @@ def test_lime_recovers_a_linear_model_and_is_seeded():
     assert torch.equal(maps, again)
     other = explain.run(model, x, "lime", cells=4, samples=30, seed=5)
     assert not torch.allclose(other, explain.run(model, x, "lime", cells=4, samples=30, seed=6))
-    slic = explain.run(model, x, "lime", segments="slic", cells=2, samples=30)
-    assert slic.shape == maps.shape and torch.isfinite(slic).all()
+    # k-means segments: the same exact recovery, each pixel getting its segment's sum.
+    labels = kmeans_segments(x, 2)
+    kmeans = explain.run(model, x, "lime", segments="kmeans", cells=2, samples=60, ridge=1e-6)
+    onehot = nn.functional.one_hot(labels.flatten(1), 4).double()  # [B, HW, S]
+    per_segment = torch.einsum("bcp,bps->bcs", contrib.flatten(2).double(), onehot)
+    expected = torch.einsum("bcs,bps->bcp", per_segment, onehot).view(2, 3, 8, 8)
+    torch.testing.assert_close(kmeans.double(), expected, rtol=1e-3, atol=1e-4)
+    with pytest.raises(explain.ExplainError, match="'grid' or 'kmeans'"):
+        explain.run(model, x, "lime", segments="slic")
+
+
+def test_kmeans_segments_are_never_empty():
+    # Two-colour noise with a small compactness: plain k-means leaves 2 of these 9
+    # clusters empty in both images; each must end with a pixel.
+    x = (torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(19)) > 0.5).float()
+    labels = kmeans_segments(x, 3, compactness=0.1)
+    counts = torch.stack([torch.bincount(lab.flatten(), minlength=9) for lab in labels])
+    assert counts.shape == (2, 9) and counts.min() >= 1 and counts.sum(1).tolist() == [64, 64]
+    with pytest.raises(explain.ExplainError, match="cells"):
+        kmeans_segments(x[..., :2, :2], 3)
+    # LIME caps cells at the image side: 8 cells on 4x4 images is one segment a pixel.
+    grid = grid_segments(1, (4, 4), 4, x.device)
+    assert torch.equal(grid[0], torch.arange(16).view(4, 4))
 
 
 def test_smoothgrad_without_noise_is_its_base_method(tiny_explain_net):
@@ -288,6 +325,49 @@ def test_guided_backprop_rule_and_warning():
         explain.run(plain, x, "guided_backprop")
 
 
+def test_gauss_legendre_is_exact_and_keeps_the_previous_nodes():
+    # 3 nodes in closed form: 1/2 -+ sqrt(3/20), weights 5/18, 8/18, 5/18.
+    alphas, weights = quadrature(3)
+    root = 0.15**0.5
+    expected = torch.tensor([0.5 - root, 0.5, 0.5 + root], dtype=torch.float64)
+    torch.testing.assert_close(alphas, expected, rtol=0, atol=1e-15)
+    torch.testing.assert_close(weights, torch.tensor([5, 8, 5], dtype=torch.float64) / 18,
+                               rtol=0, atol=1e-15)
+    # 50 nodes (IG's default): the first three as the hand-written Golub-Welsch rule gave.
+    alphas, weights = quadrature(50)
+    torch.testing.assert_close(
+        alphas[:3], torch.tensor([0.000566797789964546, 0.002984015283954755,
+                                  0.007322957975996913], dtype=torch.float64),
+        rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        weights[:3], torch.tensor([0.0014543112765775877, 0.003379899597872781,
+                                   0.005295274191825481], dtype=torch.float64),
+        rtol=1e-10, atol=0)
+    torch.testing.assert_close(alphas, 1 - alphas.flip(0), rtol=0, atol=1e-15)  # symmetric
+    # n nodes integrate x^k over [0, 1] exactly up to degree 2n - 1; degree 2n misses by
+    # (n!)^4 / ((2n + 1) ((2n)!)^2): 1/12 for one node, 1/180 for two.
+    for n in (1, 2, 5, 16, 64):
+        alphas, weights = quadrature(n)
+        assert (alphas[1:] > alphas[:-1]).all()
+        for k in range(2 * n):
+            assert (weights * alphas**k).sum().item() == pytest.approx(1 / (k + 1), abs=1e-13)
+        if n <= 2:
+            miss = 1 / (2 * n + 1) - (weights * alphas ** (2 * n)).sum().item()
+            assert miss == pytest.approx({1: 1 / 12, 2: 1 / 180}[n], rel=1e-12)
+
+
+# Error of each rule with 9 nodes on int_0^1 x^3 = 1/4, in closed form: left and right
+# sums miss by -+ 1/(2n) - 1/(4n^2) ... (sum k^3 / n^4), the midpoint by -1/(8n^2), the
+# trapezoid with step h = 1/8 by +h^2/4.
+CUBIC_ERROR_9 = {
+    "gausslegendre": 0.0,
+    "riemann_left": sum(k**3 for k in range(9)) / 9**4 - 0.25,
+    "riemann_right": sum(k**3 for k in range(1, 10)) / 9**4 - 0.25,
+    "riemann_middle": -1 / (8 * 81),
+    "riemann_trapezoid": (1 / 8) ** 2 / 4,
+}
+
+
 def test_quadrature_rules():
     for rule in (
         "gausslegendre",
@@ -299,10 +379,9 @@ def test_quadrature_rules():
         alphas, weights = quadrature(9, rule)
         assert weights.sum().item() == pytest.approx(1.0, abs=1e-12), rule
         assert alphas.min() >= 0 and alphas.max() <= 1
-        # exact for a cubic under Gauss-Legendre, first order for the others
+        # exact for a cubic under Gauss-Legendre; the Riemann rules' known errors
         approx = (weights * alphas**3).sum().item()
-        tol = 1e-12 if rule == "gausslegendre" else 0.06
-        assert approx == pytest.approx(0.25, abs=tol)
+        assert approx == pytest.approx(0.25 + CUBIC_ERROR_9[rule], abs=1e-12), rule
     with pytest.raises(explain.ExplainError, match="quadrature rule"):
         quadrature(4, "simpson")
 

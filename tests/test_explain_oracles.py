@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import pearson, randomise_batchnorm
 
 import explain
 from explain.cam import principal_projection
@@ -59,11 +60,7 @@ def _case(backbone: str, layer: str | None, seed: int, batch: int):
         for m in model.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-            if isinstance(m, torch.nn.BatchNorm2d):  # statistics as after some training
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
+    randomise_batchnorm(model, seed)  # statistics as after some training
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch, 3, 32, 32, generator=gen)
     targets = torch.randint(0, 10, (batch,), generator=gen)
@@ -83,15 +80,7 @@ def _minmax(a: np.ndarray) -> np.ndarray:
 
 def _correlations(ours, theirs) -> np.ndarray:
     """Per-map Pearson correlation after min-max normalisation; two flat maps count as 1."""
-    a = _minmax(np.asarray(ours))
-    b = _minmax(np.asarray(theirs))
-    out = []
-    for u, v in zip(a, b, strict=True):
-        if np.ptp(u) == 0 or np.ptp(v) == 0:
-            out.append(1.0 if np.ptp(u) == np.ptp(v) else 0.0)
-        else:
-            out.append(float(np.corrcoef(u, v)[0, 1]))
-    return np.array(out)
+    return pearson(_minmax(np.asarray(ours)), _minmax(np.asarray(theirs))).numpy()
 
 
 def _report(name: str, where: str, r: np.ndarray, threshold: float) -> None:

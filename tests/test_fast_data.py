@@ -412,4 +412,5 @@ def test_fast_recipes_select_the_fast_settings(name, tmp_path, monkeypatch) -> N
     assert hp.channels_last and hp.compile and hp.optimizer == "sgd" and hp.momentum == 0.9
     assert hp.label_smoothing == 0.1 and hp.scheduler in ("onecycle", "warmup_linear")
     monitor = next(c for c in cli.trainer.callbacks if type(c).__name__ == "ExplanationMonitor")
-    assert monitor.methods == ["gradcam"] and monitor.num_images == 16
+    assert monitor.methods == ["gradcam", "saliency"] and monitor.num_images == 16
+    assert monitor.explain_classes == "shown" and monitor.discovery_per_class == 8

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ from explain.measures.inference import predict_proba
 from lit_modules.loading import load_run
 
 from . import files
+from .cache import ResultCache
+from .estimate import estimate_seconds
 from .page import Page
 from .sample import make_sample
 from .sections import SECTIONS, Section
@@ -42,16 +45,23 @@ def explain_methods(audit: AuditRun, model: ModelAudit) -> None:
         info = explain.get(method)
         entry = MethodMaps(method, info.family, info.class_specific)
         model.methods[method] = entry
-        try:
-            torch.manual_seed(settings.seed)  # stochastic methods repeat run to run
-            start = time.perf_counter()
-            maps = explain.run(model.model, sample.images, method,
-                               **method_options(method, settings)).cpu()
-            entry.seconds = time.perf_counter() - start
-        except Exception as exc:  # noqa: BLE001  (reported in the page, per method)
-            entry.status, entry.error = "error", f"{type(exc).__name__}: {exc}"
-            audit.step(f"{method} failed")
-            continue
+        parts = audit.cache_parts(model, method)
+        hit = audit.cached("maps", parts)
+        if hit is not None:
+            maps, entry.seconds, entry.cached = hit["maps"], hit["seconds"], True
+        else:
+            try:
+                torch.manual_seed(settings.seed)  # stochastic methods repeat run to run
+                start = time.perf_counter()
+                maps = explain.run(model.model, sample.images, method,
+                                   **method_options(method, settings)).cpu()
+                entry.seconds = time.perf_counter() - start
+            except Exception as exc:  # noqa: BLE001  (reported in the page, per method)
+                entry.status, entry.error = "error", f"{type(exc).__name__}: {exc}"
+                audit.step(f"{method} failed")
+                continue
+            if torch.isfinite(maps).all():
+                audit.keep("maps", parts, {"maps": maps, "seconds": entry.seconds})
         if not torch.isfinite(maps).all():
             entry.status, entry.error = "error", "the maps contain non-finite values"
             audit.step(f"{method} non-finite")
@@ -152,6 +162,11 @@ def write_report(out_dir: Path, audit: AuditRun, sections: list[Section]) -> Pat
     return Page(audit, out_dir).write(ordered, out_dir / "report.html")
 
 
+def say(text: str) -> None:
+    """One line for the user on stderr (stdout stays for the report's path)."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def run_audit(settings: AuditSettings, sections: list[Section] | None = None) -> Path:
     """Audit the checkpoints in ``settings`` and return the report directory.
 
@@ -177,41 +192,50 @@ def run_audit(settings: AuditSettings, sections: list[Section] | None = None) ->
                 f"{run.ckpt_path} predicts {run.model.hparams['num_classes']} classes, but the "
                 f"data has {k}: the models can not be audited on the same images"
             )
-    with tqdm(total=1, desc="audit", unit="step", disable=not settings.progress or None,
-              dynamic_ncols=True) as bar:
-        models = [
-            ModelAudit(label, run, predict_proba(run.model, sample.images,
-                                                 settings.batch_size).cpu())
-            for label, run in zip("AB", runs, strict=False)
-        ]
-        audit = AuditRun(
-            settings, sample, data_run, models, bar,
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            command=settings.command or ["audit.py"],
-            versions=files.versions(),
-        )
-        per_model = len(settings.methods) + sum(s.units(audit) for s in sections
-                                                if not s.across_models)
-        bar.total = per_model * len(models) + sum(
-            s.units(audit) for s in sections if s.across_models) + 1
-        bar.refresh()
-        for model in models:
-            audit_model(audit, model, sections)
-        for section in sections:
-            if section.across_models:
-                audit.results[section.id] = section.compute_across(audit)
-                audit.step(section.title.lower(), section.units(audit))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            os.chmod(tmp, 0o777 & ~files.umask())  # mkdtemp makes it private; a report is shared
+    split_size = len(data_run.datamodule.dataset(settings.split))
+    seconds = sum(estimate_seconds(settings, run.model, sample.images, k, split_size)
+                  for run in runs)
+    say(f"audit: {len(settings.methods)} methods ({', '.join(settings.methods)}) on "
+        f"{len(sample.indices)} {settings.split} images, {len(runs)} checkpoint(s), every "
+        f"section; estimated {seconds:.0f} s on this machine (earlier results in the "
+        "report's cache make it faster)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~files.umask())  # mkdtemp makes it private; a report is shared
+        earlier = out if (out / "metrics.json").is_file() and settings.cache else None
+        cache = ResultCache(earlier, tmp) if settings.cache else None
+        with tqdm(total=1, desc="audit", unit="step", disable=not settings.progress or None,
+                  dynamic_ncols=True) as bar:
+            models = [
+                ModelAudit(label, run, predict_proba(run.model, sample.images,
+                                                     settings.batch_size).cpu())
+                for label, run in zip("AB", runs, strict=False)
+            ]
+            audit = AuditRun(
+                settings, sample, data_run, models, bar,
+                created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                command=settings.command or ["audit.py"],
+                versions=files.versions(), cache=cache,
+            )
+            per_model = len(settings.methods) + sum(s.units(audit) for s in sections
+                                                    if not s.across_models)
+            bar.total = per_model * len(models) + sum(
+                s.units(audit) for s in sections if s.across_models) + 1
+            bar.refresh()
+            for model in models:
+                audit_model(audit, model, sections)
+            for section in sections:
+                if section.across_models:
+                    audit.results[section.id] = section.compute_across(audit)
+                    audit.step(section.title.lower(), section.units(audit))
             bar.set_postfix_str("writing report", refresh=False)
             audit.seconds = time.perf_counter() - started
             write_report(tmp, audit, sections)
             files.write_metrics(tmp / "metrics.json", metrics_json(audit, sections))
             bar.update(1)
-            files.publish(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        files.publish(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -34,6 +34,7 @@ class AuditSettings:
         discovery_images: images per class in the label-free shortcut discovery.
         batch_size: images per model call in perturbation measures and methods.
         progress: show a progress bar.
+        cache: reuse (and keep) per-method results in ``<out>/cache/``.
         command: the command line, for the report's footer.
     """
 
@@ -53,6 +54,7 @@ class AuditSettings:
     discovery_images: int = 30
     batch_size: int = 256
     progress: bool = True
+    cache: bool = True
     command: list[str] = field(default_factory=list)
 
 

@@ -10,9 +10,10 @@ from torch import Tensor
 
 from lit_modules.loading import LoadedRun
 
+from .cache import ResultCache
 from .findings import Finding
 from .sample import Sample
-from .settings import AuditSettings
+from .settings import AuditSettings, method_options
 
 SCHEMA_VERSION = 2  # 2: sections as typed results; the counterfactual test has a control
 
@@ -27,6 +28,7 @@ class MethodMaps:
     status: str = "ok"  # or "error"
     error: str | None = None
     seconds: float | None = None
+    cached: bool = False  # taken from an earlier audit's cache
     true_maps: Tensor | None = None  # [N, H, W], true class
     pred_maps: Tensor | None = None  # [N, H, W], predicted class
     shown_all: Tensor | None = None  # [show, K, H, W], every class of the shown images
@@ -76,6 +78,26 @@ class AuditRun:
     results: dict[str, Any] = field(default_factory=dict)  # cross-model sections
     seconds: float = 0.0
     schema_version: int = SCHEMA_VERSION
+    cache: ResultCache | None = None
+
+    def cache_parts(self, model: ModelAudit, method: str, **extra: Any) -> dict[str, Any]:
+        """What determines one method's result for one model: the cache key's parts."""
+        settings = self.settings
+        return {
+            "checkpoint": model.run.sha256, "data": self.data_run.config.get("data"),
+            "method": method, "options": method_options(method, settings),
+            "split": settings.split, "indices": self.sample.indices, "seed": settings.seed,
+            **extra,
+        }
+
+    def cached(self, kind: str, parts: dict[str, Any]) -> Any | None:
+        """A cached result, or None (also when caching is off)."""
+        return None if self.cache is None else self.cache.get(kind, parts)
+
+    def keep(self, kind: str, parts: dict[str, Any], value: Any) -> None:
+        """Store a result for the next audit (no-op when caching is off)."""
+        if self.cache is not None:
+            self.cache.put(kind, parts, value)
 
     def step(self, what: str, n: int = 1) -> None:
         """Advance the progress bar by ``n`` units, naming the work just done."""

@@ -348,3 +348,59 @@ def test_counterfactual_flags_the_planted_cue_only_where_it_was_learned(tmp_path
     assert flagged_biased == {"circle"}, m["models"][0]["bias"]["counterfactual"]
     assert flagged_clean == set(), m["models"][1]["bias"]["counterfactual"]
     assert any(text.startswith("class circle:") for text in m["models"][0]["findings"])
+
+
+def test_presets_default_and_all() -> None:
+    settings = audit.parse_args(["--ckpt", "x.ckpt"])
+    assert settings.methods == ["gradcam", "saliency", "ablationcam"] == audit.PRESETS["default"]
+    assert {explain.get(m).family for m in settings.methods} == {"cam", "gradient",
+                                                                 "perturbation"}
+    assert audit.parse_args(["--ckpt", "x.ckpt", "--methods", "all"]).methods == \
+        explain.available()
+
+
+def _engine_calls(monkeypatch) -> list[tuple[str, int, bool]]:
+    """Record every explain.run call as (method, number of images, all classes?)."""
+    calls: list[tuple[str, int, bool]] = []
+    real = explain.run
+
+    def counting(model, images, method="gradcam", layer=None, targets=None, **options):
+        calls.append((method, len(images), targets is None))
+        return real(model, images, method, layer, targets, **options)
+
+    monkeypatch.setattr(explain, "run", counting)
+    return calls
+
+
+def test_a_rerun_reuses_cached_results_and_a_changed_checkpoint_does_not(
+    trained: Path, tmp_path: Path, monkeypatch
+) -> None:
+    out = tmp_path / "report"
+    calls = _engine_calls(monkeypatch)
+    first = _audit(trained, out, "--methods", "[gradcam, saliency]")
+    sample_calls = [c for c in calls if c[1] == 12 and c[2]]  # the sample, every class
+    assert sorted(m for m, _, _ in sample_calls) == ["gradcam", "saliency"]
+    assert sorted(p.name.split("-")[0] for p in (out / "cache").iterdir()) == [
+        "faithfulness", "faithfulness", "maps", "maps", "sanity", "sanity"]
+
+    calls.clear()  # one more method: only it is explained, randomised and scored
+    second = _audit(trained, out, "--methods", "[gradcam, saliency, hirescam]")
+    assert [m for m, n, every in calls if n == 12 and every] == ["hirescam"]
+    assert {m for m, n, every in calls if n == 4 and not every} == {"hirescam"}  # sanity
+    for section in ("localisation", "faithfulness", "sanity"):
+        a, b = (r["models"][0][section]["methods"]["gradcam"] for r in (first, second))
+        assert a == b, section
+    assert len(list((out / "cache").iterdir())) == 9
+
+    # The same weights, moved a little: another hash, so nothing is reused.
+    ckpt = torch.load(trained, weights_only=True)
+    name = next(k for k in ckpt["state_dict"] if k.endswith("classifier.weight"))
+    ckpt["state_dict"][name] += 1e-3
+    changed = trained.with_name("changed.ckpt")
+    torch.save(ckpt, changed)
+    calls.clear()
+    third = _audit(changed, out, "--methods", "[gradcam, saliency, hirescam]")
+    assert sorted(m for m, n, every in calls if n == 12 and every) == [
+        "gradcam", "hirescam", "saliency"]
+    assert third["models"][0]["sha256"] != second["models"][0]["sha256"]
+    changed.unlink()

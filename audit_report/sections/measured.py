@@ -223,10 +223,15 @@ class FaithfulnessSection(Section):
         result = FaithfulnessResult(settings.steps, "mean", "blur", "predicted class",
                                     len(sample.labels), {})
         for method, maps in model.ok_maps().items():
-            result.methods[method], result.curves[method] = faithfulness_summary(
-                model.model, sample.images, maps.pred_maps, model.preds, steps=settings.steps,
-                batch_size=settings.batch_size, seed=settings.seed,
-            )
+            parts = audit.cache_parts(model, method, steps=settings.steps)
+            hit = audit.cached("faithfulness", parts)
+            if hit is None:
+                hit = dict(zip(("summary", "curves"), faithfulness_summary(
+                    model.model, sample.images, maps.pred_maps, model.preds,
+                    steps=settings.steps, batch_size=settings.batch_size, seed=settings.seed,
+                ), strict=True))
+                audit.keep("faithfulness", parts, hit)
+            result.methods[method], result.curves[method] = hit["summary"], hit["curves"]
         return result
 
     def findings(self, audit: AuditRun, model: ModelAudit,
@@ -304,17 +309,33 @@ class SanitySection(Section):
 
             return explain_with
 
-        res = cascading_randomization(
-            model.model, {name: explainer(name) for name in methods}, seed=settings.seed,
-            keep=1,
-        )
-        per_method = {
-            name: {**sanity_summary(res["spearman"][name], SANITY_FLAG_THRESHOLD),
-                   "seconds": res["seconds"][name]}
-            for name in methods
-        }
-        return SanityResult(res["steps"], m, "true class", SANITY_FLAG_THRESHOLD, per_method,
-                            res["spearman"], res["maps"])
+        steps = [label for label, _ in cascade_steps(model.model)]
+        per_method, spearman, kept = {}, {}, {}
+        todo = []
+        for name in methods:
+            parts = audit.cache_parts(model, name, sanity_images=m, steps=steps)
+            hit = audit.cached("sanity", parts)
+            if hit is None:
+                todo.append((name, parts))
+            else:
+                per_method[name], spearman[name], kept[name] = (
+                    hit["summary"], hit["spearman"], hit["maps"])
+        if todo:  # one cascade for every method not cached: the randomised copies are shared
+            res = cascading_randomization(
+                model.model, {name: explainer(name) for name, _ in todo}, seed=settings.seed,
+                keep=1,
+            )
+            for name, parts in todo:
+                summary = {**sanity_summary(res["spearman"][name], SANITY_FLAG_THRESHOLD),
+                           "seconds": res["seconds"][name]}
+                per_method[name], spearman[name], kept[name] = (
+                    summary, res["spearman"][name], res["maps"][name])
+                audit.keep("sanity", parts, {"summary": summary, "spearman": spearman[name],
+                                             "maps": kept[name]})
+        order = {name: i for i, name in enumerate(methods)}
+        per_method = dict(sorted(per_method.items(), key=lambda kv: order[kv[0]]))
+        return SanityResult(steps, m, "true class", SANITY_FLAG_THRESHOLD, per_method,
+                            spearman, kept)
 
     def findings(self, audit: AuditRun, model: ModelAudit,
                  result: SanityResult) -> list[Finding]:

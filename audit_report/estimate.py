@@ -1,0 +1,51 @@
+"""A time estimate for an audit, from a quick calibration on the model itself.
+
+Printed before the work starts, so a user knows whether to wait or to choose fewer
+methods. It times one batch of plain forwards and each selected method on two images, then
+counts how many of each the sections will run. An estimate, not a promise: methods whose
+cost grows with the batch differently (LIME, Score-CAM) are extrapolated linearly.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import explain
+from explain.measures.inference import predict_proba
+from explain.measures.sanity import cascade_steps
+
+from .settings import AuditSettings, method_options
+
+CALIBRATION_IMAGES = 2
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def estimate_seconds(settings: AuditSettings, model: torch.nn.Module, images: torch.Tensor,
+                     num_classes: int, split_size: int, cached: set[str] | None = None) -> float:
+    """Seconds one model's audit should take on this machine (methods in ``cached`` are free)."""
+    probe = images[:16]
+    forward = _timed(lambda: predict_proba(model, probe, settings.batch_size)) / len(probe)
+    n = settings.num_images
+    total = split_size * forward  # accuracy on the whole split
+    total += 2 * (settings.steps + 1) * n * forward * len(settings.methods)  # deletion/insertion
+    total += 3 * settings.counterfactual_images * num_classes * forward  # declared-cue test
+    few = images[:CALIBRATION_IMAGES]
+    saliency = _timed(lambda: explain.run(model, few, "saliency", targets=torch.zeros(
+        len(few), dtype=torch.long))) / len(few)
+    total += settings.discovery_images * num_classes * (saliency + 3 * forward)
+    steps = len(cascade_steps(model))
+    for method in settings.methods:
+        if cached and method in cached:
+            continue
+        torch.manual_seed(settings.seed)
+        per_image = _timed(lambda m=method: explain.run(
+            model, few, m, **method_options(m, settings))) / len(few)
+        total += per_image * (n + steps * min(settings.sanity_images, n))
+    return total

@@ -317,13 +317,6 @@ class ExplainContext:
             ]
         )
 
-    def select(self, scores: torch.Tensor) -> torch.Tensor:
-        """Pick the selected classes from per-image scores ``[B, K]`` (or ``[..., B, K]``).
-
-        Returns ``[T, B]`` (or ``[..., T, B]``): the score of each selected class.
-        """
-        return torch.einsum("...bk,tbk->...tb", scores, self.selectors.to(scores.dtype))
-
 
 def make_selectors(
     targets: torch.Tensor | None, batch: int, num_classes: int, device: torch.device

@@ -6,7 +6,7 @@ The registry key is also the TensorBoard tag part, the report key and the test i
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,6 @@ class MethodInfo:
     family: str  # "cam", "gradient" or "perturbation"
     needs_layer: bool  # reads a conv layer's activations
     class_specific: bool = True  # False for class-agnostic maps (eigencam)
-    options: dict = field(default_factory=dict)
 
 
 _METHODS: dict[str, MethodInfo] = {}

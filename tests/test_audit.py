@@ -348,6 +348,17 @@ def test_counterfactual_flags_the_planted_cue_only_where_it_was_learned(tmp_path
     assert flagged_biased == {"circle"}, m["models"][0]["bias"]["counterfactual"]
     assert flagged_clean == set(), m["models"][1]["bias"]["counterfactual"]
     assert any(text.startswith("class circle:") for text in m["models"][0]["findings"])
+    # Discovery, told nothing, finds the same shortcut in the biased model only: circle,
+    # at the 4x4 top-left patch, confirmed by transplant against both controls.
+    biased_found, clean_found = (model["shortcuts"] for model in m["models"])
+    confirmed = [s for s in biased_found["suspects"] if s["confirmed"]]
+    assert [s["class"] for s in confirmed] == ["circle"], biased_found["suspects"]
+    x0, y0, x1, y1 = confirmed[0]["box"]
+    inter = max(0, min(x1, 4) - x0) * max(0, min(y1, 4) - y0)
+    assert inter / ((x1 - x0) * (y1 - y0) + 16 - inter) >= 0.5  # IoU with the cue's box
+    assert confirmed[0]["vs_random_window"]["low"] > 0 and confirmed[0]["vs_other_class"]["low"] > 0
+    assert biased_found["declared_cue_found"] is True
+    assert not [s for s in clean_found["suspects"] if s["confirmed"]], clean_found["suspects"]
 
 
 def test_presets_default_and_all() -> None:

@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 # A pixel-level method: Grad-CAM at a ResNet's layer4 has 4 x 4 cells at 32 x 32 and misses a
 # 4-pixel cue; saliency resolves it and costs one backward for the true class.
 DISCOVERY_METHOD = "saliency"
+# The audit tests more candidates than the monitor warns about: a suspect here is only
+# reported as a shortcut when the transplant experiment confirms it, so a lower bar costs a
+# few transplant runs, not false alarms.
+AUDIT_SUSPECT_Z = 2.5
 
 
 @dataclass
@@ -73,7 +77,7 @@ class SuspectedShortcutsSection(Section):
         images, labels = batch["image"].float(), batch["label"].long()
         maps = explain.run(model.model, images, DISCOVERY_METHOD, targets=labels).cpu()
         found = discovery.discover(model.model, images, labels, maps, k, seed=settings.seed,
-                                   batch_size=settings.batch_size)
+                                   batch_size=settings.batch_size, z_threshold=AUDIT_SUSPECT_Z)
         norm, usable = discovery.normalise_maps(maps)
         mean_maps = torch.stack([
             norm[(labels == c) & usable].mean(0) if bool(((labels == c) & usable).any())
@@ -115,8 +119,9 @@ class SuspectedShortcutsSection(Section):
             examples[names[s.label]] = {"before": show(tr.examples_before[:6]),
                                         "after": show(tr.examples_after[:6])}
         result = ShortcutResult(
-            DISCOVERY_METHOD, len(idx), list(found.window_size), discovery.SUSPECT_Z,
-            discovery.SUSPECT_MIN_LIFT, discovery.smallest_flagged_lift(lifts), classes,
+            DISCOVERY_METHOD, len(idx), list(found.window_size), AUDIT_SUSPECT_Z,
+            discovery.SUSPECT_MIN_LIFT,
+            discovery.smallest_flagged_lift(lifts, AUDIT_SUSPECT_Z), classes,
             suspects, None, mean_maps, examples,
         )
         cue = getattr(dm, "cue", None)

@@ -635,12 +635,13 @@ def cover_test(model: nn.Module, images: Tensor, labels: Tensor, label: int,
 def discover(model: nn.Module, images: Tensor, labels: Tensor, maps: Tensor,
              num_classes: int | None = None, window_fraction: float = WINDOW_FRACTION,
              fill: float | Tensor = 0.0, cluster: bool = True, seed: int = 0,
-             batch_size: int = 256) -> DiscoveryResult:
+             batch_size: int = 256, z_threshold: float = SUSPECT_Z) -> DiscoveryResult:
     """Hotspots for every class -> suspects -> transplant and cover tests for each suspect.
 
     ``maps`` ``[N, H, W]`` are the true-class maps of ``images`` ``[N, 3, H, W]`` (upsampled
     to the images' size if they are smaller). The window side is ``window_fraction`` of
-    the image side.
+    the image side. ``z_threshold`` can be lower than the monitor's (which has no
+    experiment to confirm with): here every suspect must still pass the transplant test.
     """
     if maps.shape[-2:] != images.shape[-2:]:
         maps = F.interpolate(maps.detach().float().unsqueeze(1), size=tuple(images.shape[-2:]),
@@ -650,7 +651,7 @@ def discover(model: nn.Module, images: Tensor, labels: Tensor, maps: Tensor,
             device = next((p.device for p in model.parameters()), images.device)
             num_classes = int(model(images[:1].to(device)).shape[-1])
     classes = class_hotspots(maps, labels, num_classes, window_fraction, cluster, seed=seed)
-    suspects = find_suspects(classes)
+    suspects = find_suspects(classes, z_threshold)
     transplants, covers = {}, {}
     for s in suspects:
         transplants[s.label] = transplant_test(model, images, labels, s.label, s.window,

@@ -390,12 +390,14 @@ def fig_hotspots(mean_maps: Tensor, names: list[str], boxes: dict[str, list[int]
     return fig
 
 
-def fig_transplant(before: Tensor, after: Tensor, box: list[int]) -> Figure:
-    """Images before and after a hotspot transplant, the pasted window outlined."""
+def fig_transplant(before: Tensor, after: Tensor, box: list[int],
+                   titles: list[list[str]] | None = None) -> Figure:
+    """Images before and after a hotspot transplant (the pasted window outlined), with the
+    model's prediction above each tile."""
     rows = [[np_image(t) for t in before], [np_image(t) for t in after]]
-    fig, ax, where = grid_figure(rows, ["before", "after"])
+    fig, ax, where = grid_figure(rows, ["before", "after"], titles=titles, colorbar=None)
     x0, y0, x1, y1 = box
     for c in range(len(after)):
-        draw_box(ax, torch.tensor([x0, y0, x1, y1], dtype=torch.float32), "#d62728",
+        draw_box(ax, torch.tensor([x0, y0, x1, y1], dtype=torch.float32), "#ffd400",
                  where[1][c])
     return fig

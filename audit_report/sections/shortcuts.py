@@ -116,8 +116,12 @@ class SuspectedShortcutsSection(Section):
                 "confirmed": tr.confirmed,
             })
             show = (lambda x: denorm(x).clamp(0, 1)) if denorm else (lambda x: x.clamp(0, 1))
-            examples[names[s.label]] = {"before": show(tr.examples_before[:6]),
-                                        "after": show(tr.examples_after[:6])}
+            before, after = tr.examples_before[:6], tr.examples_after[:6]
+            examples[names[s.label]] = {
+                "before": show(before), "after": show(after),
+                "pred_before": discovery.predict(model.model, before, settings.batch_size),
+                "pred_after": discovery.predict(model.model, after, settings.batch_size),
+            }
         result = ShortcutResult(
             DISCOVERY_METHOD, len(idx), list(found.window_size), AUDIT_SUSPECT_Z,
             discovery.SUSPECT_MIN_LIFT,
@@ -214,9 +218,12 @@ class SuspectedShortcutsSection(Section):
             if ex is not None and len(ex["before"]):
                 out.append(page.figures.add(
                     f"transplant_{s['class']}{page.tag(model)}",
-                    fig_transplant(ex["before"], ex["after"], s["box"]),
+                    fig_transplant(ex["before"], ex["after"], s["box"], [
+                        [f"\u2192 {page.names[int(p)]}" for p in ex[key]]
+                        for key in ("pred_before", "pred_after")]),
                     f"Other classes' images before (top) and after (bottom) the {s['class']} "
-                    "hotspot (red box) is pasted onto them.", "transplant examples"))
+                    "hotspot (yellow box) is pasted onto them, with the model's prediction "
+                    "above each.", "transplant examples"))
         if result.mean_maps is not None:
             boxes = {name: c["box"] for name, c in result.classes.items()}
             suspects = {s["class"] for s in result.suspects}

@@ -208,6 +208,9 @@ class Run:
     audit_confirmed: list[str] = field(default_factory=list)
     found: dict[str, bool] = field(default_factory=dict)  # cue class -> found
     flips: dict[str, tuple[float, float, float, int]] = field(default_factory=dict)
+    # The transplant told where the cue is (its pixels' box, 1 px margin; sources: the
+    # class's sampled images that carry it): does the model use the cue at all?
+    told: dict[str, tuple[float, float, float, bool]] = field(default_factory=dict)
     discovery_s: float = float("nan")
     epoch_s: float = float("nan")
     hook_s: float = float("nan")
@@ -220,11 +223,11 @@ def read_metrics(log_dir: str) -> list[dict[str, str]]:
 
 
 def audit_discovery(model: torch.nn.Module, dm: CIFAR10DataModule, seed: int, per_class: int,
-                    ) -> tuple[discovery.DiscoveryResult, torch.Tensor, torch.Tensor, float]:
+                    ) -> tuple[discovery.DiscoveryResult, dict, torch.Tensor, float]:
     """What the audit's shortcuts section does: stratified test sample, saliency, discover.
 
-    Returns the result, the images' labels, their predictions and the seconds it took
-    (maps and discovery, not the sampling)."""
+    Returns the result, the sample (``image``, ``label`` and the dataset ``index``), its
+    predictions and the seconds it took (maps and discovery, not the sampling)."""
     dataset = dm.dataset("test")
     k = len(CLASSES)
     idx = stratified_indices(dataset_labels(dataset), per_class * k, seed + 2)
@@ -235,10 +238,27 @@ def audit_discovery(model: torch.nn.Module, dm: CIFAR10DataModule, seed: int, pe
     found = discovery.discover(model, images, labels, maps, k, seed=seed, batch_size=256)
     seconds = time.perf_counter() - t
     preds = discovery.predict(model, images)
-    return found, labels, preds, seconds
+    sample = {"image": images, "label": labels, "index": torch.tensor(idx)}
+    return found, sample, preds, seconds
 
 
-def run_one(case: str, seed: int, root: Path, logs: str, epochs: int) -> Run:
+def told_transplant(model: torch.nn.Module, sample: dict, case: str, cue: Cue, seed: int,
+                    test_per_class: int) -> discovery.TransplantResult:
+    """The transplant test on the cue's own box, with cue-carrying sources: not what
+    discovery does (it is not told), but whether the trained model uses the cue."""
+    ys, xs = np.nonzero(cue.ink())
+    window = (max(int(xs.min()) - 1, 0), max(int(ys.min()) - 1, 0),
+              min(int(xs.max()) + 2, 32), min(int(ys.max()) + 2, 32))
+    c = CLASSES.index(cue.cls)
+    # The test tree holds test_per_class files a class, in class order and file order.
+    stamped = {c * test_per_class + i for i in carriers(case, cue.cls, test_per_class, "test")}
+    sources = [j for j, i in enumerate(sample["index"].tolist()) if i in stamped]
+    return discovery.transplant_test(model, sample["image"], sample["label"], c, window,
+                                     sources, seed=seed)
+
+
+def run_one(case: str, seed: int, root: Path, logs: str, epochs: int, test_per_class: int,
+            ) -> Run:
     run = Run(case, seed)
     L.seed_everything(seed, verbose=False)
     dm = CIFAR10DataModule(root=str(root), download=False, val_size=VAL_SIZE, split_seed=0,
@@ -270,7 +290,8 @@ def run_one(case: str, seed: int, root: Path, logs: str, epochs: int) -> Run:
     run.hook_s = statistics.mean(monitor.seconds)
 
     model.eval()
-    found, labels, preds, _ = audit_discovery(model, dm, seed, AUDIT_PER_CLASS)
+    found, sample, preds, _ = audit_discovery(model, dm, seed, AUDIT_PER_CLASS)
+    labels = sample["label"]
     run.test_acc = float((preds == labels).float().mean())
     run.audit_lifts = {CLASSES[h.label]: h.hotspot.lift for h in found.classes if h.hotspot}
     run.audit_suspects = [CLASSES[s.label] for s in found.suspects]
@@ -284,6 +305,10 @@ def run_one(case: str, seed: int, root: Path, logs: str, epochs: int) -> Run:
         ink = cue.ink()
         x0, y0, x1, y1 = tr.window if tr is not None else (0, 0, 0, 0)
         run.found[cue.cls] = bool(tr is not None and tr.confirmed and ink[y0:y1, x0:x1].any())
+        if cue.kind != "tint":
+            t = told_transplant(model, sample, case, cue, seed, test_per_class)
+            run.told[cue.cls] = (t.flip_rate, t.flip_rate_random_window,
+                                 t.flip_rate_other_class, t.confirmed)
     _, _, _, run.discovery_s = audit_discovery(model, dm, seed, TIMING_PER_CLASS)
     return run
 
@@ -318,6 +343,12 @@ def _flips(run: Run) -> str:
     return "; ".join(parts) or "-"
 
 
+def _told(run: Run) -> str:
+    parts = [f"{f[0]:.0%} / {f[1]:.0%} / {f[2]:.0%}{'' if f[3] else ' (not beating controls)'}"
+             for f in run.told.values()]
+    return "; ".join(parts) or "-"
+
+
 def _found(run: Run) -> str:
     return ", ".join(f"{c}: {'yes' if v else 'NO'}" for c, v in run.found.items()) or "-"
 
@@ -326,14 +357,17 @@ def run_table(runs: list[Run]) -> str:
     head = ("| case | seed | test acc | monitor: first alarm (cue class @epoch) | monitor: "
             "alarms on other classes | monitor lift, last epoch: cue vs max other | audit lift: "
             "cue vs max other | audit: found | transplant flips: hotspot / random window / other "
-            "class | audit: suspects / confirmed outside the cue classes | discovery, 500 "
-            "images | monitor share of an epoch |")
-    lines = [head, "| --- | ---: | ---: | --- | --- | --- | --- | --- | --- | --- | ---: | ---: |"]
+            "class | told the cue's box: flips hotspot / random / other | audit: suspects / "
+            "confirmed outside the cue classes | discovery, 500 images | monitor share of an "
+            "epoch |")
+    lines = [head, "| --- | ---: | ---: | --- | --- | --- | --- | --- | --- | --- | --- "
+             "| ---: | ---: |"]
     for r in runs:
         lines.append(
             f"| {r.case} | {r.seed} | {r.test_acc:.0%} | {_alarm(r)} | {_false(r.alarms, r)} | "
             f"{_lifts(r.final_lifts, r)} | {_lifts(r.audit_lifts, r)} | {_found(r)} | "
-            f"{_flips(r)} | {_false(r.audit_suspects, r)} / {_false(r.audit_confirmed, r)} | "
+            f"{_flips(r)} | {_told(r)} | {_false(r.audit_suspects, r)} / "
+            f"{_false(r.audit_confirmed, r)} | "
             f"{r.discovery_s:.1f} s | {r.hook_s / r.epoch_s:.1%} |")
     return "\n".join(lines)
 
@@ -390,7 +424,8 @@ def main() -> None:
             root = Path(tmp) / case
             write_tree(root, case, data)
             for seed in seeds:
-                run = run_one(case, seed, root, os.path.join(tmp, "logs"), args.epochs)
+                run = run_one(case, seed, root, os.path.join(tmp, "logs"), args.epochs,
+                              args.test_per_class)
                 runs.append(run)
                 print(f"{show(run)}  [fit {run.fit_s:.0f} s, suspects/epoch "
                       f"{run.suspects_per_epoch}]", flush=True)
@@ -398,8 +433,9 @@ def main() -> None:
     header = (f"torch {torch.__version__}, lightning {L.__version__}, Python "
               f"{platform.python_version()}, {torch.get_num_threads()} threads, "
               f"{os.cpu_count()} CPUs; seeds {seeds}; {args.epochs} epochs; "
-              f"{args.train_per_class} train ({VAL_SIZE} of them validation) + "
-              f"{args.test_per_class} test images a class; {total / 60:.1f} min in all")
+              f"{args.train_per_class} train + {args.test_per_class} test images a class "
+              f"({VAL_SIZE} of the training images held out for validation); "
+              f"{total / 60:.1f} min in all")
     tables = f"{header}\n\n{case_table(runs)}\n\n{run_table(runs)}\n"
     print("\n" + tables)
     if args.markdown:

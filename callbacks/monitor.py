@@ -92,8 +92,9 @@ class ExplanationMonitor(Callback):
     * ``hotspot_lift/<class>``: label-free shortcut discovery (:mod:`explain.measures.discovery`):
       the best window of the class-mean true-class map, its mass over its area share (1 =
       an even map). A shortcut at a fixed place stands out from the other classes' lifts;
-    * ``suspects``: classes whose lift stands out (robust z >= 3.5 and lift >= 2). A class
-      that becomes a suspect is named in one warning line with its box and the epoch.
+    * ``suspects``: classes whose lift stands out (robust z >= 3.5 and lift >= 2), and
+      ``suspect/<class>`` (1 or 0) saying which. A class that becomes a suspect is named in
+      one warning line with its box and the epoch.
 
     A class mean needs several images per class: with ``discovery_per_class`` (default 8)
     the fixed set grows to that many per class; the grid still shows the first
@@ -455,13 +456,16 @@ class ExplanationMonitor(Callback):
         names = self._class_names(trainer, num_classes)
         nan = float("nan")
         if maps is None:
-            return {**{f"hotspot_lift/{c}": nan for c in names}, "suspects": nan}, None
+            return {**{f"hotspot_lift/{c}": nan for c in names},
+                    **{f"suspect/{c}": nan for c in names}, "suspects": nan}, None
         true_maps = maps[torch.arange(len(labels)), labels].float()
         classes = discovery.class_hotspots(true_maps, labels, num_classes, cluster=False)
         suspects = discovery.find_suspects(classes)
         scores = {f"hotspot_lift/{names[h.label]}": h.hotspot.lift if h.hotspot else nan
                   for h in classes}
         scores["suspects"] = float(len(suspects))
+        # Which classes, not only how many: 1 for a suspect, per class, beside its lift.
+        scores.update({f"suspect/{names[h.label]}": float(h.suspect) for h in classes})
         announced = self._suspected.setdefault(method, [])
         for s in suspects:
             if s.label not in announced:

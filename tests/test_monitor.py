@@ -310,6 +310,8 @@ def test_discovery_names_the_class_whose_maps_sit_at_one_place(tmp_path) -> None
     with pytest.warns(UserWarning, match=r"class 3 is a suspected shortcut at epoch 2.*x 0-6, y 0-6"):
         scores, image = monitor._discover(Trainer(), "saliency", maps, labels, 10)
     assert scores["suspects"] == 1.0
+    assert {k: v for k, v in scores.items() if k.startswith("suspect/")} == {
+        f"suspect/{c}": float(c == 3) for c in range(10)}
     lifts = {k: v for k, v in scores.items() if k.startswith("hotspot_lift/")}
     assert len(lifts) == 10 and max(lifts, key=lifts.get) == "hotspot_lift/3"
     assert lifts["hotspot_lift/3"] == pytest.approx((32 * 32) / 36, rel=1e-4)  # all mass in 6x6

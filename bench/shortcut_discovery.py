@@ -59,6 +59,7 @@ import small_model  # noqa: E402,F401  (registers bench_small)
 from monitor_cost import EpochClock, TimedMonitor  # noqa: E402
 
 import explain  # noqa: E402
+from audit_report.sections.shortcuts import AUDIT_SUSPECT_Z  # noqa: E402
 from explain.measures import discovery  # noqa: E402
 from lit_modules import ImageClassifier  # noqa: E402
 from lit_modules.data import CIFAR10DataModule  # noqa: E402
@@ -235,7 +236,8 @@ def audit_discovery(model: torch.nn.Module, dm: CIFAR10DataModule, seed: int, pe
     images, labels = batch["image"].float(), batch["label"].long()
     t = time.perf_counter()
     maps = explain.run(model, images, METHOD, targets=labels).cpu()
-    found = discovery.discover(model, images, labels, maps, k, seed=seed, batch_size=256)
+    found = discovery.discover(model, images, labels, maps, k, seed=seed, batch_size=256,
+                               z_threshold=AUDIT_SUSPECT_Z)
     seconds = time.perf_counter() - t
     preds = discovery.predict(model, images)
     sample = {"image": images, "label": labels, "index": torch.tensor(idx)}

@@ -4,10 +4,13 @@
 
 ``targets=None`` explains every class (``[B, C, H, W]``); a ``[B]`` tensor of class
 indices gives ``[B, H, W]``. Maps are raw (not normalised) float32 at input resolution.
+``layer`` is a module name or the module itself; a transformer's token layer (ViT, Swin)
+is read as a map without a user-written reshape (:class:`MapLayout`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -19,12 +22,14 @@ from . import perturbation as _perturbation  # noqa: F401  (registers the pertur
 from .base import (
     ExplainContext,
     ExplainError,
+    MapLayout,
     check_images,
     default_layer,
     eval_mode,
     explaining,
     find_split,
     input_size_problem,
+    layer_layout,
     make_selectors,
     resolve_layer,
     split_for,
@@ -34,8 +39,10 @@ from .registry import MethodInfo, available, get, register
 __all__ = [
     "ExplainContext",
     "ExplainError",
+    "MapLayout",
     "MethodInfo",
     "available",
+    "class_chunk_for",
     "default_layer",
     "eval_mode",
     "explaining",
@@ -58,18 +65,47 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def _num_classes(model: nn.Module, images: torch.Tensor) -> int:
     split = find_split(model)
-    if split is not None and hasattr(split[0], "classifier"):
-        return split[0].classifier.out_features
+    if split is not None:
+        declared = getattr(split[0], "num_classes", None)
+        if isinstance(declared, int):
+            return declared
+        linear = getattr(split[0], "classifier", None)
+        if isinstance(linear, nn.Linear):
+            return linear.out_features
     with torch.no_grad():
         return model(images[:1]).shape[-1]
+
+
+# Working memory a chunk of classes may take (see class_chunk_for): 1,000 ImageNet classes
+# of 224x224 images then go through in chunks that stay within a few GB with the output.
+CLASS_CHUNK_BYTES = 512 * 2**20
+# Families whose cost per class is a backward pass: chunking the classes bounds memory at
+# the price of nothing (the forward is memoised). Perturbation methods score every class
+# from each perturbed forward, and their per-class state is small: they are not chunked.
+CHUNKED_FAMILIES = ("cam", "gradient")
+
+
+def class_chunk_for(images: torch.Tensor, budget: int = CLASS_CHUNK_BYTES) -> int:
+    """How many classes a chunk holds so that its working set stays within ``budget`` bytes.
+
+    Per class and image the engine holds about four input-sized float32 tensors at once
+    (the input gradient ``[C, H, W]``, the map and its upsampled copy, the reduction), and
+    a layer's gradients are no larger than that at the usual layers; the estimate is
+    ``4 * (C + 1) * H * W * 4`` bytes a class-image. At 224x224 that is 3.2 MB: a batch of
+    16 images goes 10 classes a chunk, a single image 167.
+    """
+    b, c, h, w = images.shape
+    per_class = 4 * (c + 1) * h * w * 4 * b
+    return max(1, int(budget // per_class))
 
 
 def run(
     model: nn.Module,
     images: torch.Tensor,
     method: str = "gradcam",
-    layer: str | None = None,
+    layer: str | nn.Module | None = None,
     targets: torch.Tensor | None = None,
+    class_chunk: int | None = None,
     **options,
 ) -> torch.Tensor:
     """Explain ``images`` ``[B, 3, H, W]`` with a registered method.
@@ -78,8 +114,15 @@ def run(
         model: any classifier ``nn.Module`` returning logits ``[B, K]``.
         images: input batch, already normalised the way the model expects.
         method: a registry name (see :func:`available`).
-        layer: qualified module name for layer methods; None uses the model's declared one.
+        layer: qualified module name, or the module object itself, for layer methods; None
+            uses the model's declared one. A token layer (ViT ``[B, 1 + h*w, D]``, Swin
+            ``[B, h, w, D]``) is read as a map ``[B, D, h, w]`` (see :class:`MapLayout`).
         targets: None for every class, or ``[B]`` class indices.
+        class_chunk: with ``targets=None``, the CAM and gradient families explain this many
+            classes at a time (one forward for all, one backward per chunk) and write each
+            chunk into the output before the next: memory is bounded by the chunk, not by
+            the number of classes. None picks it from a byte budget (:func:`class_chunk_for`).
+            The maps do not depend on it.
         **options: method options (e.g. ``steps`` for integrated_gradients).
 
     Returns:
@@ -89,25 +132,43 @@ def run(
         ExplainError: bad input, named with the expected and actual values: images not
             ``[B, C, H, W]`` floats, ``C`` not the first conv's ``in_channels``, images
             smaller than the network takes (or giving a 1x1 map at the layer), targets
-            not integer indices in range, an unknown or non-spatial layer.
+            not integer indices in range, an unknown or non-spatial layer, a module that is
+            not part of the model, ``class_chunk < 1``.
     """
     info = get(method)
     check_images(model, images)
+    if class_chunk is not None and int(class_chunk) < 1:
+        raise ExplainError(f"class_chunk must be >= 1 (or None), got {class_chunk}")
     layer_name = resolve_layer(model, layer) if info.needs_layer else layer
     if layer_name is not None and not info.needs_layer:
         layer_name = resolve_layer(model, layer_name)
+    layout = layer_layout(model, layer_name) if layer_name else None
     with explaining(model):
         param = next(model.parameters(), None)
         dtype = param.dtype if param is not None else torch.float32
         device = param.device if param is not None else images.device
         # A fresh tensor: inference tensors (Lightning's validate/test) can't enter autograd.
         x = images.detach().to(device=device, dtype=dtype).clone()
+        size = tuple(x.shape[-2:])
+        ctx = None
         try:
             num_classes = _num_classes(model, x)
             selectors = make_selectors(targets, x.shape[0], num_classes, device)
             split = split_for(model, layer_name)
-            ctx = ExplainContext(model, x, layer_name, selectors, num_classes, split)
-            maps = info.fn(ctx, **options).float()
+            ctx = ExplainContext(model, x, layer_name, selectors, num_classes, split, layout)
+            t = selectors.shape[0]
+            chunk = t
+            if t > 1 and info.family in CHUNKED_FAMILIES:
+                chunk = int(class_chunk) if class_chunk is not None else class_chunk_for(x)
+            # [B, T, H, W] filled chunk by chunk: no second copy of the whole output.
+            maps = None
+            for lo in range(0, t, chunk):
+                part = dataclasses.replace(ctx, selectors=selectors[lo : lo + chunk])
+                out = upsample(info.fn(part, **options).float(), size).transpose(0, 1)
+                if maps is None:
+                    maps = torch.empty(x.shape[0], t, *size, device=out.device)
+                maps[:, lo : lo + out.shape[1]] = out
+                del part, out
         except ExplainError:
             raise
         except (RuntimeError, ValueError) as err:
@@ -117,7 +178,9 @@ def run(
             if problem is None:
                 raise
             raise ExplainError(f"{problem} ({type(err).__name__}: {err})") from err
-        maps = upsample(maps, tuple(x.shape[-2:])).transpose(0, 1)
+        finally:
+            if ctx is not None:
+                ctx._memo.clear()  # drop the kept graphs now, not at garbage collection
         if targets is not None:
             maps = maps[:, 0]
     maps = maps.detach().contiguous()

@@ -58,6 +58,10 @@ def split_for(model: nn.Module, layer: str | None) -> nn.Module | None:
     if found is None or layer is None:
         return None
     backbone, prefix = found
+    # A backbone whose forward can not be cut at its layer (ViT: the last block's residual
+    # needs the block's input, not only the layer's output) declares has_head = False.
+    if not getattr(backbone, "has_head", True) or not backbone.default_layer:
+        return None
     return backbone if layer == prefix + backbone.default_layer else None
 
 
@@ -70,6 +74,11 @@ def default_layer(model: nn.Module) -> str:
             "(a conv block whose output is [B, C, h, w])"
         )
     backbone, prefix = split
+    if not backbone.default_layer:
+        raise ExplainError(
+            f"{type(backbone).__name__} declares no default explanation layer for this "
+            "architecture: pass layer='<module name>' or the module itself"
+        )
     return prefix + backbone.default_layer
 
 
@@ -136,6 +145,138 @@ def input_size_problem(model: nn.Module, images: torch.Tensor) -> str | None:
     return None
 
 
+# -- token layers: how a layer's output becomes a map [B, D, h, w] ----------------------------
+LAYOUTS = ("nchw", "nhwc", "tokens")
+_MAX_PREFIX_TOKENS = 8  # class + distillation + register tokens; more reads as "not a grid"
+
+
+@dataclass(frozen=True)
+class MapLayout:
+    """How a layer's output is laid out, so the CAM family can read it as ``[B, D, h, w]``.
+
+    * ``nchw``: a conv map, used as it is.
+    * ``nhwc``: channels last ``[B, h, w, D]`` (Swin's blocks, norms and merges).
+    * ``tokens``: ``[B, prefix + h*w, D]``, ``prefix`` tokens (ViT's class token) before
+      the patch grid in row-major order. ``grid`` is ``(h, w)``; None infers it from the
+      token count and the images' aspect ratio. The prefix tokens are no part of the map:
+      when a method feeds a changed map back (ablation, Recipro-CAM) they keep their
+      original values, and gradients are taken with them held fixed.
+
+    Users never write a reshape function: :func:`layer_layout` finds the layout.
+    """
+
+    kind: str = "nchw"
+    prefix: int = 0
+    grid: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in LAYOUTS:
+            raise ExplainError(f"layout kind must be one of {LAYOUTS}, got {self.kind!r}")
+
+    def to_map(self, out: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+        """The layer output as ``[B, D, h, w]``; the input itself where it is already one."""
+        if self.kind == "nchw" or out.dim() not in (3, 4):
+            return out  # the caller's shape check names what is wrong
+        if self.kind == "nhwc":
+            return out.permute(0, 3, 1, 2) if out.dim() == 4 else out
+        if out.dim() != 3:
+            return out
+        b, n, d = out.shape
+        grid = self.grid or token_grid(n - self.prefix, image_hw)
+        if grid is None or grid[0] * grid[1] != n - self.prefix:
+            raise ExplainError(
+                f"a token layer's output {tuple(out.shape)} has {n - self.prefix} tokens after "
+                f"{self.prefix} prefix token(s): not a grid of patches of the "
+                f"{image_hw[0]}x{image_hw[1]} images"
+            )
+        return out[:, self.prefix :].transpose(1, 2).reshape(b, d, *grid)
+
+    def from_map(self, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """A (changed) map ``a`` put back in the layer's layout, in fresh memory.
+
+        ``out`` is the layer's original output: the prefix tokens come from it, detached.
+        Fresh memory because an in-place op after the layer (ReLU(inplace=True)) must not
+        overwrite the map the engine keeps.
+        """
+        if self.kind == "nchw":
+            return a.clone()
+        if self.kind == "nhwc":
+            return a.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format)
+        tokens = a.flatten(2).transpose(1, 2)
+        return torch.cat([out[:, : self.prefix].detach().to(tokens.dtype), tokens], 1)
+
+
+def token_grid(count: int, image_hw: tuple[int, int]) -> tuple[int, int] | None:
+    """``(h, w)`` with ``h * w == count`` and ``h / w`` the images' aspect ratio, or None."""
+    if count < 1:
+        return None
+    # Square patches: h / w = H / W, so h = sqrt(count * H / W) must be a whole number.
+    h = round((count * image_hw[0] / image_hw[1]) ** 0.5)
+    if h < 1 or count % h:
+        return None
+    w = count // h
+    return (h, w) if h * image_hw[1] == w * image_hw[0] else None
+
+
+def infer_layout(out_shape: tuple[int, ...], image_hw: tuple[int, int]) -> MapLayout:
+    """A layout from the output's shape alone: 4-D is a conv map; ``[B, N, D]`` is read as
+    up to 8 prefix tokens then a patch grid with the images' aspect ratio (fewest prefix
+    tokens first); anything else stays as it is (and is refused by the shape check)."""
+    if len(out_shape) != 3:
+        return MapLayout("nchw")
+    n = out_shape[1]
+    for prefix in range(min(_MAX_PREFIX_TOKENS, n - 1) + 1):
+        grid = token_grid(n - prefix, image_hw)
+        if grid is not None:
+            return MapLayout("tokens", prefix, grid)
+    return MapLayout("nchw")
+
+
+def _torchvision_layout(net: nn.Module, name: str, module: nn.Module) -> MapLayout | None:
+    """The layout of layer ``name`` (relative to ``net``) in torchvision's ViT and Swin."""
+    try:
+        from torchvision.models import SwinTransformer, VisionTransformer
+    except ImportError:  # torchvision is optional for the engine
+        return None
+    if isinstance(net, VisionTransformer):
+        if name == "encoder" or name.startswith("encoder."):
+            p = net.patch_size
+            # torchvision's ViT takes exactly image_size x image_size images.
+            grid = (net.image_size // p, net.image_size // p)
+            return MapLayout("tokens", prefix=1, grid=grid)
+        return MapLayout("nchw")  # conv_proj
+    if isinstance(net, SwinTransformer):
+        # Everything in Swin is channels-last except the patch-embedding conv and what
+        # follows the final permute (avgpool sees [B, D, h, w]).
+        if isinstance(module, nn.modules.conv._ConvNd) or name in ("permute", "avgpool"):
+            return MapLayout("nchw")
+        return MapLayout("nhwc")
+    return None
+
+
+def layer_layout(model: nn.Module, layer: str) -> MapLayout | None:
+    """How ``layer``'s output becomes a map, declared by the model; None: infer it.
+
+    A module on the layer's path (the nearest first) declares it with
+    ``explain_layout(name) -> MapLayout | None``, ``name`` relative to that module;
+    torchvision's ``VisionTransformer`` (tokens after the class token) and
+    ``SwinTransformer`` (channels last) are known without declaring. None means
+    :func:`infer_layout` reads it from the output's shape.
+    """
+    module = model.get_submodule(layer)
+    parts = layer.split(".") if layer else []
+    for depth in range(len(parts) - 1, -1, -1):
+        owner = model.get_submodule(".".join(parts[:depth]))
+        rel = ".".join(parts[depth:])
+        declare = getattr(owner, "explain_layout", None)
+        found = declare(rel) if callable(declare) else None
+        if found is None:
+            found = _torchvision_layout(owner, rel, module)
+        if found is not None:
+            return found
+    return None
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode; on exit (also after an exception) give every submodule
@@ -174,7 +315,10 @@ class ExplainContext:
 
     ``selectors`` is ``[T, B, K]``: one one-hot row per image for each of the ``T`` maps
     asked for (``T = K`` classes when ``targets`` is None, else ``T = 1``). Methods return
-    maps ``[T, B, h, w]``; :func:`explain.run` upsamples and arranges them.
+    maps ``[T, B, h, w]``; :func:`explain.run` upsamples and arranges them. ``run`` may
+    call a method several times on copies of the context that differ only in a chunk of
+    ``selectors``: the forward passes that do not depend on the classes are memoised in
+    ``_memo`` (shared by the copies), so each chunk pays only its own backward passes.
     """
 
     model: nn.Module
@@ -183,8 +327,10 @@ class ExplainContext:
     selectors: torch.Tensor
     num_classes: int
     split: nn.Module | None = None  # backbone whose features() ends at ``layer``
+    layout: MapLayout | None = None  # how the layer's output is a map; None: from its shape
     _hooks: list = field(default_factory=list)
     _folded: nn.Module | None = field(default=None, repr=False)
+    _memo: dict = field(default_factory=dict, repr=False)
 
     # -- forward passes -----------------------------------------------------------------
     def folded(self) -> nn.Module:
@@ -197,6 +343,18 @@ class ExplainContext:
             self._folded = folded_model(self.model)
         return self._folded
 
+    def memo(self, key: str, make: Callable[[], object]) -> object:
+        """``make()`` once per images tensor and ``key``, shared by class-chunk copies.
+
+        An entry keeps its images tensor and is used only for that very object (``is``), so
+        a copy with other images (smoothgrad's noisy ones) never reads a stale entry.
+        """
+        entry = self._memo.get(key)
+        if entry is None or entry[0] is not self.images:
+            entry = (self.images, make())
+            self._memo[key] = entry
+        return entry[1]
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Plain forward without graph (float32 logits).
 
@@ -207,20 +365,34 @@ class ExplainContext:
             return self.model(x).float()
 
     def activation(self, x: torch.Tensor | None = None) -> torch.Tensor:
-        """The layer's activation map for ``x`` (default: the images), no graph."""
-        x = self.images if x is None else x
+        """The layer's activation map ``[B, D, h, w]`` for ``x`` (default: the images), no graph."""
+        if x is None:
+            return self.memo("activation", lambda: self.activation(self.images))
         with torch.no_grad():
             if self.split is not None:
                 return self._check_map(self.split.features(x))
             _, act = self._forward_capture(x, grad=False)
             return act
 
+    def _layout_of(self, output: torch.Tensor) -> MapLayout:
+        if self.layout is None:
+            self.layout = infer_layout(tuple(output.shape), tuple(self.images.shape[-2:]))
+        return self.layout
+
+    def _to_map(self, output: torch.Tensor) -> torch.Tensor:
+        """The layer's output as a checked map ``[B, D, h, w]`` (see :class:`MapLayout`)."""
+        if isinstance(output, torch.Tensor):
+            output = self._layout_of(output).to_map(output, tuple(self.images.shape[-2:]))
+        return self._check_map(output)
+
     def _check_map(self, act: torch.Tensor) -> torch.Tensor:
         """Refuse a layer output that is not a spatial map (4-D, more than one cell)."""
         if not isinstance(act, torch.Tensor) or act.dim() != 4:
-            shape = getattr(act, "shape", type(act).__name__)
+            shape = tuple(act.shape) if isinstance(act, torch.Tensor) else type(act).__name__
             raise ExplainError(
-                f"layer {self.layer!r} outputs {shape}; CAM methods need a 4-D conv map"
+                f"layer {self.layer!r} outputs {shape}: not a spatial map. Layer methods need "
+                "a 4-D conv map [B, C, h, w], channels-last [B, h, w, C] (Swin) or patch "
+                "tokens [B, prefix + h*w, D] (ViT); pick such a layer"
             )
         if act.shape[-2:] == (1, 1):
             h, w = self.images.shape[-2:]
@@ -234,8 +406,12 @@ class ExplainContext:
     def activation_with_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(act, logits)`` with ``act`` a leaf that requires grad and ``logits`` its function.
 
-        The graph starts at the layer, so backward never walks the trunk.
+        The graph starts at the layer, so backward never walks the trunk. Memoised: class
+        chunks share one forward (the graph is kept, see :meth:`grads_of_selected`).
         """
+        return self.memo("activation_with_logits", self._activation_with_logits)
+
+    def _activation_with_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.split is not None:
             with torch.no_grad():
                 act = self._check_map(self.split.features(self.images))
@@ -244,11 +420,24 @@ class ExplainContext:
         logits, act = self._forward_capture(self.images, grad=True)
         return act, logits
 
+    def input_graph(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, logits)``: the images as a leaf that requires grad and the model's logits.
+
+        Memoised like :meth:`activation_with_logits`, for the pixel gradient methods.
+        """
+
+        def make() -> tuple[torch.Tensor, torch.Tensor]:
+            x = self.images.detach().requires_grad_(True)
+            return x, self.model(x)
+
+        return self.memo("input_graph", make)
+
     def head(self, act: torch.Tensor) -> torch.Tensor:
         """Logits from a (possibly modified) layer activation, re-running only what follows.
 
         With a declared split that is the head alone; otherwise the whole model runs with a
-        forward hook that substitutes the layer's output (the images are repeated to match).
+        forward hook that substitutes the layer's output (the images are repeated to match;
+        a token layer's prefix tokens keep their values, see :class:`MapLayout`).
         """
         with torch.no_grad():
             if self.split is not None:
@@ -256,7 +445,9 @@ class ExplainContext:
             n = act.shape[0] // self.images.shape[0]
             x = self.images.repeat_interleave(n, 0) if n > 1 else self.images
             module = self.model.get_submodule(self.layer)
-            handle = module.register_forward_hook(lambda m, i, o: act)
+            handle = module.register_forward_hook(
+                lambda m, i, o: self._layout_of(o).from_map(act.to(o.dtype), o)
+            )
             try:
                 return self.model(x).float()
             finally:
@@ -266,10 +457,11 @@ class ExplainContext:
         store: dict[str, torch.Tensor] = {}
 
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            leaf = self._check_map(output).detach().requires_grad_(grad)
+            leaf = self._to_map(output).detach().requires_grad_(grad)
             store["act"] = leaf
-            # A clone keeps the stored map intact if the next op is an in-place ReLU.
-            return leaf.clone() if grad else leaf
+            # Fresh memory (from_map) keeps the stored map intact if the next op is an
+            # in-place ReLU; for a token layer it re-attaches the class token.
+            return self._layout_of(output).from_map(leaf, output)
 
         handle = self.model.get_submodule(self.layer).register_forward_hook(hook)
         try:
@@ -298,8 +490,10 @@ class ExplainContext:
         interpolated or noisy copies, ``N`` rows per forward).
         """
         sel = (self.selectors if selectors is None else selectors).to(outputs.dtype)
+        # retain_graph everywhere: a memoised graph serves the next chunk of classes; an
+        # unmemoised one is freed as soon as the caller drops its outputs.
         if sel.shape[0] == 1:
-            (g,) = torch.autograd.grad(outputs, wrt, grad_outputs=sel[0])
+            (g,) = torch.autograd.grad(outputs, wrt, grad_outputs=sel[0], retain_graph=True)
             return g.unsqueeze(0)
         if batched:
             try:
@@ -309,12 +503,8 @@ class ExplainContext:
                 return g
             except RuntimeError:  # no vmap rule for some op: one backward a class
                 pass
-        last = sel.shape[0] - 1
         return torch.stack(
-            [
-                torch.autograd.grad(outputs, wrt, grad_outputs=s, retain_graph=i < last)[0]
-                for i, s in enumerate(sel)
-            ]
+            [torch.autograd.grad(outputs, wrt, grad_outputs=s, retain_graph=True)[0] for s in sel]
         )
 
 
@@ -349,10 +539,19 @@ def check_batch_size(batch_size: int) -> None:
         raise ExplainError(f"batch_size must be >= 1, got {batch_size}")
 
 
-def resolve_layer(model: nn.Module, layer: str | None) -> str:
-    """Check a layer name, listing valid names on a miss."""
+def resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> str:
+    """The qualified name of ``layer`` (a name, a submodule of ``model``, or None for the
+    declared default); a wrong name lists valid names."""
     if layer is None:
         return default_layer(model)
+    if isinstance(layer, nn.Module):
+        for name, module in model.named_modules(remove_duplicate=False):
+            if module is layer and name:
+                return name
+        raise ExplainError(
+            f"the layer given ({type(layer).__name__}) is not a submodule of "
+            f"{type(model).__name__}: pass a module of this model or its name"
+        )
     names = [n for n, _ in model.named_modules() if n]
     if layer not in names:
         near = [n for n in names if layer.split(".")[-1] in n][:10]
@@ -362,6 +561,5 @@ def resolve_layer(model: nn.Module, layer: str | None) -> str:
             f"{', '.join(names[:60])}{' ...' if len(names) > 60 else ''}"
         )
     return layer
-
 
 Method = Callable[..., torch.Tensor]

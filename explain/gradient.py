@@ -60,8 +60,11 @@ def input_gradients(
     batched backward through a whole network, see ``grads_of_selected``); parameter
     ``.grad`` is never touched.
     """
-    x = (ctx.images if x is None else x).detach().requires_grad_(True)
-    logits = (ctx.model if model is None else model)(x)
+    if x is None and model is None:
+        x, logits = ctx.input_graph()  # memoised: chunks of classes share the forward
+    else:
+        x = (ctx.images if x is None else x).detach().requires_grad_(True)
+        logits = (ctx.model if model is None else model)(x)
     return ctx.grads_of_selected(logits, x, selectors=selectors, batched=False).float()
 
 
@@ -96,7 +99,31 @@ def guided_relus(model: nn.Module) -> Iterator[int]:
             handle.remove()
 
 
+# Activations for which guided backprop has no rule: its rule ``[x > 0] relu(R)`` is ReLU's
+# backward with the negative part cut. Passing plain gradients through a GELU (ViT, Swin,
+# ConvNeXt), SiLU (EfficientNet) or Hardswish (MobileNetV3) would mix guided and unguided
+# paths into a map that is neither (captum's GuidedBackprop silently does that). Gates
+# (Sigmoid, Hardsigmoid in squeeze-excitation) scale features rather than select them and
+# are let through.
+UNGUIDED_ACTIVATIONS = (
+    nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.ELU, nn.CELU, nn.SELU, nn.LeakyReLU,
+    nn.PReLU, nn.RReLU, nn.Softplus,
+)
+
+
+def check_guidable(model: nn.Module) -> None:
+    """Refuse guided backprop on a model with activations other than ReLU (see above)."""
+    found = sorted({type(m).__name__ for m in model.modules() if isinstance(m, UNGUIDED_ACTIVATIONS)})
+    if found:
+        raise ExplainError(
+            f"guided backprop is defined for ReLU networks; {type(model).__name__} also uses "
+            f"{', '.join(found)}, through which it has no rule. Use saliency, "
+            "integrated_gradients or smoothgrad for pixel-level maps, gradcam for a layer"
+        )
+
+
 def _guided_gradients(ctx: ExplainContext) -> torch.Tensor:
+    check_guidable(ctx.model)
     with guided_relus(ctx.model) as count:
         if count == 0:
             warnings.warn(
@@ -123,8 +150,10 @@ def guided_backprop(ctx: ExplainContext, reduce: str = "max_abs") -> torch.Tenso
     """Guided backprop (Springenberg et al. 2015): ReLUs pass back ``[x > 0] relu(R)``.
 
     Map: ``reduce`` over colour channels of the guided gradient (default ``max_abs``).
-    Class-discriminative only weakly (Adebayo et al. 2018). Layer: none. Cost: one
-    forward, one backward to the input per class.
+    Class-discriminative only weakly (Adebayo et al. 2018). ReLU networks only: a model
+    with GELU, SiLU, Hardswish... (ViT, Swin, ConvNeXt, EfficientNet, MobileNetV3) is
+    refused (:func:`check_guidable`). Layer: none. Cost: one forward, one backward to the
+    input per class.
     """
     return reduce_channels(_guided_gradients(ctx), reduce)
 
@@ -139,8 +168,9 @@ def guided_gradcam(
     as in the paper, or ``nearest`` as captum's GuidedGradCam does by default), multiplied
     into the guided gradient per colour channel, then reduced (``reduce``). Layer: the
     Grad-CAM layer. Cost: Grad-CAM (one forward, one backward from the layer) plus one
-    forward and one backward to the input per class.
+    forward and one backward to the input per class. ReLU networks only, as guided_backprop.
     """
+    check_guidable(ctx.model)
     if interpolate not in ("bilinear", "nearest"):
         raise ExplainError(f"interpolate must be 'bilinear' or 'nearest', got {interpolate!r}")
     cam_maps = gradcam(ctx)  # [T, B, h, w]
@@ -291,8 +321,9 @@ def smoothgrad(
         # One draw per sample, so the noise does not depend on the chunking.
         eps = torch.stack([torch.randn(x.shape, generator=gen, device=x.device) for _ in range(m)])
         noisy = (x.unsqueeze(0).float() + sigma * eps).to(x.dtype).reshape(m * b, *x.shape[1:])
+        # A private memo: the noisy chunk's forward is used once, then dropped.
         sub = dataclasses.replace(
-            inner, images=noisy, selectors=ctx.selectors.repeat(1, m, 1), _hooks=[]
+            inner, images=noisy, selectors=ctx.selectors.repeat(1, m, 1), _hooks=[], _memo={}
         )
         maps = info.fn(sub, **options).float()
         maps = maps.reshape(maps.shape[0], m, b, *maps.shape[-2:]).sum(1)

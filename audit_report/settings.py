@@ -12,6 +12,22 @@ import explain
 # batch size.
 EXPENSIVE_OPTIONS = ("batch_size",)
 
+# The audit's own speed settings (``exact=False``, the default): each trades a measured,
+# small change of the maps for a large saving (bench/audit_speed.py, BENCHMARKS.md "An
+# audit in a minute"). ``--exact true`` drops them and runs the engine's defaults (IG 50
+# nodes, Score-CAM on every channel, LIME 256 samples, SmoothGrad 16); an option given in
+# ``method_options`` always wins.
+FAST_OPTIONS: dict[str, dict[str, Any]] = {
+    "integrated_gradients": {"steps": 8},
+    "scorecam": {"top_k": 64},
+    "lime": {"samples": 64},
+    "smoothgrad": {"samples": 8},
+}
+# Methods the sanity cascade runs only on the trained and the fully randomised model
+# (``exact=False``): the verdict reads only the last step, and these cost a forward per
+# perturbation or per path node whatever the number of classes.
+SANITY_FINAL_ONLY = ("integrated_gradients", "lime", "occlusion", "scorecam", "smoothgrad")
+
 
 @dataclass
 class AuditSettings:
@@ -35,6 +51,9 @@ class AuditSettings:
         batch_size: images per model call in perturbation measures and methods.
         progress: show a progress bar.
         cache: reuse (and keep) per-method results in ``<out>/cache/``.
+        exact: run every method with the engine's defaults and the sanity cascade in
+            full, without the audit's speed settings (:data:`FAST_OPTIONS`,
+            :data:`SANITY_FINAL_ONLY`).
         command: the command line, for the report's footer.
     """
 
@@ -55,19 +74,23 @@ class AuditSettings:
     batch_size: int = 256
     progress: bool = True
     cache: bool = True
+    exact: bool = False
     command: list[str] = field(default_factory=list)
 
 
 def method_options(method: str, settings: AuditSettings) -> dict[str, Any]:
-    """The user's options for ``method``, plus a batch size for perturbation methods.
+    """The user's options for ``method``, over the audit's speed settings and a batch size.
 
     Gradient methods keep the engine's default batch: their batches also hold a backward
-    graph for every class, so a large batch costs memory rather than saving time.
+    graph for every class, so a large batch costs memory rather than saving time. Unless
+    ``settings.exact``, :data:`FAST_OPTIONS` come under the user's options.
     """
     info = explain.get(method)
     options: dict[str, Any] = {}
     if info.family == "perturbation":
         params = inspect.signature(info.fn).parameters
         options = {k: settings.batch_size for k in EXPENSIVE_OPTIONS if k in params}
+    if not settings.exact:
+        options.update(FAST_OPTIONS.get(method, {}))
     options.update(settings.method_options.get(method, {}))
     return options

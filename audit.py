@@ -24,7 +24,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 import explain
 from audit_report import SCHEMA_VERSION, AuditError, AuditSettings, run_audit
-from audit_report.settings import FAST_OPTIONS, SANITY_FINAL_ONLY
+from audit_report.settings import FAST_FAITHFULNESS_IMAGES, FAST_OPTIONS, SANITY_FINAL_ONLY
 from lit_modules.loading import CheckpointError
 
 __all__ = ["SCHEMA_VERSION", "build_parser", "main", "parse_args"]
@@ -123,7 +123,8 @@ def build_parser() -> ArgumentParser:
                        f"{m} {', '.join(f'{k} {v}' for k, v in o.items())}"
                        for m, o in FAST_OPTIONS.items())
                    + "; the sanity check of " + ", ".join(SANITY_FINAL_ONLY)
-                   + " on the fully randomised model only: BENCHMARKS.md, 'An audit in a "
+                   + " on the fully randomised model only; faithfulness on the first "
+                   f"{FAST_FAITHFULNESS_IMAGES} images: BENCHMARKS.md, 'An audit in a "
                    "minute'); an option in --method_options always wins")
     p.add_argument("--fail_on_findings", type=bool, default=False,
                    help=f"exit with status {FLAGGED_EXIT_STATUS} (after writing the report) "

@@ -27,6 +27,10 @@ FAST_OPTIONS: dict[str, dict[str, Any]] = {
 # (``exact=False``): the verdict reads only the last step, and these cost a forward per
 # perturbation or per path node whatever the number of classes.
 SANITY_FINAL_ONLY = ("integrated_gradients", "lime", "occlusion", "scorecam", "smoothgrad")
+# Images in the faithfulness measures (``exact=False``): the first of the sample, which is
+# class-stratified round robin, so 32 of 64 still hold every class alike. Deletion and
+# insertion cost 2 * (steps + 1) forwards an image for every method.
+FAST_FAITHFULNESS_IMAGES = 32
 
 
 @dataclass
@@ -94,3 +98,8 @@ def method_options(method: str, settings: AuditSettings) -> dict[str, Any]:
         options.update(FAST_OPTIONS.get(method, {}))
     options.update(settings.method_options.get(method, {}))
     return options
+
+
+def faithfulness_images(settings: AuditSettings, available: int) -> int:
+    """Images the faithfulness measures use: all, or :data:`FAST_FAITHFULNESS_IMAGES`."""
+    return available if settings.exact else min(available, FAST_FAITHFULNESS_IMAGES)

@@ -30,7 +30,7 @@ from ..figures import (
 )
 from ..findings import CAM_AGREEMENT_MIN, SANITY_FLAG_THRESHOLD, Finding, mean_of
 from ..page import esc, fmt_stat, measure_head, method_table, not_run
-from ..settings import SANITY_FINAL_ONLY, method_options
+from ..settings import SANITY_FINAL_ONLY, faithfulness_images, method_options
 from .base import VISUAL, Section
 
 if TYPE_CHECKING:
@@ -228,14 +228,14 @@ class FaithfulnessSection(Section):
 
     def compute(self, audit: AuditRun, model: ModelAudit) -> FaithfulnessResult:
         sample, settings = audit.sample, audit.settings
-        result = FaithfulnessResult(settings.steps, "mean", "blur", "predicted class",
-                                    len(sample.labels), {})
+        n = faithfulness_images(settings, len(sample.labels))
+        result = FaithfulnessResult(settings.steps, "mean", "blur", "predicted class", n, {})
         for method, maps in model.ok_maps().items():
-            parts = audit.cache_parts(model, method, steps=settings.steps)
+            parts = audit.cache_parts(model, method, steps=settings.steps, faithfulness_images=n)
             hit = audit.cached("faithfulness", parts)
             if hit is None:
                 hit = dict(zip(("summary", "curves"), faithfulness_summary(
-                    model.model, sample.images, maps.pred_maps, model.preds,
+                    model.model, sample.images[:n], maps.pred_maps[:n], model.preds[:n],
                     steps=settings.steps, batch_size=settings.batch_size, seed=settings.seed,
                 ), strict=True))
                 audit.keep("faithfulness", parts, hit)
@@ -267,6 +267,10 @@ class FaithfulnessSection(Section):
 
     def render(self, page: Page, model: ModelAudit, result: FaithfulnessResult) -> str:
         out = [method_table(FAITHFULNESS_MEASURES, result.methods)]
+        if result.n_images < len(page.sample.labels):
+            out.append(f'<p class="note">Measured on the first {result.n_images} images of '
+                       f"the sample (every class alike); <code>--exact true</code> uses all "
+                       f"{len(page.sample.labels)}.</p>")
         if result.curves:
             out.append(page.figures.add(
                 f"faithfulness{page.tag(model)}", fig_faithfulness(result.curves),

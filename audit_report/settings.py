@@ -20,7 +20,9 @@ EXPENSIVE_OPTIONS = ("batch_size",)
 FAST_OPTIONS: dict[str, dict[str, Any]] = {
     "integrated_gradients": {"steps": 8},
     "scorecam": {"top_k": 64},
-    "lime": {"samples": 64},
+    # 16 segments: 64 samples give a seed-to-seed rank correlation of 0.49, where 64
+    # segments give 0.10 at 64 samples and 0.35 at the engine's 256 (quickstart, 8 images).
+    "lime": {"cells": 4, "samples": 64},
     "smoothgrad": {"samples": 8},
 }
 # Methods the sanity cascade runs only on the trained and the fully randomised model

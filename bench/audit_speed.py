@@ -37,12 +37,15 @@ from explain.measures.agreement import pearson  # noqa: E402
 from explain.measures.sanity import spearman  # noqa: E402
 from lit_modules.loading import load_run  # noqa: E402
 
-LEVERS = {
-    "integrated_gradients": ("steps", [4, 8, 16, 50], 50),
-    "scorecam": ("top_k", [16, 32, 64, 128, None], None),
-    "lime": ("samples", [32, 64, 128, 256], 256),
-    "smoothgrad": ("samples", [4, 8, 16], 16),
-}
+# (method, fixed options, the option varied, its values, its exact value; None: the
+# exact maps are the first lever's exact run of the same method).
+LEVERS = [
+    ("integrated_gradients", {}, "steps", [4, 8, 16, 50], 50),
+    ("scorecam", {}, "top_k", [16, 32, 64, 128, None], None),
+    ("lime", {}, "samples", [32, 64, 128, 256], 256),
+    ("lime", {"cells": 4}, "samples", [32, 64, 128], None),
+    ("smoothgrad", {}, "samples", [4, 8, 16], 16),
+]
 STOCHASTIC = ("lime", "smoothgrad")
 
 
@@ -62,15 +65,19 @@ def levers(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> list[dic
     rows = []
     with torch.no_grad():
         diff = (model(x) - model(torch.zeros_like(x))).double()  # [B, K]
-    for method, (option, values, exact) in LEVERS.items():
+    exact_maps = {}
+    for method, fixed, option, values, exact in LEVERS:
         extra = {"batch_size": batch_size} if explain.get(method).family == "perturbation" else {}
+        extra.update(fixed)
         runs = {v: _timed(lambda kw={option: v, **extra}, m=method: explain.run(model, x, m, **kw))
                 for v in values}
+        if exact is not None:
+            exact_maps[method] = runs[exact][0]
         for v in values:
             maps, secs = runs[v]
-            row = {"method": method, option: v, "exact": v == exact,
+            row = {"method": method, **fixed, option: v, "exact": v == exact,
                    "s_per_image": secs / x.shape[0]}
-            row["pearson_mean"], row["pearson_min"] = _corr(maps, runs[exact][0])
+            row["pearson_mean"], row["pearson_min"] = _corr(maps, exact_maps[method])
             if method == "integrated_gradients":
                 err = (maps.double().sum((-2, -1)) - diff).abs() / diff.abs().mean()
                 row["completeness_median"] = float(err.median())

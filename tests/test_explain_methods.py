@@ -424,3 +424,18 @@ def test_scorecam_top_k_scores_the_most_energetic_channels_only(tiny_explain_net
     torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
     with pytest.raises(explain.ExplainError, match="top_k"):
         explain.run(model, x, "scorecam", top_k=0)
+
+
+@pytest.mark.parametrize(("method", "exact"), [
+    ("integrated_gradients", {"steps": 50}),
+    ("smoothgrad", {"samples": 16}),
+    ("lime", {"samples": 256, "cells": 8}),
+    ("scorecam", {"top_k": None}),
+])
+def test_the_audits_speed_options_at_their_exact_setting_are_the_engine_defaults(
+    method, exact, tiny_explain_net
+):
+    # audit --exact runs the engine's defaults; these are the settings it names.
+    model = tiny_explain_net()
+    x = _images(2, seed=85, size=16)
+    assert torch.equal(explain.run(model, x, method, **exact), explain.run(model, x, method))

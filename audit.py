@@ -24,6 +24,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 import explain
 from audit_report import SCHEMA_VERSION, AuditError, AuditSettings, run_audit
+from audit_report.settings import FAST_FAITHFULNESS_IMAGES, FAST_OPTIONS, SANITY_FINAL_ONLY
 from lit_modules.loading import CheckpointError
 
 __all__ = ["SCHEMA_VERSION", "build_parser", "main", "parse_args"]
@@ -115,6 +116,16 @@ def build_parser() -> ArgumentParser:
                    help="reuse per-method results (maps, sanity, faithfulness) kept in "
                    "OUT/cache/ by an earlier audit of the same checkpoint, data, images and "
                    "options, and keep this audit's there")
+    p.add_argument("--exact", type=bool, default=False,
+                   help="run every method with the engine's own defaults and the sanity "
+                   "cascade at every step for every method, without the audit's speed "
+                   "settings (" + "; ".join(
+                       f"{m} {', '.join(f'{k} {v}' for k, v in o.items())}"
+                       for m, o in FAST_OPTIONS.items())
+                   + "; the sanity check of " + ", ".join(SANITY_FINAL_ONLY)
+                   + " on the fully randomised model only; faithfulness on the first "
+                   f"{FAST_FAITHFULNESS_IMAGES} images: BENCHMARKS.md, 'An audit in a "
+                   "minute'); an option in --method_options always wins")
     p.add_argument("--fail_on_findings", type=bool, default=False,
                    help=f"exit with status {FLAGGED_EXIT_STATUS} (after writing the report) "
                    "when the report flags a class (a declared cue it leans on, or a "
@@ -188,7 +199,8 @@ def parse_args(argv: list[str] | None = None) -> AuditSettings:
         threshold=args.threshold, sanity_images=args.sanity_images,
         counterfactual_images=args.counterfactual_images,
         discovery_images=args.discovery_images, batch_size=args.batch_size,
-        progress=args.progress, cache=args.cache, command=["audit.py", *argv],
+        progress=args.progress, cache=args.cache, exact=args.exact,
+        command=["audit.py", *argv],
     )
     settings.fail_on_findings = args.fail_on_findings  # type: ignore[attr-defined]
     return settings

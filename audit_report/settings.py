@@ -12,6 +12,28 @@ import explain
 # batch size.
 EXPENSIVE_OPTIONS = ("batch_size",)
 
+# The audit's own speed settings (``exact=False``, the default): each trades a measured,
+# small change of the maps for a large saving (bench/audit_speed.py, BENCHMARKS.md "An
+# audit in a minute"). ``--exact true`` drops them and runs the engine's defaults (IG 50
+# nodes, Score-CAM on every channel, LIME 256 samples, SmoothGrad 16); an option given in
+# ``method_options`` always wins.
+FAST_OPTIONS: dict[str, dict[str, Any]] = {
+    "integrated_gradients": {"steps": 8},
+    "scorecam": {"top_k": 64},
+    # 16 segments: 64 samples give a seed-to-seed rank correlation of 0.49, where 64
+    # segments give 0.10 at 64 samples and 0.35 at the engine's 256 (quickstart, 8 images).
+    "lime": {"cells": 4, "samples": 64},
+    "smoothgrad": {"samples": 8},
+}
+# Methods the sanity cascade runs only on the trained and the fully randomised model
+# (``exact=False``): the verdict reads only the last step, and these cost a forward per
+# perturbation or per path node whatever the number of classes.
+SANITY_FINAL_ONLY = ("integrated_gradients", "lime", "occlusion", "scorecam", "smoothgrad")
+# Images in the faithfulness measures (``exact=False``): the first of the sample, which is
+# class-stratified round robin, so 32 of 64 still hold every class alike. Deletion and
+# insertion cost 2 * (steps + 1) forwards an image for every method.
+FAST_FAITHFULNESS_IMAGES = 32
+
 
 @dataclass
 class AuditSettings:
@@ -35,6 +57,9 @@ class AuditSettings:
         batch_size: images per model call in perturbation measures and methods.
         progress: show a progress bar.
         cache: reuse (and keep) per-method results in ``<out>/cache/``.
+        exact: run every method with the engine's defaults and the sanity cascade in
+            full, without the audit's speed settings (:data:`FAST_OPTIONS`,
+            :data:`SANITY_FINAL_ONLY`).
         command: the command line, for the report's footer.
     """
 
@@ -55,19 +80,28 @@ class AuditSettings:
     batch_size: int = 256
     progress: bool = True
     cache: bool = True
+    exact: bool = False
     command: list[str] = field(default_factory=list)
 
 
 def method_options(method: str, settings: AuditSettings) -> dict[str, Any]:
-    """The user's options for ``method``, plus a batch size for perturbation methods.
+    """The user's options for ``method``, over the audit's speed settings and a batch size.
 
     Gradient methods keep the engine's default batch: their batches also hold a backward
-    graph for every class, so a large batch costs memory rather than saving time.
+    graph for every class, so a large batch costs memory rather than saving time. Unless
+    ``settings.exact``, :data:`FAST_OPTIONS` come under the user's options.
     """
     info = explain.get(method)
     options: dict[str, Any] = {}
     if info.family == "perturbation":
         params = inspect.signature(info.fn).parameters
         options = {k: settings.batch_size for k in EXPENSIVE_OPTIONS if k in params}
+    if not settings.exact:
+        options.update(FAST_OPTIONS.get(method, {}))
     options.update(settings.method_options.get(method, {}))
     return options
+
+
+def faithfulness_images(settings: AuditSettings, available: int) -> int:
+    """Images the faithfulness measures use: all, or :data:`FAST_FAITHFULNESS_IMAGES`."""
+    return available if settings.exact else min(available, FAST_FAITHFULNESS_IMAGES)

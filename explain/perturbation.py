@@ -58,6 +58,7 @@ def scorecam(
     align_corners: bool = False,
     batch_size: int = 64,
     eps: float = 1e-8,
+    top_k: int | None = None,
 ) -> torch.Tensor:
     """Score-CAM (Wang et al. 2020): ``relu(sum_k w_k A_k)``, ``w_k = s_c(x * H_k)``.
 
@@ -70,6 +71,11 @@ def scorecam(
     whole model. Cost: one forward to the layer, then one forward per image and channel,
     ``batch_size`` a pass, each scored for all classes; a constant channel gives an
     all-zero mask, so all of those share a single forward of a blank input.
+
+    ``top_k`` (None: every channel, the exact method) scores only the ``top_k`` channels
+    of each image with the most activation energy (``sum A_k^2``); the others get weight
+    0 (with ``channel_softmax`` the softmax runs over the kept channels). The cost falls
+    by ``K / top_k``; ``top_k >= K`` is the exact method, bit for bit.
     """
     if score not in SCORECAM_SCORES:
         raise ExplainError(f"score must be one of {SCORECAM_SCORES}, got {score!r}")
@@ -84,6 +90,13 @@ def scorecam(
     low, high = flat.amin(-1), flat.amax(-1)
     masks = (up - low[..., None, None]) / (high - low + eps)[..., None, None]  # [B, K, H, W]
     live = high > low
+    kept = None
+    if top_k is not None and top_k < k:
+        if top_k < 1:
+            raise ExplainError(f"top_k must be >= 1 or None, got {top_k}")
+        energy = act.pow(2).flatten(2).sum(-1)  # [B, K]
+        kept = torch.zeros_like(live).scatter_(1, energy.topk(top_k, 1).indices, True)
+        live = live & kept
     pairs = live.nonzero()  # one host sync for the whole method
     logits = []
     for lo in range(0, pairs.shape[0], batch_size):
@@ -101,7 +114,11 @@ def scorecam(
     if score == "softmax":
         scores = scores.softmax(-1)
     elif score == "channel_softmax":
+        if kept is not None:  # the dropped channels take no share of the softmax
+            scores = scores.masked_fill(~kept.unsqueeze(-1), -torch.inf)
         scores = scores.softmax(1)
+    if kept is not None:
+        scores = scores * kept.unsqueeze(-1)
     weights = _select_scores(ctx, scores)  # [T, B, K]
     return _weighted_sum(weights, act).clamp_min(0)
 

@@ -415,3 +415,59 @@ def test_a_rerun_reuses_cached_results_and_a_changed_checkpoint_does_not(
         "gradcam", "hirescam", "saliency"]
     assert third["models"][0]["sha256"] != second["models"][0]["sha256"]
     changed.unlink()
+
+
+# -- the audit's speed settings ----------------------------------------------------------------
+def test_exact_drops_the_speed_settings_and_user_options_win() -> None:
+    from audit_report.settings import FAST_OPTIONS, faithfulness_images, method_options
+
+    fast = audit.parse_args(["--ckpt", "x.ckpt", "--methods", "all"])
+    exact = audit.parse_args(["--ckpt", "x.ckpt", "--methods", "all", "--exact", "true"])
+    assert not fast.exact and exact.exact
+    for method, options in FAST_OPTIONS.items():
+        assert method_options(method, fast).items() >= options.items()
+        assert not set(method_options(method, exact)) & set(options)
+    assert method_options("scorecam", exact) == {"batch_size": 256}
+    assert faithfulness_images(exact, 64) == 64 and faithfulness_images(fast, 64) == 32
+    assert faithfulness_images(fast, 12) == 12
+    mine = audit.parse_args(["--ckpt", "x.ckpt", "--method_options",
+                             "{integrated_gradients: {steps: 50}, scorecam: {top_k: null}}"])
+    assert method_options("integrated_gradients", mine) == {"steps": 50}
+    assert method_options("scorecam", mine) == {"batch_size": 256, "top_k": None}
+
+
+@pytest.mark.parametrize("method", ["saliency", "occlusion"])
+def test_sanity_final_step_only_equals_the_full_cascade_last_step(method, tiny_explain_net):
+    from audit_report.sections.measured import final_step_only
+    from explain.measures.sanity import cascade_steps, cascading_randomization
+
+    model = tiny_explain_net(seed=3, split=False).eval()
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    targets = torch.tensor([0, 2, 4])
+    fns = {method: lambda net: explain.run(net, x, method, targets=targets)}
+    full = cascading_randomization(model, fns, seed=7, keep=1)
+    last = final_step_only(model, fns, seed=7)
+    steps = len(cascade_steps(model))
+    assert steps >= 2 and last["spearman"][method].shape == (steps, 3)
+    assert torch.equal(last["spearman"][method][-1], full["spearman"][method][-1])
+    assert torch.isnan(last["spearman"][method][:-1]).all()
+    assert torch.equal(last["maps"][method][[0, -1]], full["maps"][method][[0, -1]])
+
+
+def test_sanity_final_only_in_the_report_and_exact_runs_every_step(trained: Path,
+                                                                   tmp_path: Path) -> None:
+    methods = ["--methods", "[gradcam, occlusion]", "--method_options",
+               "{occlusion: {window: 16, stride: 16}}"]
+    fast = _audit(trained, tmp_path / "fast", *methods)
+    exact = _audit(trained, tmp_path / "exact", *methods, "--exact", "true")
+    f, e = fast["models"][0]["sanity"], exact["models"][0]["sanity"]
+    assert f["final_only"] == ["occlusion"] and e["final_only"] == []
+    assert [s["n"] for s in f["methods"]["occlusion"]["spearman"][:-1]] == [0] * (
+        len(f["steps"]) - 1)
+    assert [s["n"] for s in e["methods"]["occlusion"]["spearman"]] == [4] * len(e["steps"])
+    # The verdict's step is the full cascade's, to the bit; gradcam is cascaded either way.
+    assert f["methods"]["occlusion"]["final"] == e["methods"]["occlusion"]["final"]
+    assert f["methods"]["gradcam"] == e["methods"]["gradcam"] | {
+        "seconds": f["methods"]["gradcam"]["seconds"]}
+    html = (tmp_path / "fast" / "report.html").read_text()
+    assert "occlusion ran on the trained and the fully randomised model only" in html

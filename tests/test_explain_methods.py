@@ -389,3 +389,53 @@ def test_quadrature_rules():
 def test_cam_refuses_a_head_that_is_not_gap_linear(tiny_explain_net):
     with pytest.raises(explain.ExplainError, match="global-average-pooling"):
         explain.run(tiny_explain_net(), _images(2, 1, 16), "cam", layer="stem.0")
+
+
+# -- speed options at their exact setting ---------------------------------------------------
+@pytest.mark.parametrize("score", ["softmax", "logit", "channel_softmax"])
+def test_scorecam_top_k_at_all_channels_is_the_exact_method(score, tiny_explain_net):
+    model = tiny_explain_net()
+    x = _images(2, seed=83, size=16)
+    k = model.features(x).shape[1]
+    exact = explain.run(model, x, "scorecam", score=score)
+    for top_k in (None, k, k + 5):
+        assert torch.equal(explain.run(model, x, "scorecam", score=score, top_k=top_k), exact)
+    fewer = explain.run(model, x, "scorecam", score=score, top_k=k // 2)
+    assert not torch.allclose(fewer, exact)
+
+
+def test_scorecam_top_k_scores_the_most_energetic_channels_only(tiny_explain_net):
+    # A plain loop over the kept channels (the top_k by sum A_k^2 per image) must agree.
+    model = tiny_explain_net().eval()
+    x = _images(2, seed=84, size=16)
+    top_k = 3
+    maps = explain.run(model, x, "scorecam", score="logit", top_k=top_k)
+    with torch.no_grad():
+        act = model.features(x)
+        up = nn.functional.interpolate(act, size=(16, 16), mode="bilinear", align_corners=False)
+        weights = torch.zeros(2, act.shape[1], 5)
+        for b in range(2):
+            for k in act[b].pow(2).sum((1, 2)).topk(top_k).indices.tolist():
+                m = up[b, k]
+                m = (m - m.min()) / (m.max() - m.min() + 1e-8)
+                weights[b, k] = model((x[b] * m)[None])[0]
+        expected = torch.einsum("bkc,bkhw->bchw", weights, act).clamp_min(0)
+    expected = explain.upsample(expected, (16, 16))
+    torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    with pytest.raises(explain.ExplainError, match="top_k"):
+        explain.run(model, x, "scorecam", top_k=0)
+
+
+@pytest.mark.parametrize(("method", "exact"), [
+    ("integrated_gradients", {"steps": 50}),
+    ("smoothgrad", {"samples": 16}),
+    ("lime", {"samples": 256, "cells": 8}),
+    ("scorecam", {"top_k": None}),
+])
+def test_the_audits_speed_options_at_their_exact_setting_are_the_engine_defaults(
+    method, exact, tiny_explain_net
+):
+    # audit --exact runs the engine's defaults; these are the settings it names.
+    model = tiny_explain_net()
+    x = _images(2, seed=85, size=16)
+    assert torch.equal(explain.run(model, x, method, **exact), explain.run(model, x, method))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +13,13 @@ import explain
 from explain.measures.agreement import agreement_summary
 from explain.measures.faithfulness import faithfulness_summary
 from explain.measures.localisation import localisation_summary
-from explain.measures.sanity import cascade_steps, cascading_randomization, sanity_summary
+from explain.measures.sanity import (
+    cascade_steps,
+    cascading_randomization,
+    reinitialize,
+    sanity_summary,
+    spearman,
+)
 
 from ..figures import (
     fig_cam_pair,
@@ -22,7 +30,7 @@ from ..figures import (
 )
 from ..findings import CAM_AGREEMENT_MIN, SANITY_FLAG_THRESHOLD, Finding, mean_of
 from ..page import esc, fmt_stat, measure_head, method_table, not_run
-from ..settings import method_options
+from ..settings import SANITY_FINAL_ONLY, faithfulness_images, method_options
 from .base import VISUAL, Section
 
 if TYPE_CHECKING:
@@ -220,14 +228,14 @@ class FaithfulnessSection(Section):
 
     def compute(self, audit: AuditRun, model: ModelAudit) -> FaithfulnessResult:
         sample, settings = audit.sample, audit.settings
-        result = FaithfulnessResult(settings.steps, "mean", "blur", "predicted class",
-                                    len(sample.labels), {})
+        n = faithfulness_images(settings, len(sample.labels))
+        result = FaithfulnessResult(settings.steps, "mean", "blur", "predicted class", n, {})
         for method, maps in model.ok_maps().items():
-            parts = audit.cache_parts(model, method, steps=settings.steps)
+            parts = audit.cache_parts(model, method, steps=settings.steps, faithfulness_images=n)
             hit = audit.cached("faithfulness", parts)
             if hit is None:
                 hit = dict(zip(("summary", "curves"), faithfulness_summary(
-                    model.model, sample.images, maps.pred_maps, model.preds,
+                    model.model, sample.images[:n], maps.pred_maps[:n], model.preds[:n],
                     steps=settings.steps, batch_size=settings.batch_size, seed=settings.seed,
                 ), strict=True))
                 audit.keep("faithfulness", parts, hit)
@@ -259,6 +267,10 @@ class FaithfulnessSection(Section):
 
     def render(self, page: Page, model: ModelAudit, result: FaithfulnessResult) -> str:
         out = [method_table(FAITHFULNESS_MEASURES, result.methods)]
+        if result.n_images < len(page.sample.labels):
+            out.append(f'<p class="note">Measured on the first {result.n_images} images of '
+                       f"the sample (every class alike); <code>--exact true</code> uses all "
+                       f"{len(page.sample.labels)}.</p>")
         if result.curves:
             out.append(page.figures.add(
                 f"faithfulness{page.tag(model)}", fig_faithfulness(result.curves),
@@ -283,6 +295,39 @@ class SanityResult:
     methods: dict[str, dict[str, Any]]
     spearman: dict[str, Tensor] = field(default_factory=dict, metadata=VISUAL)
     maps: dict[str, Tensor] = field(default_factory=dict, metadata=VISUAL)
+    final_only: list[str] = field(default_factory=list)
+
+
+def final_step_only(model: torch.nn.Module, explain_fns: dict, seed: int,
+                    keep: int = 1) -> dict[str, Any]:
+    """The cascade's verdict step alone: each method on the trained and the fully
+    randomised model, nothing in between.
+
+    The fully randomised copy is built exactly as :func:`cascading_randomization` builds
+    its last step (the same modules, order and seeds), so the last row equals the full
+    cascade's; the rows of the intermediate steps are NaN (maps: zeros). Costs two runs
+    of each method instead of one per step plus one.
+    """
+    steps = cascade_steps(model)
+    randomised = copy.deepcopy(model)
+    for i, (_, names) in enumerate(steps):
+        reinitialize(randomised, names, seed + 1000 * (i + 1))
+    out: dict[str, Any] = {"spearman": {}, "maps": {}, "seconds": {}}
+    for method, fn in explain_fns.items():
+        start = time.perf_counter()
+        ref = fn(model).detach().float().cpu()
+        maps = fn(randomised).detach().float().cpu()
+        out["seconds"][method] = time.perf_counter() - start
+        rho = spearman(ref, maps)
+        flat = maps.flatten(1).amax(1) == maps.flatten(1).amin(1)
+        varies = ref.flatten(1).amax(1) > ref.flatten(1).amin(1)
+        rho = torch.where(flat & varies, torch.zeros_like(rho), rho)  # as the full cascade
+        rows = torch.full((len(steps), ref.shape[0]), float("nan"))
+        rows[-1] = rho
+        kept = torch.zeros(len(steps) + 1, *ref[:keep].shape)
+        kept[0], kept[-1] = ref[:keep], maps[:keep]
+        out["spearman"][method], out["maps"][method] = rows, kept
+    return out
 
 
 class SanitySection(Section):
@@ -313,18 +358,27 @@ class SanitySection(Section):
         per_method, spearman, kept = {}, {}, {}
         todo = []
         for name in methods:
-            parts = audit.cache_parts(model, name, sanity_images=m, steps=steps)
+            parts = audit.cache_parts(model, name, sanity_images=m, steps=steps,
+                                      final_only=not settings.exact and name in SANITY_FINAL_ONLY)
             hit = audit.cached("sanity", parts)
             if hit is None:
                 todo.append((name, parts))
             else:
                 per_method[name], spearman[name], kept[name] = (
                     hit["summary"], hit["spearman"], hit["maps"])
+        final_only = [] if settings.exact else [n for n in methods if n in SANITY_FINAL_ONLY]
         if todo:  # one cascade for every method not cached: the randomised copies are shared
+            full = [name for name, _ in todo if name not in final_only]
             res = cascading_randomization(
-                model.model, {name: explainer(name) for name, _ in todo}, seed=settings.seed,
+                model.model, {name: explainer(name) for name in full}, seed=settings.seed,
                 keep=1,
+            ) if full else {"spearman": {}, "maps": {}, "seconds": {}}
+            last = final_step_only(
+                model.model, {name: explainer(name) for name, _ in todo if name in final_only},
+                settings.seed,
             )
+            for key in ("spearman", "maps", "seconds"):
+                res[key].update(last[key])
             for name, parts in todo:
                 summary = {**sanity_summary(res["spearman"][name], SANITY_FLAG_THRESHOLD),
                            "seconds": res["seconds"][name]}
@@ -335,7 +389,7 @@ class SanitySection(Section):
         order = {name: i for i, name in enumerate(methods)}
         per_method = dict(sorted(per_method.items(), key=lambda kv: order[kv[0]]))
         return SanityResult(steps, m, "true class", SANITY_FLAG_THRESHOLD, per_method,
-                            spearman, kept)
+                            spearman, kept, [n for n in final_only if n in per_method])
 
     def findings(self, audit: AuditRun, model: ModelAudit,
                  result: SanityResult) -> list[Finding]:
@@ -380,6 +434,14 @@ class SanitySection(Section):
             f"<span class=\"dir\">\u2193</span> (n={result.n_images} images, true class).</p>"
             f"<table>{head}{''.join(rows)}</table>"
         ]
+        if result.final_only:
+            out.append(
+                '<p class="note">' + esc(", ".join(result.final_only)) + " ran on the trained "
+                "and the fully randomised model only (n/a in between): the verdict reads "
+                "that last step alone, and its value is the full cascade's (the same "
+                "re-initialisation, seeds and images). <code>--exact true</code> runs every "
+                "step.</p>"
+            )
         if result.spearman:
             out.append(page.figures.add(
                 f"sanity_curves{page.tag(model)}",

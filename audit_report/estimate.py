@@ -16,7 +16,7 @@ import explain
 from explain.measures.inference import predict_proba
 from explain.measures.sanity import cascade_steps
 
-from .settings import AuditSettings, method_options
+from .settings import SANITY_FINAL_ONLY, AuditSettings, faithfulness_images, method_options
 
 CALIBRATION_IMAGES = 8
 
@@ -36,7 +36,8 @@ def estimate_seconds(settings: AuditSettings, model: torch.nn.Module, images: to
     forward = _timed(lambda: predict_proba(model, images, settings.batch_size)) / len(images)
     n = settings.num_images
     total = split_size * forward  # accuracy on the whole split
-    total += 2 * (settings.steps + 1) * n * forward * len(settings.methods)  # deletion/insertion
+    faithful = faithfulness_images(settings, n)
+    total += 2 * (settings.steps + 1) * faithful * forward * len(settings.methods)  # del./ins.
     total += 3 * settings.counterfactual_images * num_classes * forward  # declared-cue test
     few = images[:CALIBRATION_IMAGES]
     saliency = _timed(lambda: explain.run(model, images, "saliency", targets=torch.zeros(
@@ -49,5 +50,7 @@ def estimate_seconds(settings: AuditSettings, model: torch.nn.Module, images: to
         torch.manual_seed(settings.seed)
         per_image = _timed(lambda m=method: explain.run(
             model, few, m, **method_options(m, settings))) / len(few)
-        total += per_image * (n + steps * min(settings.sanity_images, n))
+        # The sanity cascade: every step, or (a costly method, not exact) the last one only.
+        cascade = 1 if method in SANITY_FINAL_ONLY and not settings.exact else steps
+        total += per_image * (n + cascade * min(settings.sanity_images, n))
     return total

@@ -328,7 +328,6 @@ class ExplainContext:
     num_classes: int
     split: nn.Module | None = None  # backbone whose features() ends at ``layer``
     layout: MapLayout | None = None  # how the layer's output is a map; None: from its shape
-    _hooks: list = field(default_factory=list)
     _folded: nn.Module | None = field(default=None, repr=False)
     _memo: dict = field(default_factory=dict, repr=False)
 

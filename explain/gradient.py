@@ -323,7 +323,7 @@ def smoothgrad(
         noisy = (x.unsqueeze(0).float() + sigma * eps).to(x.dtype).reshape(m * b, *x.shape[1:])
         # A private memo: the noisy chunk's forward is used once, then dropped.
         sub = dataclasses.replace(
-            inner, images=noisy, selectors=ctx.selectors.repeat(1, m, 1), _hooks=[], _memo={}
+            inner, images=noisy, selectors=ctx.selectors.repeat(1, m, 1), _memo={}
         )
         maps = info.fn(sub, **options).float()
         maps = maps.reshape(maps.shape[0], m, b, *maps.shape[-2:]).sum(1)

@@ -561,4 +561,3 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> str:
         )
     return layer
 
-Method = Callable[..., torch.Tensor]

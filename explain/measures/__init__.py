@@ -10,7 +10,7 @@ returns them for a ``targets`` tensor; images are ``[N, 3, H, W]`` in the model'
 One module per concern: :mod:`.registry`, :mod:`.statistics`, :mod:`.inference`,
 :mod:`.map_scores` (the monitor's per-map numbers), :mod:`.faithfulness`,
 :mod:`.localisation`, :mod:`.agreement`, :mod:`.sanity`, :mod:`.bias`,
-:mod:`.comparison`, :mod:`.discovery` (shortcuts nobody declared).
+:mod:`.comparison`, :mod:`.discovery` (shortcuts nobody declared) and :mod:`.confirmation` (its transplant and cover tests).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from . import (
     agreement,
     bias,
     comparison,
+    confirmation,
     discovery,
     faithfulness,
     inference,
@@ -36,6 +37,7 @@ __all__ = [
     "available_measures",
     "bias",
     "comparison",
+    "confirmation",
     "discovery",
     "faithfulness",
     "get_measure",

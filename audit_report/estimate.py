@@ -16,7 +16,13 @@ import explain
 from explain.measures.inference import predict_proba
 from explain.measures.sanity import cascade_steps
 
-from .settings import SANITY_FINAL_ONLY, AuditSettings, faithfulness_images, method_options
+from .settings import (
+    PER_CLASS_COST_FAMILIES,
+    SANITY_FINAL_ONLY,
+    AuditSettings,
+    faithfulness_images,
+    method_options,
+)
 
 CALIBRATION_IMAGES = 8
 
@@ -48,8 +54,12 @@ def estimate_seconds(settings: AuditSettings, model: torch.nn.Module, images: to
         if cached and method in cached:
             continue
         torch.manual_seed(settings.seed)
-        per_image = _timed(lambda m=method: explain.run(
-            model, few, m, **method_options(m, settings))) / len(few)
+        # Per-class-cost methods are asked for one class an image, by the sample and the
+        # cascade alike (plus the predicted class of the errors, not counted).
+        one = explain.get(method).family in PER_CLASS_COST_FAMILIES
+        targets = torch.zeros(len(few), dtype=torch.long) if one else None
+        per_image = _timed(lambda m=method, t=targets: explain.run(
+            model, few, m, targets=t, **method_options(m, settings))) / len(few)
         # The sanity cascade: every step, or (a costly method, not exact) the last one only.
         cascade = 1 if method in SANITY_FINAL_ONLY and not settings.exact else steps
         total += per_image * (n + cascade * min(settings.sanity_images, n))

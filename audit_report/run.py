@@ -30,46 +30,74 @@ from .estimate import estimate_seconds
 from .page import Page
 from .sample import make_sample
 from .sections import SECTIONS, Section
-from .settings import AuditSettings, method_options
+from .settings import PER_CLASS_COST_FAMILIES, AuditSettings, method_options
 from .state import AuditRun, MethodMaps, ModelAudit
 
 
+def class_maps(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+               preds: torch.Tensor, method: str,
+               options: dict[str, Any]) -> dict[str, torch.Tensor | None]:
+    """One method's maps of the true and the predicted class (``[N, H, W]`` each), and of
+    every class where that costs no more (``all``, ``[N, K, H, W]``, else None).
+
+    A per-class-cost method (input gradients) runs once for the true classes and once more
+    only on the images the model gets wrong: ~N + errors backward passes instead of N x K.
+    Every other method explains every class at the cost of one (a CAM's head, a
+    perturbation's forwards score all classes), and the rows are sliced from that.
+    """
+    rows = torch.arange(len(labels))
+    if explain.get(method).family not in PER_CLASS_COST_FAMILIES:
+        maps = explain.run(net, images, method, **options).cpu()
+        return {"true": maps[rows, labels], "pred": maps[rows, preds], "all": maps}
+    true = explain.run(net, images, method, targets=labels, **options).cpu()
+    pred = true.clone()
+    wrong = (preds != labels).nonzero().flatten()
+    if len(wrong):
+        pred[wrong] = explain.run(net, images[wrong], method, targets=preds[wrong],
+                                  **options).cpu()
+    return {"true": true, "pred": pred, "all": None}
+
+
 def explain_methods(audit: AuditRun, model: ModelAudit) -> None:
-    """Run every selected method once on the sample (all classes) and keep what sections need.
+    """Run every selected method once on the sample and keep what sections need: the maps
+    of the true and the predicted class, and every class of the shown images where those
+    come at no extra cost (see :func:`class_maps`).
 
     One broken method must not sink the whole report: its error is recorded and shown.
     """
     sample, settings = audit.sample, audit.settings
-    rows = torch.arange(len(sample.labels))
     for method in settings.methods:
         info = explain.get(method)
         entry = MethodMaps(method, info.family, info.class_specific)
         model.methods[method] = entry
         parts = audit.cache_parts(model, method)
-        hit = audit.cached("maps", parts)
+        hit = audit.cached("explanations", parts)
         if hit is not None:
             maps, entry.seconds, entry.cached = hit["maps"], hit["seconds"], True
         else:
             try:
                 torch.manual_seed(settings.seed)  # stochastic methods repeat run to run
                 start = time.perf_counter()
-                maps = explain.run(model.model, sample.images, method,
-                                   **method_options(method, settings)).cpu()
+                maps = class_maps(model.model, sample.images, sample.labels, model.preds,
+                                  method, method_options(method, settings))
                 entry.seconds = time.perf_counter() - start
             except Exception as exc:  # noqa: BLE001  (reported in the page, per method)
                 entry.status, entry.error = "error", f"{type(exc).__name__}: {exc}"
                 audit.step(f"{method} failed")
                 continue
-            if torch.isfinite(maps).all():
-                audit.keep("maps", parts, {"maps": maps, "seconds": entry.seconds})
-        if not torch.isfinite(maps).all():
+            if _finite(maps):
+                audit.keep("explanations", parts, {"maps": maps, "seconds": entry.seconds})
+        if not _finite(maps):
             entry.status, entry.error = "error", "the maps contain non-finite values"
             audit.step(f"{method} non-finite")
             continue
-        entry.true_maps = maps[rows, sample.labels]
-        entry.pred_maps = maps[rows, model.preds]
-        entry.shown_all = maps[: sample.show]
+        entry.true_maps, entry.pred_maps = maps["true"], maps["pred"]
+        entry.shown_all = None if maps["all"] is None else maps["all"][: sample.show]
         audit.step(f"explain {method}")
+
+
+def _finite(maps: dict[str, torch.Tensor | None]) -> bool:
+    return all(bool(torch.isfinite(m).all()) for m in maps.values() if m is not None)
 
 
 def audit_model(audit: AuditRun, model: ModelAudit, sections: list[Section]) -> None:

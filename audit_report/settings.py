@@ -33,6 +33,10 @@ SANITY_FINAL_ONLY = ("integrated_gradients", "lime", "occlusion", "scorecam", "s
 # class-stratified round robin, so 32 of 64 still hold every class alike. Deletion and
 # insertion cost 2 * (steps + 1) forwards an image for every method.
 FAST_FAITHFULNESS_IMAGES = 32
+# Families whose cost grows with the number of classes explained: one backward through the
+# whole network per class. The audit asks them only for the classes its sections read (the
+# true and the predicted one), which gives the same maps as slicing an all-class run.
+PER_CLASS_COST_FAMILIES = ("gradient",)
 
 
 @dataclass

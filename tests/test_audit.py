@@ -389,10 +389,14 @@ def test_a_rerun_reuses_cached_results_and_a_changed_checkpoint_does_not(
     out = tmp_path / "report"
     calls = _engine_calls(monkeypatch)
     first = _audit(trained, out, "--methods", "[gradcam, saliency]")
-    sample_calls = [c for c in calls if c[1] == 12 and c[2]]  # the sample, every class
-    assert sorted(m for m, _, _ in sample_calls) == ["gradcam", "saliency"]
+    # The sample: Grad-CAM for every class at once, saliency (a backward per class) for the
+    # true classes only (then for the predicted class of the images it gets wrong).
+    # (The time estimate and the sections make calls of their own; the sample's come first
+    # after the estimate's calibration on 8 images.)
+    start = max(i for i, (_, n, _) in enumerate(calls) if n == 8) + 1
+    assert calls[start:start + 2] == [("gradcam", 12, True), ("saliency", 12, False)]
     assert sorted(p.name.split("-")[0] for p in (out / "cache").iterdir()) == [
-        "faithfulness", "faithfulness", "maps", "maps", "sanity", "sanity"]
+        "explanations", "explanations", "faithfulness", "faithfulness", "sanity", "sanity"]
 
     calls.clear()  # one more method: only it is explained, randomised and scored
     second = _audit(trained, out, "--methods", "[gradcam, saliency, hirescam]")
@@ -411,8 +415,10 @@ def test_a_rerun_reuses_cached_results_and_a_changed_checkpoint_does_not(
     torch.save(ckpt, changed)
     calls.clear()
     third = _audit(changed, out, "--methods", "[gradcam, saliency, hirescam]")
-    assert sorted(m for m, n, every in calls if n == 12 and every) == [
-        "gradcam", "hirescam", "saliency"]
+    start = max(i for i, (_, n, _) in enumerate(calls) if n == 8) + 1
+    # (saliency twice: the true classes, then the predicted class of the errors)
+    assert [m for m, _, _ in calls[start:start + 4]] == [
+        "gradcam", "saliency", "saliency", "hirescam"]
     assert third["models"][0]["sha256"] != second["models"][0]["sha256"]
     changed.unlink()
 
@@ -471,3 +477,22 @@ def test_sanity_final_only_in_the_report_and_exact_runs_every_step(trained: Path
         "seconds": f["methods"]["gradcam"]["seconds"]}
     html = (tmp_path / "fast" / "report.html").read_text()
     assert "occlusion ran on the trained and the fully randomised model only" in html
+
+
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients", "gradcam", "occlusion"])
+def test_class_maps_equal_the_all_class_maps_rows(method, tiny_explain_net) -> None:
+    """The audit's true/predicted-class maps are the rows of the every-class maps, whether
+    the method was asked for two classes (input gradients) or all of them."""
+    from audit_report.run import class_maps
+
+    model = tiny_explain_net(seed=1).eval()
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    preds = torch.tensor([0, 3, 2, 3, 1, 0])  # wrong on images 1 and 4
+    options = {"steps": 4} if method == "integrated_gradients" else {}
+    got = class_maps(model, x, labels, preds, method, options)
+    every = explain.run(model, x, method, **options)
+    rows = torch.arange(6)
+    torch.testing.assert_close(got["true"], every[rows, labels], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got["pred"], every[rows, preds], rtol=1e-4, atol=1e-6)
+    assert (got["all"] is None) == (explain.get(method).family == "gradient")

@@ -16,6 +16,7 @@ from lit_modules.loading import evaluate
 from ..figures import fig_confusion, fig_images_classes, fig_methods, fig_side_by_side
 from ..findings import Finding, lead_method
 from ..page import esc, finite, fmt_prop, not_run
+from ..settings import method_options
 from .base import VISUAL, Section
 
 if TYPE_CHECKING:
@@ -152,9 +153,11 @@ class ImagesClassesSection(Section):
         method = lead_method([m for m in ok if explain.get(m).class_specific])
         if method is None or method not in ok:
             method = "gradcam"  # shown even when not selected: every CNN has it
-            maps = explain.run(model.model, sample.images[: sample.show], method).cpu()
-        else:
-            maps = ok[method].shown_all
+        maps = ok[method].shown_all if method in ok else None
+        if maps is None:  # not selected, or a per-class-cost method asked for 2 classes only
+            torch.manual_seed(audit.settings.seed)
+            maps = explain.run(model.model, sample.images[: sample.show], method,
+                               **method_options(method, audit.settings)).cpu()
         return ImagesClassesResult(
             method, "every class", sample.indices[: sample.show],
             sample.labels[: sample.show].tolist(), model.probs[: sample.show].tolist(), maps,

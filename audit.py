@@ -25,16 +25,11 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 import explain
 from audit_report import SCHEMA_VERSION, AuditError, AuditSettings, run_audit
 from audit_report.settings import FAST_FAITHFULNESS_IMAGES, FAST_OPTIONS, SANITY_FINAL_ONLY
+from audit_report.settings import METHOD_PRESETS as PRESETS
 from lit_modules.loading import CheckpointError, check_trusted
 
 __all__ = ["SCHEMA_VERSION", "build_parser", "main", "parse_args"]
 
-# Method presets: the default answers in about a minute on a CPU (one CAM, one gradient and
-# one perturbation method: Ablation-CAM re-runs only the head), "all" is every method.
-PRESETS = {
-    "default": ["gradcam", "saliency", "ablationcam"],
-    "all": None,  # every registered method
-}
 # Exit status of --fail_on_findings when the report flags a class (2 is a usage error).
 FLAGGED_EXIT_STATUS = 3
 # Spellings of earlier versions, refused with the new form.

@@ -8,6 +8,14 @@ from typing import Any
 
 import explain
 
+# Method presets (audit.py --methods, audit_report.audit(methods=...)): the default answers
+# in about a minute on a CPU (one CAM, one gradient and one perturbation method:
+# Ablation-CAM re-runs only the head), "all" is every method.
+METHOD_PRESETS: dict[str, list[str] | None] = {
+    "default": ["gradcam", "saliency", "ablationcam"],
+    "all": None,  # every registered method
+}
+
 # Engine options that only trade memory for speed: perturbation methods get the audit's
 # batch size.
 EXPENSIVE_OPTIONS = ("batch_size",)

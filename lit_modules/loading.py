@@ -14,9 +14,9 @@ import hashlib
 import importlib
 import pickle
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import lightning as L

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from .api import audit
 from .files import AuditError
+from .overlay import show_overlay
 from .run import run_audit
 from .sections import SECTIONS, Section
 from .settings import AuditSettings
@@ -33,4 +34,5 @@ __all__ = [
     "Section",
     "audit",
     "run_audit",
+    "show_overlay",
 ]

@@ -25,16 +25,11 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 import explain
 from audit_report import SCHEMA_VERSION, AuditError, AuditSettings, run_audit
 from audit_report.settings import FAST_FAITHFULNESS_IMAGES, FAST_OPTIONS, SANITY_FINAL_ONLY
-from lit_modules.loading import CheckpointError
+from audit_report.settings import METHOD_PRESETS as PRESETS
+from lit_modules.loading import CheckpointError, check_trusted
 
 __all__ = ["SCHEMA_VERSION", "build_parser", "main", "parse_args"]
 
-# Method presets: the default answers in about a minute on a CPU (one CAM, one gradient and
-# one perturbation method: Ablation-CAM re-runs only the head), "all" is every method.
-PRESETS = {
-    "default": ["gradcam", "saliency", "ablationcam"],
-    "all": None,  # every registered method
-}
 # Exit status of --fail_on_findings when the report flags a class (2 is a usage error).
 FLAGGED_EXIT_STATUS = 3
 # Spellings of earlier versions, refused with the new form.
@@ -126,6 +121,13 @@ def build_parser() -> ArgumentParser:
                    + " on the fully randomised model only; faithfulness on the first "
                    f"{FAST_FAITHFULNESS_IMAGES} images: BENCHMARKS.md, 'An audit in a "
                    "minute'); an option in --method_options always wins")
+    p.add_argument("--trust_module", "--trust-module", type=list[str], default=[],
+                   help="a module or package (importable, e.g. on PYTHONPATH) whose classes "
+                   "the training config may name besides lit_modules, e.g. your own "
+                   "LightningDataModule or ImageClassifier subclass; repeat it for several. "
+                   "Default: lit_modules only, because importing a class named in a config "
+                   "runs that module's code, and a config from someone else could run "
+                   "anything: trust only code you would run yourself")
     p.add_argument("--fail_on_findings", type=bool, default=False,
                    help=f"exit with status {FLAGGED_EXIT_STATUS} (after writing the report) "
                    "when the report flags a class (a declared cue it leans on, or a "
@@ -157,12 +159,31 @@ def _as_list(value: str | list[str] | None) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
+def _repeatable_trust(argv: list[str]) -> list[str]:
+    """``--trust_module A --trust_module B`` (or ``--trust-module``) appends: each plain name
+    becomes ``--trust_module+ NAME``; a YAML list (``'[A, B]'``) is passed as it is."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name in ("--trust_module", "--trust-module"):
+            if not eq:
+                value = argv[i + 1] if i + 1 < len(argv) else ""
+                i += 1
+            flag = "--trust_module" if value.lstrip().startswith("[") else "--trust_module+"
+            out += [flag, value]
+        else:
+            out.append(argv[i])
+        i += 1
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> AuditSettings:
     """Parse and check the command line (errors exit with status 2 and a message)."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     _refuse_old_spellings(argv, parser)
-    args: Namespace = parser.parse_args(argv)
+    args: Namespace = parser.parse_args(_repeatable_trust(argv))
     ckpts = _as_list(args.ckpt)
     if not 1 <= len(ckpts) <= 2:
         parser.error(f"--ckpt takes one checkpoint or two to compare, got {len(ckpts)}")
@@ -187,6 +208,10 @@ def parse_args(argv: list[str] | None = None) -> AuditSettings:
             parser.error(f"--{name} must be at least 1")
     if not 0.0 < args.threshold < 1.0:
         parser.error("--threshold must lie strictly between 0 and 1")
+    try:
+        trusted = list(check_trusted(args.trust_module))
+    except CheckpointError as exc:
+        parser.error(str(exc))
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -200,7 +225,7 @@ def parse_args(argv: list[str] | None = None) -> AuditSettings:
         counterfactual_images=args.counterfactual_images,
         discovery_images=args.discovery_images, batch_size=args.batch_size,
         progress=args.progress, cache=args.cache, exact=args.exact,
-        command=["audit.py", *argv],
+        command=["audit.py", *argv], trust_module=trusted,
     )
     settings.fail_on_findings = args.fail_on_findings  # type: ignore[attr-defined]
     return settings

@@ -3,6 +3,9 @@
     from audit_report import AuditSettings, run_audit
     out = run_audit(AuditSettings(ckpt=["runs/.../last.ckpt"], methods=["gradcam"]))
 
+    from audit_report import audit          # a plain nn.Module and a torch Dataset
+    out = audit(model, dataset, class_names=names, out="report", layer="features.7")
+
 Layout: :mod:`.settings` (what is asked), :mod:`.sample` (the images), :mod:`.run` (the
 orchestration and the per-method map cache), :mod:`.sections` (one object per section:
 compute -> typed result -> render -> findings), :mod:`.findings` (the judgement rules and
@@ -13,7 +16,9 @@ neither of those imports this package.
 
 from __future__ import annotations
 
+from .api import audit
 from .files import AuditError
+from .overlay import show_overlay
 from .run import run_audit
 from .sections import SECTIONS, Section
 from .settings import AuditSettings
@@ -27,5 +32,7 @@ __all__ = [
     "AuditSettings",
     "ModelAudit",
     "Section",
+    "audit",
     "run_audit",
+    "show_overlay",
 ]

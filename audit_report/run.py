@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 import explain
 from explain.measures import available_measures, get_measure
 from explain.measures.inference import predict_proba
-from lit_modules.loading import load_run
+from lit_modules.loading import LoadedRun, load_run
 
 from . import files
 from .cache import ResultCache
@@ -124,9 +124,9 @@ def model_json(model: ModelAudit, sections: list[Section]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "label": model.label,
         "name": run.name,
-        "checkpoint": str(run.ckpt_path),
+        "checkpoint": None if run.ckpt_path is None else str(run.ckpt_path),
         "sha256": run.sha256,
-        "config_path": str(run.config_path),
+        "config_path": None if run.config_path is None else str(run.config_path),
         "config": run.config,
         "meta": run.meta,
     }
@@ -202,22 +202,34 @@ def run_audit(settings: AuditSettings, sections: list[Section] | None = None) ->
     complete, so an interrupted audit leaves no half-written report.
     """
     started = time.perf_counter()
-    sections = list(SECTIONS if sections is None else sections)
     configs = list(settings.train_config or [])
     configs += [None] * (len(settings.ckpt) - len(configs))
-    runs = [load_run(c, cfg, settings.device)
+    runs = [load_run(c, cfg, settings.device, settings.trust_module)
             for c, cfg in zip(settings.ckpt, configs, strict=True)]
     out = Path(settings.out).expanduser() if settings.out else runs[0].log_dir / "audit"
-    out = out.resolve()
+    return audit_runs(settings, runs, out, sections, started)
+
+
+def audit_runs(settings: AuditSettings, runs: list[LoadedRun], out: Path,
+               sections: list[Section] | None = None, started: float | None = None) -> Path:
+    """Audit loaded models on the first one's data and write the report folder ``out``.
+
+    Everything after loading, shared by :func:`run_audit` (checkpoints) and
+    :func:`audit_report.api.audit` (a model and a dataset from Python).
+    """
+    started = time.perf_counter() if started is None else started
+    sections = list(SECTIONS if sections is None else sections)
+    out = Path(out).expanduser().resolve()
     files.check_out(out)
     torch.manual_seed(settings.seed)
     data_run = runs[0]
     sample = make_sample(data_run, settings.split, settings.num_images, settings.seed)
     k = len(sample.class_names)
     for run in runs:
-        if run.model.hparams.get("num_classes", k) != k:
+        hparams = getattr(run.model, "hparams", {})
+        if hparams.get("num_classes", k) != k:
             raise files.AuditError(
-                f"{run.ckpt_path} predicts {run.model.hparams['num_classes']} classes, but the "
+                f"{run.ckpt_path} predicts {hparams['num_classes']} classes, but the "
                 f"data has {k}: the models can not be audited on the same images"
             )
     split_size = len(data_run.datamodule.dataset(settings.split))

@@ -8,6 +8,14 @@ from typing import Any
 
 import explain
 
+# Method presets (audit.py --methods, audit_report.audit(methods=...)): the default answers
+# in about a minute on a CPU (one CAM, one gradient and one perturbation method:
+# Ablation-CAM re-runs only the head), "all" is every method.
+METHOD_PRESETS: dict[str, list[str] | None] = {
+    "default": ["gradcam", "saliency", "ablationcam"],
+    "all": None,  # every registered method
+}
+
 # Engine options that only trade memory for speed: perturbation methods get the audit's
 # batch size.
 EXPENSIVE_OPTIONS = ("batch_size",)
@@ -65,6 +73,10 @@ class AuditSettings:
             full, without the audit's speed settings (:data:`FAST_OPTIONS`,
             :data:`SANITY_FINAL_ONLY`).
         command: the command line, for the report's footer.
+        trust_module: modules besides ``lit_modules`` whose classes a training config may
+            name (importing them runs their code: only modules you trust).
+        layer: the explanation layer (a module name) for the layer methods; None: the
+            model's declared one.
     """
 
     ckpt: list[str]
@@ -86,6 +98,8 @@ class AuditSettings:
     cache: bool = True
     exact: bool = False
     command: list[str] = field(default_factory=list)
+    trust_module: list[str] = field(default_factory=list)
+    layer: str | None = None
 
 
 def method_options(method: str, settings: AuditSettings) -> dict[str, Any]:
@@ -102,6 +116,8 @@ def method_options(method: str, settings: AuditSettings) -> dict[str, Any]:
         options = {k: settings.batch_size for k in EXPENSIVE_OPTIONS if k in params}
     if not settings.exact:
         options.update(FAST_OPTIONS.get(method, {}))
+    if settings.layer is not None and info.needs_layer:
+        options["layer"] = settings.layer
     options.update(settings.method_options.get(method, {}))
     return options
 

@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import pickle
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,12 @@ from explain import eval_mode
 from .classifier import ImageClassifier, unpack_batch
 from .data.cue import nest_flat_keys
 
-# A config is data, but ``class_path`` names code: only this project's modules may be
-# imported from it, so a config shipped with someone else's checkpoint cannot make the
-# audit import (and run) arbitrary modules.
+# A config is data, but ``class_path`` names code, and importing a module runs it: by
+# default only this project's modules may be imported from a config, so a config shipped
+# with someone else's checkpoint cannot make the audit import (and run) arbitrary modules.
+# A user widens this per call with ``trusted`` (``audit.py --trust_module PACKAGE``).
 ALLOWED_PREFIXES = ("lit_modules.",)
+TRUST_OPTION = "--trust_module"
 
 
 class CheckpointError(RuntimeError):
@@ -120,11 +123,40 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def _import_class(class_path: str, what: str) -> type:
-    if not any(class_path.startswith(p) for p in ALLOWED_PREFIXES):
+def check_trusted(trusted: Sequence[str]) -> tuple[str, ...]:
+    """Validate module names given as trusted: dotted Python identifiers, nothing else."""
+    out = []
+    for name in trusted:
+        if not isinstance(name, str) or not all(part.isidentifier() for part in name.split(".")):
+            raise CheckpointError(
+                f"{TRUST_OPTION} takes a module or package name such as 'mypkg' or "
+                f"'mypkg.models', got {name!r}"
+            )
+        out.append(name)
+    return tuple(out)
+
+
+def is_trusted(class_path: str, trusted: Sequence[str] = ()) -> bool:
+    """True when ``class_path``'s module is the project's or inside a ``trusted`` module.
+
+    ``mypkg`` trusts ``mypkg.Model`` and ``mypkg.sub.Model``, never ``mypkg_evil.Model``.
+    """
+    if any(class_path.startswith(p) for p in ALLOWED_PREFIXES):
+        return True
+    module = class_path.rpartition(".")[0]
+    return any(module == t or module.startswith(t + ".") for t in trusted)
+
+
+def _import_class(class_path: str, what: str, trusted: Sequence[str] = ()) -> type:
+    if not isinstance(class_path, str) or not is_trusted(class_path, check_trusted(trusted)):
+        top = str(class_path).split(".")[0]
+        extra = f" or {list(trusted)}" if trusted else ""
         raise CheckpointError(
-            f"the config's {what} class_path {class_path!r} is outside {ALLOWED_PREFIXES}: "
-            "audit.py only imports the project's own classes from a config"
+            f"the config's {what} class_path {class_path!r} is outside "
+            f"{[p.rstrip('.') for p in ALLOWED_PREFIXES]}{extra}: importing a class named "
+            "in a config runs its module's code, so audit.py only imports the project's "
+            f"own classes unless told otherwise. If you trust {top!r}, pass "
+            f"{TRUST_OPTION} {top} (it must be importable, e.g. on PYTHONPATH)"
         )
     module_name, _, name = class_path.rpartition(".")
     try:
@@ -133,8 +165,11 @@ def _import_class(class_path: str, what: str) -> type:
         raise CheckpointError(f"cannot import {what} class {class_path!r}: {exc}") from exc
 
 
-def build_model(model_cfg: dict[str, Any]) -> ImageClassifier:
+def build_model(model_cfg: dict[str, Any], trusted: Sequence[str] = ()) -> ImageClassifier:
     """``ImageClassifier(**init args)`` from the config's ``model:`` section.
+
+    A ``class_path`` may name an ImageClassifier subclass from the project or from a
+    ``trusted`` module (see :func:`is_trusted`).
 
     ``pretrained`` is forced off: the checkpoint's weights replace the ImageNet ones, so
     fetching them would only cost a download (or fail offline).
@@ -142,7 +177,7 @@ def build_model(model_cfg: dict[str, Any]) -> ImageClassifier:
     cls: type = ImageClassifier
     args = dict(model_cfg)
     if "class_path" in args:
-        cls = _import_class(args["class_path"], "model")
+        cls = _import_class(args["class_path"], "model", trusted)
         args = dict(args.get("init_args") or {})
     if not (isinstance(cls, type) and issubclass(cls, ImageClassifier)):
         raise CheckpointError(f"model class {cls!r} is not an ImageClassifier")
@@ -150,11 +185,14 @@ def build_model(model_cfg: dict[str, Any]) -> ImageClassifier:
     return cls(**args)
 
 
-def build_datamodule(data_cfg: dict[str, Any]) -> L.LightningDataModule:
-    """The datamodule named by the config's ``data: class_path / init_args``."""
+def build_datamodule(
+    data_cfg: dict[str, Any], trusted: Sequence[str] = ()
+) -> L.LightningDataModule:
+    """The datamodule named by the config's ``data: class_path / init_args`` (the project's,
+    or one from a ``trusted`` module)."""
     if not isinstance(data_cfg, dict) or "class_path" not in data_cfg:
         raise CheckpointError("the config's data: section needs a class_path")
-    cls = _import_class(data_cfg["class_path"], "data")
+    cls = _import_class(data_cfg["class_path"], "data", trusted)
     if not (isinstance(cls, type) and issubclass(cls, L.LightningDataModule)):
         raise CheckpointError(f"data class {data_cfg['class_path']!r} is not a LightningDataModule")
     # Configs saved before the nested cue: option still load (flat cue_* keys are nested).
@@ -163,33 +201,49 @@ def build_datamodule(data_cfg: dict[str, Any]) -> L.LightningDataModule:
 
 @dataclass
 class LoadedRun:
-    """A trained model with everything needed to audit it."""
+    """A trained model with everything needed to audit it.
 
-    ckpt_path: Path
-    config_path: Path
-    log_dir: Path
+    ``ckpt_path``, ``config_path`` and ``log_dir`` are None for a model audited from Python
+    (``audit_report.audit``): there is no checkpoint file, training config or log folder.
+    """
+
+    ckpt_path: Path | None
+    config_path: Path | None
+    log_dir: Path | None
     sha256: str
     config: dict[str, Any]
-    model: ImageClassifier
-    datamodule: L.LightningDataModule
+    model: torch.nn.Module
+    datamodule: Any  # a LightningDataModule, or what the audit reads of one
     meta: dict[str, Any] = field(default_factory=dict)  # epoch, global_step, versions
+    title: str | None = None  # overrides the derived name
 
     @property
     def name(self) -> str:
         """A short human name: backbone, run folder and checkpoint file."""
-        backbone = self.model.hparams.get("backbone", type(self.model).__name__)
+        if self.title is not None:
+            return self.title
+        hparams = getattr(self.model, "hparams", {})
+        backbone = hparams.get("backbone", type(self.model).__name__)
+        if self.ckpt_path is None or self.log_dir is None:
+            return str(backbone)
         return f"{backbone} ({self.log_dir.name}/{self.ckpt_path.name})"
 
 
 def load_run(
-    ckpt: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu"
+    ckpt: str | Path,
+    config: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    trusted: Sequence[str] = (),
 ) -> LoadedRun:
-    """Checkpoint (+ config beside it) -> model in eval mode on ``device`` and datamodule."""
+    """Checkpoint (+ config beside it) -> model in eval mode on ``device`` and datamodule.
+
+    ``trusted``: extra modules the config's ``class_path`` entries may come from.
+    """
     ckpt_path = Path(ckpt).expanduser().resolve()
     checkpoint = load_checkpoint(ckpt_path)  # refuses unsafe files before anything else
     config_path = find_config(ckpt_path, config).resolve()
     cfg = read_config(config_path)
-    model = build_model(cfg["model"])
+    model = build_model(cfg["model"], trusted)
     state = checkpoint.get("state_dict", checkpoint)
     if not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {str(ckpt_path)!r} has no 'state_dict' of tensors")
@@ -226,7 +280,7 @@ def load_run(
         sha256=file_sha256(ckpt_path),
         config=cfg,
         model=model,
-        datamodule=build_datamodule(cfg["data"]),
+        datamodule=build_datamodule(cfg["data"], trusted),
         meta=meta,
     )
 

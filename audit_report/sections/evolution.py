@@ -86,6 +86,9 @@ class EvolutionSection(Section):
     title = "Evolution over training"
 
     def compute(self, audit: AuditRun, model: ModelAudit) -> EvolutionResult:
+        if model.run.log_dir is None:
+            return EvolutionResult(skipped="the model was given from Python, not as a "
+                                   "training run: there are no monitor maps to draw")
         try:
             found = load_monitor_records(model.run.log_dir)
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:

@@ -65,11 +65,13 @@ class CamVsGradcamSection(Section):
         if "cam" not in explain.available():
             return AgreementResult(skipped="the engine has no 'cam' method", threshold=threshold)
         try:
-            cam = explain.run(model.model, sample.images, "cam", targets=sample.labels).cpu()
+            cam = explain.run(model.model, sample.images, "cam", targets=sample.labels,
+                              layer=audit.settings.layer).cpu()
         except explain.ExplainError as exc:
             return AgreementResult(skipped=f"CAM does not apply to this model: {exc}",
                                    threshold=threshold)
-        grad = explain.run(model.model, sample.images, "gradcam", targets=sample.labels).cpu()
+        grad = explain.run(model.model, sample.images, "gradcam", targets=sample.labels,
+                           layer=audit.settings.layer).cpu()
         summary = agreement_summary(cam, grad, threshold)
         return AgreementResult(None, summary["correlation"], summary["iou"],
                                summary["per_image_correlation"], "true class", threshold,

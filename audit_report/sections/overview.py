@@ -37,6 +37,22 @@ class AccuracyResult:
     higher_is_better: bool = True
 
 
+def _source_rows(model: ModelAudit) -> str:
+    """Where the model came from: checkpoint, hash, config (or that it was given from Python)."""
+    run = model.run
+    if run.ckpt_path is None:  # audit_report.audit(model, data): no file, no config
+        return ("<tr><td>checkpoint</td><td>none: the model was given from Python "
+                "(audit_report.audit)</td></tr>"
+                f"<tr><td>SHA-256</td><td><code>{esc(run.sha256)}</code> "
+                '<span class="muted">(of the weights)</span></td></tr>'
+                "<tr><td>training config</td><td>none</td></tr>")
+    meta = run.meta
+    return (f"<tr><td>checkpoint</td><td><code>{esc(run.ckpt_path)}</code> (epoch "
+            f"{esc(meta.get('epoch', '?'))}, step {esc(meta.get('global_step', '?'))})</td></tr>"
+            f"<tr><td>SHA-256</td><td><code>{esc(run.sha256)}</code></td></tr>"
+            f"<tr><td>config</td><td><code>{esc(run.config_path)}</code></td></tr>")
+
+
 class SummarySection(Section):
     """What was audited, the headline findings, accuracy per class and the confusion matrix."""
 
@@ -90,15 +106,10 @@ class SummarySection(Section):
     def render(self, page: Page, model: ModelAudit, result: AccuracyResult) -> str:
         hp = model.run.config.get("model", {})
         hp_text = ", ".join(f"{k}={v}" for k, v in hp.items())
-        meta = model.run.meta
         out = [
             '<table class="facts">'
             f"<tr><td>model</td><td>{esc(model.name)}<br><span class=\"muted\">"
-            f"{esc(hp_text)}</span></td></tr>"
-            f"<tr><td>checkpoint</td><td><code>{esc(model.run.ckpt_path)}</code> (epoch "
-            f"{esc(meta.get('epoch', '?'))}, step {esc(meta.get('global_step', '?'))})</td></tr>"
-            f"<tr><td>SHA-256</td><td><code>{esc(model.run.sha256)}</code></td></tr>"
-            f"<tr><td>config</td><td><code>{esc(model.run.config_path)}</code></td></tr>"
+            f"{esc(hp_text)}</span></td></tr>{_source_rows(model)}"
             f"<tr><td>accuracy ({esc(page.audit.settings.split)}) "
             '<span class="dir">\u2191</span></td>'
             f"<td>{fmt_prop(result.accuracy)}</td></tr></table>"

@@ -1,0 +1,98 @@
+"""Scaling with pixels and classes: perturbation defaults that follow the image size, and
+several target classes an image in one engine call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import explain
+from explain.perturbation import lime_default_cells, occlusion_defaults
+
+
+def _linear(size: tuple[int, int], classes: int = 3, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * size[0] * size[1], classes)).eval()
+
+
+def _images(batch: int, size: tuple[int, int], seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(("size", "window", "stride"), [
+    ((16, 16), (8, 8), (4, 4)),  # below 64 px the 8-px floor holds: today's defaults
+    ((32, 32), (8, 8), (4, 4)),
+    ((64, 64), (8, 8), (4, 4)),
+    ((224, 224), (28, 28), (14, 14)),
+    ((32, 96), (8, 12), (4, 6)),  # each side its own
+    ((4, 4), (4, 4), (2, 2)),  # never wider than the image
+])
+def test_occlusion_defaults_follow_the_image_side(size, window, stride):
+    assert occlusion_defaults(size) == (window, stride)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (224, 224), (32, 96)])
+def test_occlusion_default_maps_equal_the_rule_given_explicitly(size):
+    model, x = _linear(size), _images(1, size)
+    window, stride = occlusion_defaults(size)
+    auto = explain.run(model, x, "occlusion", batch_size=256)
+    torch.testing.assert_close(
+        auto, explain.run(model, x, "occlusion", window=window, stride=stride, batch_size=256))
+    if size == (32, 32):  # exactly the old defaults at the size they were tuned for
+        assert torch.equal(auto, explain.run(model, x, "occlusion", window=8, stride=4))
+
+
+def test_occlusion_explicit_values_still_win():
+    size = (32, 32)
+    model, x = _linear(size), _images(2, size)
+    # A linear model: a 1x1 window's drop at a pixel is that pixel's contribution.
+    ones = explain.run(model, x, "occlusion", window=1, stride=1)
+    w = model[1].weight.detach().view(3, 3, *size)
+    torch.testing.assert_close(ones, torch.einsum("cdhw,bdhw->bchw", w, x), rtol=1e-4, atol=1e-5)
+    # A window alone gets half of it as stride, the documented rule.
+    torch.testing.assert_close(explain.run(model, x, "occlusion", window=16),
+                               explain.run(model, x, "occlusion", window=16, stride=8))
+    with pytest.raises(explain.ExplainError, match="window"):
+        explain.run(model, x, "occlusion", window=0)
+
+
+@pytest.mark.parametrize(("size", "cells"), [
+    ((8, 8), 8), ((32, 32), 8), ((40, 40), 10), ((48, 48), 12), ((224, 224), 12),
+    ((32, 96), 12),
+])
+def test_lime_default_cells_follow_the_area_and_stay_bounded(size, cells):
+    assert lime_default_cells(size) == cells
+
+
+@pytest.mark.parametrize("size", [(32, 32), (224, 224)])
+def test_lime_default_grid_equals_the_rule_given_explicitly(size):
+    model, x = _linear(size), _images(1, size)
+    auto = explain.run(model, x, "lime", samples=24, batch_size=64)
+    cells = lime_default_cells(size)
+    assert torch.equal(auto, explain.run(model, x, "lime", samples=24, cells=cells, batch_size=64))
+    # Piecewise constant on the grid: one value per segment, cells**2 of them.
+    assert auto[0, 0].unique().numel() == cells * cells
+    with pytest.raises(explain.ExplainError, match="cells >= 1"):
+        explain.run(model, x, "lime", cells=0)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "occlusion", "saliency"])
+def test_several_targets_an_image_equal_one_call_each(method, tiny_explain_net):
+    model = tiny_explain_net()
+    x = _images(3, (16, 16), seed=5)
+    targets = torch.tensor([[0, 2], [1, 1], [4, 0]])
+    both = explain.run(model, x, method, targets=targets)
+    assert both.shape == (3, 2, 16, 16)
+    for t in range(2):
+        one = explain.run(model, x, method, targets=targets[:, t])
+        torch.testing.assert_close(both[:, t], one, rtol=1e-5, atol=1e-6)
+    with pytest.raises(explain.ExplainError, match="targets"):
+        explain.run(model, x, method, targets=torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_auto_targets_switch_at_the_named_threshold():
+    labels, preds = torch.tensor([3, 1]), torch.tensor([3, 0])
+    assert explain.auto_targets(labels, preds, explain.ALL_CLASSES_MAX) is None
+    many = explain.auto_targets(labels, preds, explain.ALL_CLASSES_MAX + 1)
+    assert many.tolist() == [[3, 3], [1, 0]]

@@ -44,12 +44,15 @@ def estimate_seconds(settings: AuditSettings, model: torch.nn.Module, images: to
         len(images), dtype=torch.long))) / len(images)  # discovery runs it in one batch
     total += settings.discovery_images * num_classes * (saliency + 3 * forward)
     steps = len(cascade_steps(model))
+    # The classes the audit explains (every one, or true and predicted beyond the limit).
+    zeros = torch.zeros(len(few), dtype=torch.long)
+    targets = explain.auto_targets(zeros, zeros, num_classes)
     for method in settings.methods:
         if cached and method in cached:
             continue
         torch.manual_seed(settings.seed)
         per_image = _timed(lambda m=method: explain.run(
-            model, few, m, **method_options(m, settings))) / len(few)
+            model, few, m, targets=targets, **method_options(m, settings))) / len(few)
         # The sanity cascade: every step, or (a costly method, not exact) the last one only.
         cascade = 1 if method in SANITY_FINAL_ONLY and not settings.exact else steps
         total += per_image * (n + cascade * min(settings.sanity_images, n))

@@ -28,24 +28,30 @@ from . import files
 from .cache import ResultCache
 from .estimate import estimate_seconds
 from .page import Page
-from .sample import make_sample
+from .sample import explained_classes, make_sample
 from .sections import SECTIONS, Section
 from .settings import AuditSettings, method_options
 from .state import AuditRun, MethodMaps, ModelAudit
 
 
 def explain_methods(audit: AuditRun, model: ModelAudit) -> None:
-    """Run every selected method once on the sample (all classes) and keep what sections need.
+    """Run every selected method once on the sample and keep what sections need.
 
-    One broken method must not sink the whole report: its error is recorded and shown.
+    Every class is explained up to ``explain.ALL_CLASSES_MAX`` classes; beyond, only each
+    image's true and predicted class (one engine call with ``[N, 2]`` targets), and
+    ``shown_all`` stays None. One broken method must not sink the whole report: its error
+    is recorded and shown.
     """
     sample, settings = audit.sample, audit.settings
     rows = torch.arange(len(sample.labels))
+    targets = explain.auto_targets(sample.labels, model.preds, len(sample.class_names))
+    # The key says when the maps are [N, 2, H, W]; for few classes it is what it was.
+    extra = {} if targets is None else {"classes": "true+predicted"}
     for method in settings.methods:
         info = explain.get(method)
         entry = MethodMaps(method, info.family, info.class_specific)
         model.methods[method] = entry
-        parts = audit.cache_parts(model, method)
+        parts = audit.cache_parts(model, method, **extra)
         hit = audit.cached("maps", parts)
         if hit is not None:
             maps, entry.seconds, entry.cached = hit["maps"], hit["seconds"], True
@@ -53,7 +59,7 @@ def explain_methods(audit: AuditRun, model: ModelAudit) -> None:
             try:
                 torch.manual_seed(settings.seed)  # stochastic methods repeat run to run
                 start = time.perf_counter()
-                maps = explain.run(model.model, sample.images, method,
+                maps = explain.run(model.model, sample.images, method, targets=targets,
                                    **method_options(method, settings)).cpu()
                 entry.seconds = time.perf_counter() - start
             except Exception as exc:  # noqa: BLE001  (reported in the page, per method)
@@ -66,9 +72,12 @@ def explain_methods(audit: AuditRun, model: ModelAudit) -> None:
             entry.status, entry.error = "error", "the maps contain non-finite values"
             audit.step(f"{method} non-finite")
             continue
-        entry.true_maps = maps[rows, sample.labels]
-        entry.pred_maps = maps[rows, model.preds]
-        entry.shown_all = maps[: sample.show]
+        if targets is None:
+            entry.true_maps = maps[rows, sample.labels]
+            entry.pred_maps = maps[rows, model.preds]
+            entry.shown_all = maps[: sample.show]
+        else:
+            entry.true_maps, entry.pred_maps = maps[:, 0], maps[:, 1]
         audit.step(f"explain {method}")
 
 
@@ -132,6 +141,7 @@ def metrics_json(audit: AuditRun, sections: list[Section]) -> dict[str, Any]:
             "discovery_images_per_class": settings.discovery_images,
             "batch_size": settings.batch_size,
             "method_options": {m: method_options(m, settings) for m in settings.methods},
+            "classes_explained": explained_classes(len(sample.class_names)),
         },
         "data": {
             "from_checkpoint": "A",

@@ -96,3 +96,48 @@ def test_auto_targets_switch_at_the_named_threshold():
     assert explain.auto_targets(labels, preds, explain.ALL_CLASSES_MAX) is None
     many = explain.auto_targets(labels, preds, explain.ALL_CLASSES_MAX + 1)
     assert many.tolist() == [[3, 3], [1, 0]]
+
+
+# -- many classes: the monitor explains true + predicted above ALL_CLASSES_MAX ------------
+@pytest.mark.parametrize(("classes", "calls", "explained"), [(10, [None], "all"),
+                                                            (40, [(4, 2)], "predicted")])
+def test_monitor_auto_explains_true_and_predicted_beyond_the_threshold(
+    classes, calls, explained, tiny_explain_net, monkeypatch
+):
+    from callbacks import ExplanationMonitor
+
+    model = tiny_explain_net(num_classes=classes).eval()
+    x = _images(4, (16, 16), seed=7)
+    with torch.no_grad():
+        preds = model(x).argmax(1)
+    labels = torch.tensor([0, 1, 2, classes - 1])
+    seen: list = []
+    run = explain.run
+
+    def counting(*args, targets=None, **kw):
+        seen.append(None if targets is None else tuple(targets.shape))
+        return run(*args, targets=targets, **kw)
+
+    monkeypatch.setattr(explain, "run", counting)
+    monitor = ExplanationMonitor(methods=["saliency"])
+    assert monitor.explain_classes == "auto"
+    maps = monitor._explain(model, x, "saliency", True, labels, preds, classes)
+    assert seen == calls  # one engine call: all classes, or [N, 2] targets
+    assert maps.shape == (4, classes, 16, 16)
+    mode, rule = monitor.explained(classes)
+    assert mode == explained and str(explain.ALL_CLASSES_MAX) in rule
+    full = run(model, x, "saliency")
+    rows = torch.arange(4)
+    for pick in (labels, preds):
+        torch.testing.assert_close(maps[rows, pick], full[rows, pick])
+    if classes > explain.ALL_CLASSES_MAX:
+        others = torch.ones(4, classes, dtype=torch.bool)
+        others[rows, labels] = others[rows, preds] = False
+        assert (maps[others] == 0).all() and (maps[~others].flatten(1).abs().sum(1) > 0).all()
+    else:
+        torch.testing.assert_close(maps, full)
+    # An explicit choice is kept whatever the class count.
+    assert ExplanationMonitor(explain_classes="all").explained(40)[0] == "all"
+    assert ExplanationMonitor(explain_classes="shown").explained(10)[0] == "true"
+    with pytest.raises(ValueError, match="'auto'"):
+        ExplanationMonitor(explain_classes="most")

@@ -141,3 +141,76 @@ def test_monitor_auto_explains_true_and_predicted_beyond_the_threshold(
     assert ExplanationMonitor(explain_classes="shown").explained(10)[0] == "true"
     with pytest.raises(ValueError, match="'auto'"):
         ExplanationMonitor(explain_classes="most")
+
+
+# -- many classes: the audit's maps -------------------------------------------------------
+class _Bar:
+    def set_postfix_str(self, *args, **kwargs) -> None:
+        pass
+
+    def update(self, *args) -> None:
+        pass
+
+
+def _audit_run(model: nn.Module, classes: int, methods: list[str]):
+    """A minimal AuditRun around ``model`` (no checkpoint, no data module)."""
+    from types import SimpleNamespace
+
+    from audit_report.sample import Sample
+    from audit_report.settings import AuditSettings
+    from audit_report.state import AuditRun, ModelAudit
+
+    x = _images(12, (16, 16), seed=9)
+    labels = torch.arange(12) % classes  # one image of each class first, in class order
+    sample = Sample("test", list(range(12)), x, x.clamp(0, 1), labels, None, None, None,
+                    [f"c{i}" for i in range(classes)], min(12, classes, 10))
+    with torch.no_grad():
+        probs = model(x).softmax(1)
+    run = SimpleNamespace(model=model, sha256="0" * 64, name="tiny", config={"data": {}})
+    settings = AuditSettings(ckpt=["tiny.ckpt"], methods=methods, progress=False, cache=False)
+    audit = AuditRun(settings, sample, run, [ModelAudit("A", run, probs)], _Bar())
+    return audit, audit.models[0]
+
+
+@pytest.mark.parametrize("classes", [10, 40])
+def test_audit_maps_cover_true_and_predicted_beyond_the_threshold(
+    classes, tiny_explain_net, monkeypatch
+):
+    from audit_report.run import explain_methods
+    from audit_report.sample import explained_classes
+    from audit_report.sections.overview import ImagesClassesSection
+
+    model = tiny_explain_net(num_classes=classes).eval()
+    audit, entry = _audit_run(model, classes, ["gradcam", "occlusion"])
+    seen: list = []
+    run = explain.run
+
+    def counting(net, images, method, targets=None, **kw):
+        seen.append((method, len(images), None if targets is None else tuple(targets.shape)))
+        return run(net, images, method, targets=targets, **kw)
+
+    monkeypatch.setattr(explain, "run", counting)
+    explain_methods(audit, entry)
+    many = classes > explain.ALL_CLASSES_MAX
+    want = (12, 2) if many else None
+    assert seen == [("gradcam", 12, want), ("occlusion", 12, want)]  # one call a method
+    rows, labels, preds = torch.arange(12), audit.sample.labels, entry.preds
+    for method in ("gradcam", "occlusion"):
+        maps = entry.methods[method]
+        full = run(model, audit.sample.images, method)
+        torch.testing.assert_close(maps.true_maps, full[rows, labels])
+        torch.testing.assert_close(maps.pred_maps, full[rows, preds])
+        assert (maps.shown_all is None) == many
+    # Images x classes: every class up to the limit; beyond, the rows' own 10 classes.
+    seen.clear()
+    result = ImagesClassesSection().compute(audit, entry)
+    columns = 10 if many else classes
+    assert result.maps.shape == (10, columns, 16, 16)
+    assert len(result.probabilities[0]) == columns
+    assert seen == ([("gradcam", 10, (10, 10))] if many else [])
+    assert (result.columns_note is not None) == many
+    if many:
+        assert "40 classes, more than 32" in result.columns_note
+        full = run(model, audit.sample.images[:10], "gradcam")
+        torch.testing.assert_close(result.maps, full[:, :10])
+    assert ("true and the predicted" in explained_classes(classes)) == many

@@ -214,3 +214,38 @@ def test_audit_maps_cover_true_and_predicted_beyond_the_threshold(
         full = run(model, audit.sample.images[:10], "gradcam")
         torch.testing.assert_close(result.maps, full[:, :10])
     assert ("true and the predicted" in explained_classes(classes)) == many
+
+
+# -- the sanity cascade walks a torchvision model's blocks --------------------------------
+def test_cascade_of_a_torchvision_resnet_walks_its_stages_one_at_a_time():
+    from explain.measures.sanity import cascade_steps, cascading_randomization, reinitialize
+    from lit_modules import ImageClassifier
+
+    torch.manual_seed(0)
+    model = ImageClassifier(backbone="tv:resnet18", num_classes=10).eval()
+    steps = cascade_steps(model)
+    assert [label for label, _ in steps] == [
+        "fc", "layer4", "layer3", "layer2", "layer1", "bn1", "conv1"]
+    assert steps[1] == ("layer4", ["backbone.net.layer4"])
+    # Shift every parameter off its initial value ("trained"), so that a reset shows even
+    # where the init is a constant (BatchNorm's 1 and 0).
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    net = model.backbone.net
+    covered: set[str] = set()
+    for i, (label, names) in enumerate(steps):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        reinitialize(model, names, seed=i)
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        block = {f"backbone.net.{label}.{n}" for n, _ in net.get_submodule(label).named_parameters()}
+        assert changed == block, label  # that block's parameters, all of them, only them
+        covered |= block
+    assert covered == {n for n, _ in model.named_parameters()}  # every block in the end
+    # The test itself: one row of correlations per block.
+    model = ImageClassifier(backbone="tv:resnet18", num_classes=10).eval()
+    x = _images(2, (64, 64), seed=3)  # layer4 is 2x2 there
+    out = cascading_randomization(
+        model, {"gradcam": lambda net: explain.run(net, x, "gradcam", targets=torch.tensor([0, 1]))})
+    assert out["steps"] == [label for label, _ in steps]
+    assert out["spearman"]["gradcam"].shape == (7, 2)

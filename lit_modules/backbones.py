@@ -326,6 +326,7 @@ class TorchvisionBackbone(nn.Module):
         # torchvision's ViT takes exactly its image_size; the ImageNet CNNs halve the side
         # five times, so below 32 pixels their last map is empty or a pooling fails.
         self.min_input_size = int(getattr(net, "image_size", 32))
+        self.exact_input_size = hasattr(net, "image_size")  # ViT: that size and no other
 
     @property
     def _spec(self) -> TorchvisionFamily | None:

@@ -249,3 +249,18 @@ def test_cascade_of_a_torchvision_resnet_walks_its_stages_one_at_a_time():
         model, {"gradcam": lambda net: explain.run(net, x, "gradcam", targets=torch.tensor([0, 1]))})
     assert out["steps"] == [label for label, _ in steps]
     assert out["spearman"]["gradcam"].shape == (7, 2)
+
+
+# -- the input check states what the backbone takes ----------------------------------------
+@pytest.mark.parametrize(("backbone", "shape", "expected"), [
+    ("tv:resnet18", (1, 3, 16, 16), r"tv:resnet18 expects images \[B, 3, H, W\] with H, W >= 32, "
+                                    r"got \(1, 3, 16, 16\)$"),
+    ("tv:vit_b_16", (1, 3, 256, 256), r"tv:vit_b_16 expects images \[B, 3, H, W\] with "
+                                      r"H = W = 224, got \(1, 3, 256, 256\)$"),
+])
+def test_classifier_input_check_names_the_backbones_size(backbone, shape, expected):
+    from lit_modules import ImageClassifier
+
+    model = ImageClassifier(backbone=backbone, num_classes=3).eval()
+    with pytest.raises(ValueError, match=expected):
+        model(torch.zeros(shape))

@@ -1,5 +1,7 @@
-"""Scaling with pixels and classes: perturbation defaults that follow the image size, and
-several target classes an image in one engine call."""
+"""Scaling with pixels and classes (issue #14 part 4): perturbation defaults that follow
+the image size; several target classes an image in one engine call; the monitor and the
+audit explaining only true and predicted classes beyond explain.ALL_CLASSES_MAX; the
+sanity cascade walking a torchvision model's blocks; the classifier's input check."""
 
 from __future__ import annotations
 

@@ -50,6 +50,9 @@ def estimate_seconds(settings: AuditSettings, model: torch.nn.Module, images: to
         len(images), dtype=torch.long))) / len(images)  # discovery runs it in one batch
     total += settings.discovery_images * num_classes * (saliency + 3 * forward)
     steps = len(cascade_steps(model))
+    # The classes the audit explains (every one, or true and predicted beyond the limit).
+    zeros = torch.zeros(len(few), dtype=torch.long)
+    shared = explain.auto_targets(zeros, zeros, num_classes)
     for method in settings.methods:
         if cached and method in cached:
             continue
@@ -57,7 +60,7 @@ def estimate_seconds(settings: AuditSettings, model: torch.nn.Module, images: to
         # Per-class-cost methods are asked for one class an image, by the sample and the
         # cascade alike (plus the predicted class of the errors, not counted).
         one = explain.get(method).family in PER_CLASS_COST_FAMILIES
-        targets = torch.zeros(len(few), dtype=torch.long) if one else None
+        targets = zeros if one else shared
         per_image = _timed(lambda m=method, t=targets: explain.run(
             model, few, m, targets=t, **method_options(m, settings))) / len(few)
         # The sanity cascade: every step, or (a costly method, not exact) the last one only.

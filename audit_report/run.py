@@ -28,34 +28,41 @@ from . import files
 from .cache import ResultCache
 from .estimate import estimate_seconds
 from .page import Page
-from .sample import make_sample
+from .sample import explained_classes, make_sample
 from .sections import SECTIONS, Section
 from .settings import PER_CLASS_COST_FAMILIES, AuditSettings, method_options
 from .state import AuditRun, MethodMaps, ModelAudit
 
 
 def class_maps(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-               preds: torch.Tensor, method: str,
-               options: dict[str, Any]) -> dict[str, torch.Tensor | None]:
+               preds: torch.Tensor, method: str, options: dict[str, Any],
+               every_class: bool = True) -> dict[str, torch.Tensor | None]:
     """One method's maps of the true and the predicted class (``[N, H, W]`` each), and of
-    every class where that costs no more (``all``, ``[N, K, H, W]``, else None).
+    every class where the audit wants them and they cost no more (``all``,
+    ``[N, K, H, W]``, else None).
 
     A per-class-cost method (input gradients) runs once for the true classes and once more
     only on the images the model gets wrong: ~N + errors backward passes instead of N x K.
-    Every other method explains every class at the cost of one (a CAM's head, a
-    perturbation's forwards score all classes), and the rows are sliced from that.
+    Any other method explains every class at the cost of one (a CAM's head, a
+    perturbation's forwards score all classes) and the rows are sliced from that, unless
+    ``every_class`` is off (too many classes to hold): then one call with ``[N, 2]``
+    targets shares the class-free work between the true and the predicted class.
     """
     rows = torch.arange(len(labels))
-    if explain.get(method).family not in PER_CLASS_COST_FAMILIES:
+    if explain.get(method).family in PER_CLASS_COST_FAMILIES:
+        true = explain.run(net, images, method, targets=labels, **options).cpu()
+        pred = true.clone()
+        wrong = (preds != labels).nonzero().flatten()
+        if len(wrong):
+            pred[wrong] = explain.run(net, images[wrong], method, targets=preds[wrong],
+                                      **options).cpu()
+        return {"true": true, "pred": pred, "all": None}
+    if every_class:
         maps = explain.run(net, images, method, **options).cpu()
         return {"true": maps[rows, labels], "pred": maps[rows, preds], "all": maps}
-    true = explain.run(net, images, method, targets=labels, **options).cpu()
-    pred = true.clone()
-    wrong = (preds != labels).nonzero().flatten()
-    if len(wrong):
-        pred[wrong] = explain.run(net, images[wrong], method, targets=preds[wrong],
-                                  **options).cpu()
-    return {"true": true, "pred": pred, "all": None}
+    both = explain.run(net, images, method, targets=torch.stack([labels, preds], 1),
+                       **options).cpu()
+    return {"true": both[:, 0], "pred": both[:, 1], "all": None}
 
 
 def explain_methods(audit: AuditRun, model: ModelAudit) -> None:
@@ -63,14 +70,19 @@ def explain_methods(audit: AuditRun, model: ModelAudit) -> None:
     of the true and the predicted class, and every class of the shown images where those
     come at no extra cost (see :func:`class_maps`).
 
-    One broken method must not sink the whole report: its error is recorded and shown.
+    Every class is explained up to ``explain.ALL_CLASSES_MAX`` classes; beyond, only each
+    image's true and predicted class, and ``shown_all`` stays None. One broken method must
+    not sink the whole report: its error is recorded and shown.
     """
     sample, settings = audit.sample, audit.settings
+    every_class = len(sample.class_names) <= explain.ALL_CLASSES_MAX
+    # The key says when the maps are true+predicted only; for few classes it is what it was.
+    extra = {} if every_class else {"classes": "true+predicted"}
     for method in settings.methods:
         info = explain.get(method)
         entry = MethodMaps(method, info.family, info.class_specific)
         model.methods[method] = entry
-        parts = audit.cache_parts(model, method)
+        parts = audit.cache_parts(model, method, **extra)
         hit = audit.cached("explanations", parts)
         if hit is not None:
             maps, entry.seconds, entry.cached = hit["maps"], hit["seconds"], True
@@ -79,7 +91,7 @@ def explain_methods(audit: AuditRun, model: ModelAudit) -> None:
                 torch.manual_seed(settings.seed)  # stochastic methods repeat run to run
                 start = time.perf_counter()
                 maps = class_maps(model.model, sample.images, sample.labels, model.preds,
-                                  method, method_options(method, settings))
+                                  method, method_options(method, settings), every_class)
                 entry.seconds = time.perf_counter() - start
             except Exception as exc:  # noqa: BLE001  (reported in the page, per method)
                 entry.status, entry.error = "error", f"{type(exc).__name__}: {exc}"
@@ -160,6 +172,7 @@ def metrics_json(audit: AuditRun, sections: list[Section]) -> dict[str, Any]:
             "discovery_images_per_class": settings.discovery_images,
             "batch_size": settings.batch_size,
             "method_options": {m: method_options(m, settings) for m in settings.methods},
+            "classes_explained": explained_classes(len(sample.class_names)),
         },
         "data": {
             "from_checkpoint": "A",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+import explain
 from lit_modules.data.sampling import dataset_labels, sample_batch, stratified_indices
 from lit_modules.loading import LoadedRun
 
@@ -50,3 +51,16 @@ def make_sample(run: LoadedRun, split: str, n: int, seed: int) -> Sample:
     show = min(len(indices), len(class_names), 10)
     return Sample(split, indices, images, images01, labels, masks, cue_masks, regions,
                   class_names, show)
+
+
+def explained_classes(num_classes: int) -> str:
+    """Which classes the audit's maps cover, in words (report and ``metrics.json``).
+
+    Every class up to ``explain.ALL_CLASSES_MAX``; beyond, each image's true and predicted
+    class only (:func:`explain.auto_targets`).
+    """
+    limit = explain.ALL_CLASSES_MAX
+    if num_classes <= limit:
+        return f"every class ({num_classes} classes, at most {limit})"
+    return (f"the true and the predicted class of each image only ({num_classes} classes, "
+            f"more than {limit})")

@@ -31,7 +31,9 @@ class MethodMaps:
     cached: bool = False  # taken from an earlier audit's cache
     true_maps: Tensor | None = None  # [N, H, W], true class
     pred_maps: Tensor | None = None  # [N, H, W], predicted class
-    shown_all: Tensor | None = None  # [show, K, H, W], every class of the shown images
+    # [show, K, H, W], every class of the shown images; None when the data has more than
+    # explain.ALL_CLASSES_MAX classes (then only the true and predicted class are explained)
+    shown_all: Tensor | None = None
 
 
 @dataclass

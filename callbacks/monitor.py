@@ -19,6 +19,7 @@ from explain.measures import discovery, map_scores
 from lit_modules.data.sampling import dataset_labels, sample_batch, stratified_indices
 
 CLASS_MODES = ("true", "predicted", "all")
+EXPLAIN_CLASS_MODES = ("auto", "all", "shown")
 TAG_PREFIX = "explain"
 
 # Scores that belong on one chart in TensorBoard's custom-scalars layout (per method):
@@ -118,8 +119,11 @@ class ExplanationMonitor(Callback):
             over all classes); ``shown`` only the classes the scores and grid use (the true
             class, plus the predicted one in ``predicted`` mode), which for per-class
             methods such as saliency costs one or two backward passes instead of one per
-            class. The saved maps keep their ``[N, K, H, W]`` shape with the classes not
-            explained left at zero (the record says which: ``explained``).
+            class; ``auto`` (the default) is ``all`` for up to
+            ``explain.ALL_CLASSES_MAX`` (32) classes, else the true and predicted class of
+            each image. The saved maps keep their ``[N, K, H, W]`` shape with the classes not
+            explained left at zero (the record says which: ``explained``, and why:
+            ``explained_rule``).
         layer: explanation layer (None: the backbone's declared layer).
         seed: seed of the image selection.
         upscale: nearest-neighbour enlargement of grid tiles.
@@ -134,7 +138,7 @@ class ExplanationMonitor(Callback):
         num_images: int = 16,
         every_n_epochs: int = 1,
         classes: str = "true",
-        explain_classes: str = "all",
+        explain_classes: str = "auto",
         layer: str | None = None,
         seed: int = 0,
         upscale: int = 4,
@@ -152,8 +156,10 @@ class ExplanationMonitor(Callback):
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         if classes not in CLASS_MODES:
             raise ValueError(f"classes must be one of {CLASS_MODES}, got {classes!r}")
-        if explain_classes not in ("all", "shown"):
-            raise ValueError(f"explain_classes must be 'all' or 'shown', got {explain_classes!r}")
+        if explain_classes not in EXPLAIN_CLASS_MODES:
+            raise ValueError(
+                f"explain_classes must be one of {EXPLAIN_CLASS_MODES}, got {explain_classes!r}"
+            )
         if discovery_per_class < 0:
             raise ValueError(f"discovery_per_class must be >= 0, got {discovery_per_class}")
         self.num_images = num_images
@@ -311,8 +317,8 @@ class ExplanationMonitor(Callback):
             "maps": {},
             "scalars": {},
             "nan_maps": {},
-            "explained": self.explain_classes if self.explain_classes == "all" else self.classes,
         }
+        record["explained"], record["explained_rule"] = self.explained(logits.shape[-1])
         tb = self._tensorboard(trainer)
         out: dict[str, float] = {}
         for method in self.methods:
@@ -355,6 +361,24 @@ class ExplanationMonitor(Callback):
             records.save_epoch(folder, record)
         return out
 
+    def explained(self, num_classes: int) -> tuple[str, str]:
+        """Which classes are explained for ``num_classes`` classes, and why.
+
+        ``("all", ...)`` or the class mode whose classes alone are explained (``true``, or
+        ``predicted``: the true and the predicted class), with a sentence for the record.
+        """
+        if self.explain_classes == "all":
+            return "all", "explain_classes=all" if self.classes != "all" else "classes=all"
+        if self.explain_classes == "shown":
+            return self.classes, "explain_classes=shown: the classes the grid shows"
+        limit = explain.ALL_CLASSES_MAX
+        if num_classes <= limit:
+            return "all", f"explain_classes=auto: {num_classes} classes <= {limit}, all"
+        return "predicted", (
+            f"explain_classes=auto: {num_classes} classes > {limit}, only the true and "
+            "predicted class of each image"
+        )
+
     def _explain(
         self,
         pl_module: L.LightningModule,
@@ -367,23 +391,24 @@ class ExplanationMonitor(Callback):
     ) -> torch.Tensor | None:
         """Maps ``[N, K, H, W]`` on the CPU; None when a non-finite model broke the method.
 
-        With ``explain_classes="shown"`` only the true (and, in ``predicted`` mode, the
-        predicted) class of each image is explained; the other classes stay zero.
+        Unless every class is explained (:meth:`explained`), only the true (and the
+        predicted) class of each image is; the other classes stay zero.
         """
         options = {"layer": self.layer, **self.method_options.get(method, {})}
+        mode = self.explained(num_classes)[0]
         try:
             with warnings.catch_warnings():
                 # The engine warns about non-finite maps; the monitor reports them itself.
                 warnings.filterwarnings("ignore", message=".*non-finite values")
-                if self.explain_classes == "all":
+                if mode == "all":
                     return explain.run(pl_module, images, method, **options).cpu()
-                n, maps = len(images), None
-                wanted = [labels] + ([preds] if self.classes == "predicted" else [])
-                for targets in wanted:
-                    one = explain.run(pl_module, images, method, targets=targets, **options).cpu()
-                    if maps is None:
-                        maps = one.new_zeros(n, num_classes, *one.shape[-2:])
-                    maps[torch.arange(n), targets.cpu()] = one
+                wanted = [labels] + ([preds] if mode == "predicted" else [])
+                targets = torch.stack(wanted, 1)  # [N, T]: one call shares the forwards
+                some = explain.run(pl_module, images, method, targets=targets, **options).cpu()
+                n = len(images)
+                maps = some.new_zeros(n, num_classes, *some.shape[-2:])
+                for t in range(targets.shape[1]):
+                    maps[torch.arange(n), targets[:, t].cpu()] = some[:, t]
                 return maps
         except (RuntimeError, ValueError):
             if finite_logits:

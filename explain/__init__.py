@@ -20,9 +20,11 @@ from . import cam as _cam  # noqa: F401  (registers the CAM family)
 from . import gradient as _gradient  # noqa: F401  (registers the gradient methods)
 from . import perturbation as _perturbation  # noqa: F401  (registers the perturbation methods)
 from .base import (
+    ALL_CLASSES_MAX,
     ExplainContext,
     ExplainError,
     MapLayout,
+    auto_targets,
     check_images,
     default_layer,
     eval_mode,
@@ -37,10 +39,12 @@ from .base import (
 from .registry import MethodInfo, available, get, register
 
 __all__ = [
+    "ALL_CLASSES_MAX",
     "ExplainContext",
     "ExplainError",
     "MapLayout",
     "MethodInfo",
+    "auto_targets",
     "available",
     "class_chunk_for",
     "default_layer",
@@ -117,7 +121,9 @@ def run(
         layer: qualified module name, or the module object itself, for layer methods; None
             uses the model's declared one. A token layer (ViT ``[B, 1 + h*w, D]``, Swin
             ``[B, h, w, D]``) is read as a map ``[B, D, h, w]`` (see :class:`MapLayout`).
-        targets: None for every class, or ``[B]`` class indices.
+        targets: None for every class, ``[B]`` class indices, or ``[B, T]``: ``T`` classes
+            an image (e.g. true and predicted), sharing the forwards that do not depend
+            on the class.
         class_chunk: with ``targets=None``, the CAM and gradient families explain this many
             classes at a time (one forward for all, one backward per chunk) and write each
             chunk into the output before the next: memory is bounded by the chunk, not by
@@ -126,7 +132,8 @@ def run(
         **options: method options (e.g. ``steps`` for integrated_gradients).
 
     Returns:
-        float32 maps ``[B, K, H, W]`` (targets None) or ``[B, H, W]``, on the images' device.
+        float32 maps ``[B, K, H, W]`` (targets None), ``[B, H, W]`` (targets ``[B]``) or
+        ``[B, T, H, W]`` (targets ``[B, T]``), on the images' device.
 
     Raises:
         ExplainError: bad input, named with the expected and actual values: images not
@@ -181,7 +188,7 @@ def run(
         finally:
             if ctx is not None:
                 ctx._memo.clear()  # drop the kept graphs now, not at garbage collection
-        if targets is not None:
+        if targets is not None and torch.as_tensor(targets).dim() < 2:
             maps = maps[:, 0]
     maps = maps.detach().contiguous()
     if not torch.isfinite(maps).all():

@@ -507,18 +507,43 @@ class ExplainContext:
         )
 
 
+#: ``auto`` class selection (the monitor's ``explain_classes``, the audit's maps): every
+#: class up to this many, else only each image's true and predicted class. The maps of
+#: every class grow with the class count (64 images x 1,000 classes at 224 x 224 are 12 GB
+#: of float32) and so does the cost of per-class methods (saliency: one backward a class),
+#: while the grids and most scores read only the true and predicted classes.
+ALL_CLASSES_MAX = 32
+
+
+def auto_targets(
+    labels: torch.Tensor, preds: torch.Tensor, num_classes: int
+) -> torch.Tensor | None:
+    """The ``targets`` of the ``auto`` rule: None (every class) for at most
+    :data:`ALL_CLASSES_MAX` classes, else ``[B, 2]``: each image's true and predicted class.
+    """
+    if num_classes <= ALL_CLASSES_MAX:
+        return None
+    return torch.stack([torch.as_tensor(labels).long(), torch.as_tensor(preds).long()], 1)
+
+
 def make_selectors(
     targets: torch.Tensor | None, batch: int, num_classes: int, device: torch.device
 ) -> torch.Tensor:
-    """``[T, B, K]`` one-hot selectors: every class (``targets=None``) or one per image."""
+    """``[T, B, K]`` one-hot selectors: every class (``targets=None``), one per image
+    (``targets`` ``[B]``, ``T = 1``) or ``T`` per image (``targets`` ``[B, T]``)."""
     if targets is None:
         eye = torch.eye(num_classes, device=device)
         return eye[:, None, :].expand(num_classes, batch, num_classes).contiguous()
     targets = torch.as_tensor(targets, device=device)
+    if targets.dim() == 2 and targets.shape[0] == batch and targets.shape[1] >= 1:
+        # Several classes an image (true and predicted): one call shares the class-free
+        # forwards (occlusion, LIME, Score-CAM) between them.
+        columns = [make_selectors(t, batch, num_classes, device) for t in targets.unbind(1)]
+        return torch.cat(columns)
     # A float or bool tensor is a mistake (scores, one-hot rows): .long() would truncate it.
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise ExplainError(
-            f"targets must be integer class indices [B], got {targets.dtype} "
+            f"targets must be integer class indices [B] or [B, T], got {targets.dtype} "
             f"{tuple(targets.shape)}"
         )
     targets = targets.long().reshape(-1)

@@ -61,6 +61,8 @@ class EpochRecord(TypedDict):
     scalars: dict[str, dict[str, float]]  # method -> {"cue_energy/biased": ..., ...}
     nan_maps: dict[str, int]  # method -> fixed images whose map was not finite
     explained: str  # "all", or the class mode whose classes alone were explained
+    # Why (monitor's explain_classes and the class count); absent in earlier records.
+    explained_rule: str
 
 
 # -- atomic writes --------------------------------------------------------------------------

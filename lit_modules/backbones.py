@@ -326,6 +326,7 @@ class TorchvisionBackbone(nn.Module):
         # torchvision's ViT takes exactly its image_size; the ImageNet CNNs halve the side
         # five times, so below 32 pixels their last map is empty or a pooling fails.
         self.min_input_size = int(getattr(net, "image_size", 32))
+        self.exact_input_size = hasattr(net, "image_size")  # ViT: that size and no other
 
     @property
     def _spec(self) -> TorchvisionFamily | None:
@@ -342,6 +343,21 @@ class TorchvisionBackbone(nn.Module):
         if self._spec is None or self._spec.classifier is None:
             return None
         return self._spec.classifier(self.net)
+
+    def cascade_blocks(self) -> list[tuple[str, list[str]]]:
+        """The model-randomisation order, head first: ``(label, module names)`` a step.
+
+        ``net``'s top-level children from the last to the first, the stage containers
+        (:data:`STAGE_CONTAINERS`: ``features``, ViT's ``encoder.layers``) one stage at a
+        time: ResNet ``fc, layer4, layer3, layer2, layer1, bn1, conv1``; VGG ``classifier``,
+        then ``features`` in blocks that end at a pooling layer; ConvNeXt, EfficientNet,
+        MobileNetV3 and Swin their ``features`` stages last first. Names are relative to
+        this backbone (``net.layer4``); children without parameters are skipped.
+        """
+        steps: list[tuple[str, list[str]]] = []
+        for name, child in reversed(list(self.net.named_children())):
+            steps += _cascade(child, name)
+        return [(label, [f"net.{n}" for n in names]) for label, names in steps]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Input images -> the default layer's map ``[B, D, h, w]``."""
@@ -366,6 +382,56 @@ class TorchvisionBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+# Children of a torchvision model that hold its stages in order: the sanity cascade
+# re-initialises them one stage at a time (a whole trunk at once would make the test's
+# middle steps meaningless).
+STAGE_CONTAINERS = ("features", "encoder.layers")
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _cascade(module: nn.Module, name: str) -> list[tuple[str, list[str]]]:
+    """``module`` (named ``name`` in the model) as cascade steps, last first."""
+    if not _has_params(module):
+        return []
+    if name in STAGE_CONTAINERS:
+        return _stages(module, name)
+    if any(c.startswith(name + ".") for c in STAGE_CONTAINERS):  # ViT's encoder: go in
+        steps = []
+        for child_name, child in reversed(list(module.named_children())):
+            steps += _cascade(child, f"{name}.{child_name}")
+        return steps
+    return [(name, [name])]
+
+
+def _stages(seq: nn.Module, name: str) -> list[tuple[str, list[str]]]:
+    """The stages of a stage container, last first. A flat one (VGG's ``features``: convs,
+    norms, ReLUs, pools) is cut after each pooling layer, so a stage is a VGG block."""
+    children = list(seq.named_children())
+    if all(not any(True for _ in c.children()) for _, c in children):
+        blocks, block = [], []
+        for child_name, child in children:
+            block.append(child_name)
+            if isinstance(child, _POOLS):
+                blocks.append(block)
+                block = []
+        if block:
+            blocks.append(block)
+    else:
+        blocks = [[child_name] for child_name, _ in children]
+    steps = []
+    for block in reversed(blocks):
+        names = [f"{name}.{b}" for b in block]
+        if not any(_has_params(seq.get_submodule(b)) for b in block):
+            continue
+        label = names[0] if len(names) == 1 else f"{name}.{block[0]}-{block[-1]}"
+        steps.append((label, names))
+    return steps
 
 
 def _stop_forward(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:

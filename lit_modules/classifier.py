@@ -124,11 +124,16 @@ class ImageClassifier(L.LightningModule):
         it a wrong input surfaces as a conv or pooling error deep in the backbone.
         """
         c, size = self.backbone.in_channels, self.backbone.min_input_size
-        if x.dim() != 4 or x.shape[1] != c or min(x.shape[-2:]) < size:
-            name = self.hparams.backbone
+        exact = getattr(self.backbone, "exact_input_size", False)
+        if x.dim() != 4 or x.shape[1] != c:
+            fits = False
+        else:
+            fits = tuple(x.shape[-2:]) == (size, size) if exact else min(x.shape[-2:]) >= size
+        if not fits:
+            want = f"H = W = {size}" if exact else f"H, W >= {size}"
             raise ValueError(
-                f"{name} expects images [B, {c}, H, W] with H, W >= {size} (32x32 for "
-                f"CIFAR-10), got {tuple(x.shape)}"
+                f"{self.hparams.backbone} expects images [B, {c}, H, W] with {want}, got "
+                f"{tuple(x.shape)}"
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from lit_modules.loading import evaluate
 from ..figures import fig_confusion, fig_images_classes, fig_methods, fig_side_by_side
 from ..findings import Finding, lead_method
 from ..page import esc, finite, fmt_prop, not_run
+from ..sample import explained_classes
 from ..settings import method_options
 from .base import VISUAL, Section
 
@@ -95,6 +96,8 @@ class SummarySection(Section):
             f"<tr><td>split audited</td><td>{esc(audit.settings.split)} "
             f"({len(page.sample.indices)} images explained, stratified over classes, seed "
             f"{audit.settings.seed})</td></tr>"
+            f"<tr><td>classes explained</td><td>{esc(explained_classes(len(page.names)))}"
+            "</td></tr>"
             "<tr><td>ground-truth masks</td><td>"
             f"{'yes' if page.sample.object_masks is not None else 'no'}</td></tr></table>"
         )
@@ -149,7 +152,10 @@ class ImagesClassesResult:
     indices: list[int]
     labels: list[int]
     probabilities: list[list[float]]
-    maps: Tensor = field(metadata=VISUAL)  # [show, K, H, W]
+    maps: Tensor = field(metadata=VISUAL)  # [show, columns, H, W]
+    # With more than explain.ALL_CLASSES_MAX classes the columns are the shown images'
+    # classes only (the first ``show``); this says so in the report. None: every class.
+    columns_note: str | None = None
 
 
 class ImagesClassesSection(Section):
@@ -162,16 +168,31 @@ class ImagesClassesSection(Section):
         sample = audit.sample
         ok = model.ok_maps()
         method = lead_method([m for m in ok if explain.get(m).class_specific])
+        show, k = sample.show, len(sample.class_names)
+        images, note, target = sample.images[:show], None, "every class"
+        if k > explain.ALL_CLASSES_MAX:
+            # Columns of every class would be unreadable and cost a map per class: the
+            # rows' own classes (one image each, in class order) make a square grid.
+            columns = torch.arange(show).expand(show, show)
+            note = (f"{k} classes, more than {explain.ALL_CLASSES_MAX}: the columns are the "
+                    f"first {show} classes, those of the rows; the maps of the other "
+                    f"{k - show} classes were not computed.")
+            target = f"classes 0-{show - 1} of {k}"
         if method is None or method not in ok:
             method = "gradcam"  # shown even when not selected: every CNN has it
+        options = method_options(method, audit.settings)
+        # None: not selected, or a per-class-cost method asked for two classes only.
         maps = ok[method].shown_all if method in ok else None
-        if maps is None:  # not selected, or a per-class-cost method asked for 2 classes only
-            torch.manual_seed(audit.settings.seed)
-            maps = explain.run(model.model, sample.images[: sample.show], method,
-                               **method_options(method, audit.settings)).cpu()
+        if maps is None:
+            torch.manual_seed(audit.settings.seed)  # as the method's own run (LIME, SmoothGrad)
+            targets = None if note is None else columns
+            maps = explain.run(model.model, images, method, targets=targets, **options).cpu()
+        probs = model.probs[:show]
+        if note is not None:
+            probs = probs[:, :show]
         return ImagesClassesResult(
-            method, "every class", sample.indices[: sample.show],
-            sample.labels[: sample.show].tolist(), model.probs[: sample.show].tolist(), maps,
+            method, target, sample.indices[:show], sample.labels[:show].tolist(),
+            probs.tolist(), maps, note,
         )
 
     def intro(self, page: Page) -> str:
@@ -181,9 +202,11 @@ class ImagesClassesSection(Section):
 
     def render(self, page: Page, model: ModelAudit, result: ImagesClassesResult) -> str:
         n = page.sample.show
-        fig = fig_images_classes(page.sample.images01[:n], result.maps[:n], model.probs[:n],
+        probs = model.probs[:n, : result.maps.shape[1]]
+        fig = fig_images_classes(page.sample.images01[:n], result.maps[:n], probs,
                                  page.sample.labels[:n], page.names)
-        return page.figures.add(
+        note = f'<p class="note">{esc(result.columns_note)}</p>' if result.columns_note else ""
+        return note + page.figures.add(
             f"images_classes{page.tag(model)}", fig,
             f"{esc(result.method)} map of every class (columns) for one image of each class "
             "(rows), with the model's probability for that class above each tile. The framed "

@@ -46,7 +46,9 @@ def _varies(maps: Tensor) -> Tensor:
 def cascade_steps(model: nn.Module) -> list[tuple[str, list[str]]]:
     """The cascading-randomisation order: ``(step label, module names)``, head first.
 
-    With a declared features/head split: the classifier, then the trunk's top-level blocks
+    With a declared features/head split: the backbone's own order where it declares one
+    (``cascade_blocks()``: ``(label, names)`` head first, names relative to the backbone;
+    the torchvision backbones do), else the classifier, then the trunk's top-level blocks
     from the last to the first. Plain layers of a flat trunk (VGG) are grouped into stages
     of consecutive convolutions of the same width, each with the layers that follow it.
     Without a split: the model's top-level children with parameters, last first.
@@ -56,6 +58,9 @@ def cascade_steps(model: nn.Module) -> list[tuple[str, list[str]]]:
         children = [(n, m) for n, m in model.named_children() if any(True for _ in m.parameters())]
         return [(n, [n]) for n, _ in reversed(children)]
     backbone, prefix = found
+    declared = getattr(backbone, "cascade_blocks", None)
+    if callable(declared):  # the backbone knows its blocks (torchvision models: head, stages)
+        return [(label, [prefix + n for n in names]) for label, names in declared()]
     steps: list[tuple[str, list[str]]] = []
     for name in ("classifier", "fc", "head_linear"):
         if isinstance(getattr(backbone, name, None), nn.Module):
@@ -107,7 +112,9 @@ def reinitialize(model: nn.Module, names: list[str], seed: int) -> None:
         torch.manual_seed(seed)
         for name in names:
             for sub in model.get_submodule(name).modules():
-                reset = getattr(sub, "reset_parameters", None)
+                # nn.MultiheadAttention (ViT, Swin blocks) spells it with an underscore.
+                reset = getattr(sub, "reset_parameters", None) or getattr(
+                    sub, "_reset_parameters", None)
                 if callable(reset):
                     reset()
 

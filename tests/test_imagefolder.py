@@ -216,3 +216,87 @@ def test_bad_folders_name_the_path(tmp_path: Path) -> None:
         dm.test_set[4]
     with pytest.raises(ValueError, match="val_size"):
         _dm(root, val_size=12).setup("fit")
+
+
+# -- end to end: train.py fit, then audit.py on the checkpoint -------------------------------
+
+
+def _train_and_audit(tmp_path: Path, size: int, backbone: str, data: dict) -> tuple[dict, Path]:
+    """Fit one short epoch on a tiny PNG folder, audit the last checkpoint, return metrics."""
+    import json
+
+    import yaml
+    from helpers import run_train, tiny_config
+
+    import audit
+
+    root = make_folder(tmp_path / "images", classes=2, per_class=6, test_per_class=3)
+    cfg_path = tiny_config(tmp_path, epochs=1, backbone=backbone, model={"num_classes": 2},
+                           monitor={"num_images": 4, "methods": ["gradcam"]})
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["data"] = {"class_path": "lit_modules.data.ImageFolderDataModule", "init_args": {
+        "root": str(root), "image_size": size, "val_size": 2, "batch_size": 4,
+        "num_workers": 0, "cue": {"classes": [0], "size": size // 8, "p_train": 1.0,
+                                  "p_eval": 1.0}, **data}}
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    cli = run_train(["fit", "--config", str(cfg_path)])
+    ckpt = Path(cli.trainer.checkpoint_callback.last_model_path)
+    out = tmp_path / "report"
+    audit.main(["--ckpt", str(ckpt), "--out", str(out), "--progress", "false",
+                "--num_images", "4", "--sanity_images", "2", "--steps", "4",
+                "--counterfactual_images", "2", "--discovery_images", "3",
+                "--methods", "[gradcam, saliency]"])
+    assert (out / "report.html").is_file()
+    return json.loads((out / "metrics.json").read_text()), ckpt
+
+
+def _map_sizes(folder: Path) -> set[tuple[int, int]]:
+    """The spatial sizes of every 3-D-or-more tensor in the audit's cached results."""
+    sizes: set[tuple[int, int]] = set()
+
+    def walk(value: object) -> None:
+        if isinstance(value, torch.Tensor) and value.dim() >= 3 and value.is_floating_point():
+            sizes.add(tuple(value.shape[-2:]))
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                walk(v)
+        elif hasattr(value, "__dict__"):
+            walk(vars(value))
+
+    for entry in (folder / "cache").iterdir():
+        walk(torch.load(entry, weights_only=True))
+    return sizes
+
+
+def test_train_and_audit_at_64_with_computed_statistics(tmp_path: Path) -> None:
+    from lit_modules.loading import load_checkpoint, load_run
+
+    metrics, ckpt = _train_and_audit(tmp_path, 64, "tv:resnet18",
+                                     {"normalization": "computed"})
+    saved = load_checkpoint(ckpt)["ImageFolderDataModule"]
+    assert saved["normalization"] == "computed"
+    stated = metrics["data"]["normalization"]
+    assert stated["mean"] == saved["mean"] and stated["std"] == saved["std"]
+    assert "from the checkpoint" in stated["source"]
+    assert _map_sizes(tmp_path / "report") == {(64, 64)}
+    # The folder changes after training: the audit still applies the checkpoint's values.
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(tmp_path / "images/train/c0/zzz.png")
+    run = load_run(ckpt)
+    assert list(run.datamodule.mean) == saved["mean"]
+    item = run.datamodule.dataset("test")[4]  # class c1: no cue
+    expected = _eval_by_hand(run.datamodule.test_set.files[4], 64).float() / 255
+    mean, std = (torch.tensor(saved[k]).view(3, 1, 1) for k in ("mean", "std"))
+    torch.testing.assert_close(item["image"], (expected - mean) / std)
+    fresh = _dm(tmp_path / "images", image_size=64, normalization="computed")
+    assert list(fresh.mean) != saved["mean"]  # what recomputing would have used instead
+
+
+@pytest.mark.slow
+def test_train_and_audit_at_224_with_a_torchvision_backbone(tmp_path: Path) -> None:
+    metrics, _ = _train_and_audit(tmp_path, 224, "tv:resnet18", {})
+    assert metrics["data"]["normalization"]["mean"] == list(IMAGENET_MEAN)
+    assert metrics["data"]["normalization"]["std"] == list(IMAGENET_STD)
+    assert _map_sizes(tmp_path / "report") == {(224, 224)}

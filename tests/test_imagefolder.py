@@ -282,6 +282,9 @@ def test_train_and_audit_at_64_with_computed_statistics(tmp_path: Path) -> None:
     assert stated["mean"] == saved["mean"] and stated["std"] == saved["std"]
     assert "from the checkpoint" in stated["source"]
     assert _map_sizes(tmp_path / "report") == {(64, 64)}
+    # The with/without-cue counterfactual ran on the decoded files (clean01), at 64 px.
+    cf = metrics["models"][0]["bias"]["counterfactual"]
+    assert cf is not None and cf["n_images"] == 4 and cf["classes"]["c0"]["cue_class"]
     # The folder changes after training: the audit still applies the checkpoint's values.
     Image.new("RGB", (64, 64), (255, 255, 255)).save(tmp_path / "images/train/c0/zzz.png")
     run = load_run(ckpt)

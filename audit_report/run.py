@@ -150,6 +150,17 @@ def model_json(model: ModelAudit, sections: list[Section]) -> dict[str, Any]:
     return out
 
 
+def _normalization(datamodule: Any) -> dict[str, Any] | None:
+    """The mean/std a datamodule normalises with (with their source where it says it)."""
+    used = getattr(datamodule, "normalization_used", None)
+    if used is not None:
+        return dict(used)
+    mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+    if mean is None or std is None:
+        return None  # e.g. the Python API given images already in [0, 1]
+    return {"mean": list(mean), "std": list(std)}
+
+
 def metrics_json(audit: AuditRun, sections: list[Section]) -> dict[str, Any]:
     """The whole ``metrics.json``: provenance, settings, data, measures, models."""
     settings, sample, data_run = audit.settings, audit.sample, audit.data_run
@@ -178,6 +189,8 @@ def metrics_json(audit: AuditRun, sections: list[Section]) -> dict[str, Any]:
             "from_checkpoint": "A",
             "config": data_run.config["data"],
             "class_names": sample.class_names,
+            # The mean/std the images were normalised with (a checkpoint's own, where it has them).
+            "normalization": _normalization(data_run.datamodule),
             "object_masks": sample.object_masks is not None,
             "cue": getattr(bias, "cue", None),
             "same_for_all_models": all(

@@ -268,6 +268,12 @@ def load_run(
             stacklevel=2,
         )
     model.eval().to(device)
+    datamodule = build_datamodule(cfg["data"], trusted)
+    # What the datamodule saved in the checkpoint (Lightning keys it by class name), e.g. the
+    # normalisation it trained with, wins over what its config would recompute today.
+    data_state = checkpoint.get(type(datamodule).__qualname__)
+    if isinstance(data_state, dict) and data_state:
+        datamodule.load_state_dict(data_state)
     meta = {
         k: checkpoint[k]
         for k in ("epoch", "global_step", "pytorch-lightning_version")
@@ -280,7 +286,7 @@ def load_run(
         sha256=file_sha256(ckpt_path),
         config=cfg,
         model=model,
-        datamodule=build_datamodule(cfg["data"], trusted),
+        datamodule=datamodule,
         meta=meta,
     )
 
@@ -367,10 +373,11 @@ def counterfactual_images(
     dataset = datamodule.dataset(split)
     cue = getattr(datamodule, "cue", None) or getattr(dataset, "cue", None)
     raw = getattr(dataset, "images", None)
-    if cue is None or not isinstance(raw, Tensor) or raw.dtype != torch.uint8:
+    decode = getattr(dataset, "clean01", None)  # datasets that decode files per item
+    if cue is None or (decode is None and not (isinstance(raw, Tensor) and raw.dtype == torch.uint8)):
         return None
     idx = torch.as_tensor(indices, dtype=torch.long)
-    clean01 = raw[idx].float() / 255.0
+    clean01 = decode(indices) if decode is not None else raw[idx].float() / 255.0
     stamped01, masks = cue.stamp(clean01, indices, split)
     texture = control_texture(tuple(cue.color), *clean01.shape[-2:])
     control01 = torch.where(masks[:, None], texture, clean01)

@@ -3,12 +3,15 @@ the saved config round-trips through what audit.py rebuilds from it."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from helpers import ROOT, run_train, tiny_config
+from PIL import Image
+from torchvision import models
 
 from callbacks import ExplanationMonitor
 from lit_modules import ImageClassifier
@@ -21,17 +24,51 @@ PRESETS = sorted(p for p in (ROOT / "configs" / "presets").glob("*.yaml"))
 
 def test_the_expected_configs_exist() -> None:
     names = {p.name for p in CONFIGS}
-    assert {"quickstart.yaml", "resnet18_cifar10.yaml", "vgg16gap_cifar10.yaml"} <= names
+    assert {"quickstart.yaml", "resnet18_cifar10.yaml", "vgg16gap_cifar10.yaml",
+            "imagefolder_resnet18_224.yaml"} <= names
     assert PRESETS, "the CPU smoke preset is missing"
+
+
+def _offline_inputs(written: dict, tmp_path: Path, monkeypatch) -> dict | None:
+    """What a config needs that is not on disk here: its ImageFolder and its hub weights.
+
+    The ImageFolder root (relative, so under the test's working directory) gets one tiny
+    image per class; pinned ``tv:<arch>@<weights>`` gets a fake torch hub cache
+    (``TORCH_HOME``) holding a random state dict under the file name torchvision expects,
+    so the real loading code runs. Returns that state dict, or None.
+    """
+    data = written["data"]
+    if data["class_path"].endswith("ImageFolderDataModule"):
+        for part in ("train", "test"):
+            for c in range(written["model"]["num_classes"]):
+                folder = tmp_path / data["init_args"]["root"] / part / f"class{c}"
+                folder.mkdir(parents=True)
+                Image.new("RGB", (40, 30), (c * 20, 0, 0)).save(folder / "0.png")
+    arch, _, weights = written["model"]["backbone"].removeprefix("tv:").partition("@")
+    if not weights:
+        return None
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # get_dir() then reads TORCH_HOME
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.manual_seed(5)
+    state = models.get_model(arch, weights=None).state_dict()
+    url = models.get_model_weights(arch)[weights].url
+    torch.save(state, checkpoints / os.path.basename(url))
+    return state
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
 @pytest.mark.parametrize("preset", [None, *PRESETS], ids=["plain", *[p.stem for p in PRESETS]])
 def test_config_instantiates(config: Path, preset: Path | None, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # any files a constructor writes land here
+    written = yaml.safe_load(config.read_text())
+    weights = _offline_inputs(written, tmp_path, monkeypatch)
     args = ["--config", str(config)] + (["--config", str(preset)] if preset else [])
     cli = run_train(args + ["--trainer.default_root_dir", str(tmp_path)], run=False)
-    written = yaml.safe_load(config.read_text())
+    if weights is not None:  # the hub file was loaded (the head is new: num_classes != 1000)
+        loaded = cli.model.backbone.net.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in weights.items() if not k.startswith("fc."))
     # The model and data are built from the file's values (the preset only touches a few).
     model_args = {k: v for k, v in written["model"].items()
                   if preset is None or k not in ("channels_last", "compile")}

@@ -321,6 +321,25 @@ def test_shapes_datamodule_batches():
         dm.dataset("validation")
 
 
+@pytest.mark.parametrize("size", [64, 224])
+def test_shapes_datamodule_at_larger_sizes(size):
+    """Images, object masks and cue masks at the requested size; objects scale with it."""
+    cue = CueConfig([0], size=size // 8, position="bottom_right", p_train=1.0, p_eval=1.0)
+    dm = SyntheticShapesDataModule(num_train=20, num_val=10, num_test=10, image_size=size,
+                                   batch_size=10, cue=cue)
+    for split in ("train", "val"):
+        batch = next(iter(dm.train_dataloader() if split == "train" else dm.val_dataloader()))
+        assert batch["image"].shape == (10, 3, size, size)
+        assert batch["object_mask"].shape == batch["cue_mask"].shape == (10, size, size)
+        # Every image shows its object, which covers a share of the image like at 32 px.
+        share = batch["object_mask"].flatten(1).float().mean(1)
+        assert bool((share > 0.01).all()) and bool((share < 0.9).all())
+        on = batch["label"] == 0
+        assert torch.equal(batch["cue_mask"].flatten(1).any(1), on)
+        k = size // 8
+        assert batch["cue_mask"][on][:, -k:, -k:].all() and int(batch["cue_mask"][on][0].sum()) == k * k
+
+
 def test_shapes_datamodule_flips_image_and_mask_together():
     dm = small_shapes_dm(cue=CueConfig(list(range(10)), p_train=1.0))
     train = dm.dataset("train")

@@ -1,4 +1,5 @@
-"""Data for training and auditing: synthetic shapes, CIFAR-10, and a spurious-cue option.
+"""Data for training and auditing: synthetic shapes, CIFAR-10, your own ImageFolder, and a
+spurious-cue option.
 
 Every dataset item is a dict: ``image`` float32 ``[3,H,W]`` (normalised), ``label`` int64,
 ``object_mask`` bool ``[H,W]``, ``cue_mask`` bool ``[H,W]`` and ``index`` int64 (the index
@@ -15,6 +16,7 @@ from .cifar import (
 )
 from .cue import POSITIONS, SPLITS, CueConfig, SpuriousCue
 from .fast import DeviceLoader, DeviceSplit, EpochSampler
+from .imagefolder import IMAGENET_MEAN, IMAGENET_STD, ImageFileDataset, ImageFolderDataModule
 from .shapes import SHAPE_CLASSES, SyntheticShapes, generate_shapes
 from .split import SplitDataset
 from .synthetic import SyntheticShapesDataModule
@@ -33,6 +35,10 @@ __all__ = [
     "DeviceLoader",
     "DeviceSplit",
     "EpochSampler",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageFileDataset",
+    "ImageFolderDataModule",
     "SplitDataset",
     "SpuriousCue",
     "SyntheticShapes",

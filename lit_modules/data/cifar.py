@@ -89,14 +89,18 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def imagefolder_classes(root: Path) -> list[str]:
-    """Class names of an ImageFolder root: the sorted folders of ``train/``."""
+def imagefolder_classes(root: Path, how_to_fix: str = _HOW_TO_GET) -> list[str]:
+    """Class names of an ImageFolder root: the sorted folders of ``train/``.
+
+    ``how_to_fix`` ends the error for a root without class folders (the CIFAR-10 module
+    suggests a download; the ImageFolder module must not).
+    """
     classes = _class_dirs(root / "train")
     if not classes:
         raise RuntimeError(
             f"no class folders in {(root / 'train').resolve()}: an ImageFolder root needs "
             "train/<class>/<image> and test/<class>/<image> (e.g. train/cat/0001.png). "
-            + _HOW_TO_GET
+            + how_to_fix
         )
     extra = sorted(set(_class_dirs(root / "test")) - set(classes))
     if extra:
@@ -112,29 +116,35 @@ class _Part:
     load: Callable[[Tensor], Tensor]  # indices -> uint8 [n, 3, 32, 32]
 
 
+def read_rgb(path: Path) -> Image.Image:
+    """Decode one image file to an RGB PIL image; a bad file raises an error naming it."""
+    # PIL rather than torchvision.io, whose decoders are deprecated since torchvision 0.29.
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # convert() loads the pixels: the file can close
+    # PIL reports unreadable files as OSError (UnidentifiedImageError, "truncated"),
+    # some broken chunks as SyntaxError or ValueError: all mean this file is bad.
+    except (OSError, SyntaxError, ValueError) as err:
+        raise RuntimeError(
+            f"could not decode image {path} ({type(err).__name__}: {err}). Every file "
+            f"with an image extension ({', '.join(IMAGE_EXTENSIONS)}) under train/ and "
+            "test/ must be a readable image: delete or replace this one."
+        ) from err
+
+
 def _decode_files(files: list[Path], desc: str) -> Tensor:
     """Decode image files into one uint8 ``[n, 3, 32, 32]`` tensor (a progress bar if many)."""
-    # PIL rather than torchvision.io, whose decoders are deprecated since torchvision 0.29.
     out = np.empty((len(files), _IMAGE_SIZE, _IMAGE_SIZE, 3), dtype=np.uint8)
     for i, path in enumerate(tqdm(files, desc=desc, unit="img", disable=len(files) < 1000)):
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-                if image.size != (_IMAGE_SIZE, _IMAGE_SIZE):
-                    image = image.resize((_IMAGE_SIZE, _IMAGE_SIZE), Image.Resampling.BILINEAR)
-                out[i] = np.asarray(image)
-        # PIL reports unreadable files as OSError (UnidentifiedImageError, "truncated"),
-        # some broken chunks as SyntaxError or ValueError: all mean this file is bad.
-        except (OSError, SyntaxError, ValueError) as err:
-            raise RuntimeError(
-                f"could not decode image {path} ({type(err).__name__}: {err}). Every file "
-                f"with an image extension ({', '.join(IMAGE_EXTENSIONS)}) under train/ and "
-                "test/ must be a readable image: delete or replace this one."
-            ) from err
+        image = read_rgb(path)
+        if image.size != (_IMAGE_SIZE, _IMAGE_SIZE):
+            image = image.resize((_IMAGE_SIZE, _IMAGE_SIZE), Image.Resampling.BILINEAR)
+        out[i] = np.asarray(image)
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
-def _imagefolder_part(root: Path, part: str, classes: list[str]) -> _Part:
+def imagefolder_files(root: Path, part: str, classes: list[str]) -> tuple[list[Path], Tensor]:
+    """The image files of ``root/part/<class>/`` (sorted) and their int64 labels."""
     folder = root / part
     files: list[Path] = []
     labels: list[int] = []
@@ -146,12 +156,18 @@ def _imagefolder_part(root: Path, part: str, classes: list[str]) -> _Part:
         labels += [label] * len(found)
     if not files:
         raise RuntimeError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder.resolve()}")
+    return files, torch.tensor(labels, dtype=torch.long)
+
+
+def _imagefolder_part(root: Path, part: str, classes: list[str]) -> _Part:
+    folder = root / part
+    files, labels = imagefolder_files(root, part, classes)
 
     def load(indices: Tensor) -> Tensor:
         chosen = [files[i] for i in indices.tolist()]
         return _decode_files(chosen, desc=f"decoding {folder}")
 
-    return _Part(torch.tensor(labels, dtype=torch.long), load)
+    return _Part(labels, load)
 
 
 # Numpy's array-rebuilding functions, taken from numpy itself so the names are right for
@@ -282,6 +298,10 @@ class CIFAR10DataModule(BaseImageDataModule):
     Train items are augmented with a reflect-padded random crop (padding 4) and a horizontal
     flip, then get the cue, then are normalised with the CIFAR-10 mean/std (also used for a
     custom ImageFolder). There are no object masks.
+
+    An ImageFolder root is shrunk to 32x32 here, as CIFAR-10 is. For your own images at
+    their own size (224 by default, ImageNet or computed statistics, files decoded per
+    item) use :class:`lit_modules.data.ImageFolderDataModule` instead.
 
     Bad data stops ``prepare_data``/``setup`` with a ``RuntimeError`` that names the path,
     what was expected there and how to get the data: a missing or empty root (after the

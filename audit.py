@@ -90,8 +90,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the sample, the randomisation test, tie-breaking and "
                    "stochastic methods")
-    p.add_argument("--steps", type=int, default=16,
-                   help="deletion/insertion steps; each removes or inserts 1/steps of the pixels")
+    p.add_argument("--steps", type=int | None, default=None,
+                   help="deletion/insertion steps, each removing or inserting 1/steps of the "
+                   "pixels (default: 10 steps dense at the start, a quadratic schedule; 16 "
+                   "uniform steps with --exact true)")
     p.add_argument("--threshold", type=float, default=0.2,
                    help="share of a map's maximum kept for localisation boxes and region IoU")
     p.add_argument("--sanity_images", type=int, default=8,
@@ -204,7 +206,7 @@ def parse_args(argv: list[str] | None = None) -> AuditSettings:
         parser.error(f"--method_options names unknown method(s) {unknown}")
     for name in ("num_images", "steps", "sanity_images", "counterfactual_images",
                  "discovery_images", "batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if not 0.0 < args.threshold < 1.0:
         parser.error("--threshold must lie strictly between 0 and 1")

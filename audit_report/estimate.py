@@ -20,6 +20,7 @@ from .settings import (
     PER_CLASS_COST_FAMILIES,
     SANITY_FINAL_ONLY,
     AuditSettings,
+    curve_schedule,
     faithfulness_images,
     method_options,
 )
@@ -43,7 +44,9 @@ def estimate_seconds(settings: AuditSettings, model: torch.nn.Module, images: to
     n = settings.num_images
     total = split_size * forward  # accuracy on the whole split
     faithful = faithfulness_images(settings, n)
-    total += 2 * (settings.steps + 1) * faithful * forward * len(settings.methods)  # del./ins.
+    steps, _ = curve_schedule(settings)
+    # Deletion and insertion: the inner points per method, the ends once for all methods.
+    total += (2 * (steps - 1) * len(settings.methods) + 3) * faithful * forward
     total += 3 * settings.counterfactual_images * num_classes * forward  # declared-cue test
     few = images[:CALIBRATION_IMAGES]
     saliency = _timed(lambda: explain.run(model, images, "saliency", targets=torch.zeros(

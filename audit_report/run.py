@@ -30,7 +30,7 @@ from .estimate import estimate_seconds
 from .page import Page
 from .sample import explained_classes, make_sample
 from .sections import SECTIONS, Section
-from .settings import PER_CLASS_COST_FAMILIES, AuditSettings, method_options
+from .settings import PER_CLASS_COST_FAMILIES, AuditSettings, curve_schedule, method_options
 from .state import AuditRun, MethodMaps, ModelAudit
 
 
@@ -176,7 +176,8 @@ def metrics_json(audit: AuditRun, sections: list[Section]) -> dict[str, Any]:
             "methods": settings.methods,
             "num_images": len(sample.indices),
             "split": settings.split,
-            "steps": settings.steps,
+            "steps": curve_schedule(settings)[0],
+            "curve_schedule": curve_schedule(settings)[1],
             "threshold": settings.threshold,
             "sanity_images": settings.sanity_images,
             "counterfactual_images_per_class": settings.counterfactual_images,

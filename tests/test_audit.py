@@ -425,7 +425,12 @@ def test_a_rerun_reuses_cached_results_and_a_changed_checkpoint_does_not(
 
 # -- the audit's speed settings ----------------------------------------------------------------
 def test_exact_drops_the_speed_settings_and_user_options_win() -> None:
-    from audit_report.settings import FAST_OPTIONS, faithfulness_images, method_options
+    from audit_report.settings import (
+        FAST_OPTIONS,
+        curve_schedule,
+        faithfulness_images,
+        method_options,
+    )
 
     fast = audit.parse_args(["--ckpt", "x.ckpt", "--methods", "all"])
     exact = audit.parse_args(["--ckpt", "x.ckpt", "--methods", "all", "--exact", "true"])
@@ -436,6 +441,8 @@ def test_exact_drops_the_speed_settings_and_user_options_win() -> None:
     assert method_options("scorecam", exact) == {"batch_size": 256}
     assert faithfulness_images(exact, 64) == 64 and faithfulness_images(fast, 64) == 32
     assert faithfulness_images(fast, 12) == 12
+    assert curve_schedule(fast) == (10, "quadratic") and curve_schedule(exact) == (16, "uniform")
+    assert curve_schedule(audit.parse_args(["--ckpt", "x.ckpt", "--steps", "32"])) == (32, "uniform")
     mine = audit.parse_args(["--ckpt", "x.ckpt", "--method_options",
                              "{integrated_gradients: {steps: 50}, scorecam: {top_k: null}}"])
     assert method_options("integrated_gradients", mine) == {"steps": 50}

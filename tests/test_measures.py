@@ -80,6 +80,34 @@ def test_deletion_batches_many_images_and_blur_keeps_a_constant_image() -> None:
     assert torch.allclose(faithfulness.gaussian_blur(flat, 2.0), flat, atol=1e-6)
 
 
+def test_quadratic_schedule_and_shared_ends_follow_the_hand_computation() -> None:
+    """A quadratic schedule deletes 1/16, 1/4, 9/16 of the pixels at its inner points;
+    ends scored once and passed in give the curves computed without them."""
+    w = torch.arange(1, 17, dtype=torch.float32).view(4, 4) / 136.0
+    model = WeightedPixels(w)
+    image = torch.ones(1, 3, 4, 4)
+    target = torch.tensor([0])
+    fractions = faithfulness.curve_fractions(4, "quadratic")
+    assert fractions.tolist() == pytest.approx([0, 1 / 16, 1 / 4, 9 / 16, 1])
+    ordered = sorted(w.flatten().tolist(), reverse=True)
+    kept_mass = [sum(ordered[:k]) for k in (0, 1, 4, 9, 16)]
+    ends = faithfulness.curve_ends(model, image, target, fill="mean", start="mean")
+    assert ends["original"].item() == pytest.approx(1.0) and ends["filled"].item() < 1e-6
+    shared = faithfulness.deletion_insertion(model, image, w[None], target, steps=4,
+                                             schedule="quadratic", fill="mean", start="mean",
+                                             ends=ends)
+    alone = faithfulness.deletion_insertion(model, image, w[None], target, steps=4,
+                                            schedule="quadratic", fill="mean", start="mean")
+    for out in (shared, alone):
+        assert out["deletion_curve"][0].tolist() == pytest.approx([1 - m for m in kept_mass],
+                                                                  abs=1e-5)
+        assert out["insertion_curve"][0].tolist() == pytest.approx(kept_mass, abs=1e-5)
+        assert out["deletion_auc"].item() == pytest.approx(
+            torch.trapezoid(torch.tensor([1 - m for m in kept_mass]), fractions).item(), abs=1e-5)
+    with pytest.raises(ValueError, match="schedule"):
+        faithfulness.curve_fractions(4, "cubic")
+
+
 def test_average_drop_and_increase_in_confidence() -> None:
     w = torch.tensor([[0.5, 0.5], [0.0, 0.0]])
     model = WeightedPixels(w)

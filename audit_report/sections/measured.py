@@ -11,7 +11,7 @@ import torch
 
 import explain
 from explain.measures.agreement import agreement_summary
-from explain.measures.faithfulness import faithfulness_summary
+from explain.measures.faithfulness import curve_ends, faithfulness_summary
 from explain.measures.localisation import localisation_summary
 from explain.measures.sanity import (
     cascade_steps,
@@ -30,7 +30,7 @@ from ..figures import (
 )
 from ..findings import CAM_AGREEMENT_MIN, SANITY_FLAG_THRESHOLD, Finding, mean_of
 from ..page import esc, fmt_stat, measure_head, method_table, not_run
-from ..settings import SANITY_FINAL_ONLY, faithfulness_images, method_options
+from ..settings import SANITY_FINAL_ONLY, curve_schedule, faithfulness_images, method_options
 from .base import VISUAL, Section
 
 if TYPE_CHECKING:
@@ -216,6 +216,7 @@ class FaithfulnessResult:
     target: str
     n_images: int
     methods: dict[str, dict[str, Any]]
+    schedule: str = "uniform"
     curves: dict[str, dict[str, Tensor]] = field(default_factory=dict, metadata=VISUAL)
 
 
@@ -231,14 +232,22 @@ class FaithfulnessSection(Section):
     def compute(self, audit: AuditRun, model: ModelAudit) -> FaithfulnessResult:
         sample, settings = audit.sample, audit.settings
         n = faithfulness_images(settings, len(sample.labels))
-        result = FaithfulnessResult(settings.steps, "mean", "blur", "predicted class", n, {})
+        steps, schedule = curve_schedule(settings)
+        result = FaithfulnessResult(steps, "mean", "blur", "predicted class", n, {}, schedule)
+        images, preds = sample.images[:n], model.preds[:n]
+        ends = None  # the curves' map-free ends, scored once for every method
         for method, maps in model.ok_maps().items():
-            parts = audit.cache_parts(model, method, steps=settings.steps, faithfulness_images=n)
+            parts = audit.cache_parts(model, method, steps=steps, schedule=schedule,
+                                      faithfulness_images=n)
             hit = audit.cached("faithfulness", parts)
             if hit is None:
+                if ends is None:
+                    ends = curve_ends(model.model, images, preds,
+                                      batch_size=settings.batch_size)
                 hit = dict(zip(("summary", "curves"), faithfulness_summary(
-                    model.model, sample.images[:n], maps.pred_maps[:n], model.preds[:n],
-                    steps=settings.steps, batch_size=settings.batch_size, seed=settings.seed,
+                    model.model, images, maps.pred_maps[:n], preds, steps=steps,
+                    schedule=schedule, batch_size=settings.batch_size, seed=settings.seed,
+                    ends=ends,
                 ), strict=True))
                 audit.keep("faithfulness", parts, hit)
             result.methods[method], result.curves[method] = hit["summary"], hit["curves"]
@@ -254,11 +263,14 @@ class FaithfulnessSection(Section):
                         f"{mean_of(stat):.2f} (n={stat['n']}).")]
 
     def intro(self, page: Page) -> str:
-        steps = page.audit.settings.steps
+        steps, schedule = curve_schedule(page.audit.settings)
+        pace = (f"{steps} steps of {1 / steps:.1%} of the pixels" if schedule == "uniform"
+                else f"{steps} steps, small first (the share changed grows as the square of "
+                "the step: the curves move most at the start)")
         return (
             "<p>Does the map point at what the model actually uses? Deletion and insertion "
-            f"(Petsiuk et al. 2018) change the image in {steps} steps of "
-            f"{1 / steps:.1%} of the pixels, most important first; deleted pixels take "
+            f"(Petsiuk et al. 2018) change the image in {pace}, "
+            "most important first; deleted pixels take "
             "the dataset's mean colour, insertion starts from a Gaussian-blurred image. Average "
             "Drop and Increase in Confidence (Chattopadhay et al. 2018) keep only the explained "
             "evidence (the image multiplied by the max-scaled map). All four explain the "

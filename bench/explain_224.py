@@ -229,6 +229,16 @@ def speed_model(
     else:
         notes.append(f"{key}: captum LayerGradCam not run: {CAPTUM_VIT}.")
 
+    if args.interleave:
+        rows += interleaved(key, args, say, [
+            (f"(a) top class, {args.batch} images", "1", ours_a,
+             [(n, a) for n, a, _ in peers], args.repeats),
+            (f"(b) top {TOP} classes, {args.batch} images", f"{TOP} (one a class)", ours_b,
+             [(n, b) for n, _, b in peers], args.peer_b_repeats),
+        ])
+        pgc.activations_and_grads.release()
+        return rows, notes
+
     # (a) one target an image: the same work for all (one forward, one backward).
     maps_a = ours_a()  # also the warm-up
     t_a, _ = median_time(ours_a, args.repeats, 0)
@@ -261,6 +271,46 @@ def speed_model(
                         agreement(maps_b, theirs)))
     pgc.activations_and_grads.release()
     return rows, notes
+
+
+def interleaved(
+    key: str,
+    args: argparse.Namespace,
+    say: Callable[[str], None],
+    works: list[tuple[str, str, Callable[[], torch.Tensor],
+                      list[tuple[str, Callable[[], torch.Tensor]]], int]],
+) -> list[Row]:
+    """Rounds of (engine, each peer), one after the other, for each work.
+
+    On a machine shared with a job whose load comes and goes, timing the engine's runs as
+    a block and then the peer's can put them under different loads; alternating them puts
+    each round's engine and peer runs seconds apart. The ratio is the median of the
+    rounds' own ratios. Every call is warmed up once first (and checked for agreement).
+    """
+    rows: list[Row] = []
+    for work, calls, ours, peers, rounds in works:
+        maps = ours()
+        checks = {name: agreement(maps, call()) for name, call in peers}
+        t_ours: list[float] = []
+        t_peer: dict[str, list[float]] = {name: [] for name, _ in peers}
+        for _ in range(rounds):
+            for name, call in [("ours", ours), *peers]:
+                start = time.perf_counter()
+                call()
+                (t_ours if name == "ours" else t_peer[name]).append(time.perf_counter() - start)
+            say(f"{key} {work}: ours {t_ours[-1]:.2f}s, "
+                + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in t_peer.items()))
+        for name, times in t_peer.items():
+            ratio = statistics.median(p / o for p, o in zip(times, t_ours, strict=True))
+            rows.append(Row(key, work, statistics.median(t_ours), name, calls,
+                            statistics.median(times),
+                            f"interleaved, median of {rounds} rounds; ratio of medians "
+                            f"{statistics.median(times) / statistics.median(t_ours):.2f}x, "
+                            f"median of round ratios {ratio:.2f}x; engine "
+                            + "/".join(f"{t:.2f}" for t in t_ours) + " s, peer "
+                            + "/".join(f"{t:.2f}" for t in times) + " s",
+                            checks[name]))
+    return rows
 
 
 def render_speed(rows: list[Row]) -> str:
@@ -362,6 +412,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="timed runs of a peer's single call, after one warm-up")
     parser.add_argument("--peer-b-repeats", type=int, default=1,
                         help="timed runs of a peer's ten calls (warmed up by the single call)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="alternate engine and peer runs in rounds (for a shared machine); "
+                        "(a) gets --repeats rounds, (b) --peer-b-repeats")
     parser.add_argument("--memory", action="store_true",
                         help="measure peak RSS of targets=None instead of speed")
     parser.add_argument("--chunks", type=int, nargs="+", default=[0, 5],

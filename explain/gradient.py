@@ -280,7 +280,7 @@ def integrated_gradients(
     return reduce_channels(total * delta.float(), reduce)
 
 
-@register("smoothgrad", family="gradient", needs_layer=False)
+@register("smoothgrad", family="gradient", needs_layer=False, stochastic=True)
 def smoothgrad(
     ctx: ExplainContext,
     base_method: str = "saliency",

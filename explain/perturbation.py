@@ -394,7 +394,7 @@ def lime_default_cells(size: tuple[int, int]) -> int:
     return min(LIME_MAX_CELLS, max(LIME_MIN_CELLS, by_area))
 
 
-@register("lime", family="perturbation", needs_layer=False)
+@register("lime", family="perturbation", needs_layer=False, stochastic=True)
 def lime(
     ctx: ExplainContext,
     segments: str = "grid",

@@ -18,13 +18,15 @@ class MethodInfo:
     family: str  # "cam", "gradient" or "perturbation"
     needs_layer: bool  # reads a conv layer's activations
     class_specific: bool = True  # False for class-agnostic maps (eigencam)
+    stochastic: bool = False  # draws random numbers: maps repeat only under the same seed
 
 
 _METHODS: dict[str, MethodInfo] = {}
 
 
 def register(
-    name: str, *, family: str, needs_layer: bool, class_specific: bool = True
+    name: str, *, family: str, needs_layer: bool, class_specific: bool = True,
+    stochastic: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Decorator that registers an explanation function under ``name``.
 
@@ -37,7 +39,7 @@ def register(
     def wrap(fn: Callable) -> Callable:
         if name in _METHODS:
             raise ValueError(f"explanation method {name!r} is already registered")
-        _METHODS[name] = MethodInfo(name, fn, family, needs_layer, class_specific)
+        _METHODS[name] = MethodInfo(name, fn, family, needs_layer, class_specific, stochastic)
         return fn
 
     return wrap

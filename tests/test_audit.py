@@ -468,10 +468,15 @@ def test_sanity_final_step_only_equals_the_full_cascade_last_step(method, tiny_e
 
 
 def test_sanity_final_only_in_the_report_and_exact_runs_every_step(trained: Path,
-                                                                   tmp_path: Path) -> None:
+                                                                   tmp_path: Path,
+                                                                   monkeypatch) -> None:
     methods = ["--methods", "[gradcam, occlusion]", "--method_options",
                "{occlusion: {window: 16, stride: 16}}"]
+    calls = _engine_calls(monkeypatch)
     fast = _audit(trained, tmp_path / "fast", *methods)
+    # Occlusion is deterministic: its trained-model maps in the test are the sample's, so
+    # the sanity images (4) are explained once, on the randomised model.
+    assert [c for c in calls if c[0] == "occlusion" and c[1] == 4] == [("occlusion", 4, False)]
     exact = _audit(trained, tmp_path / "exact", *methods, "--exact", "true")
     f, e = fast["models"][0]["sanity"], exact["models"][0]["sanity"]
     assert f["final_only"] == ["occlusion"] and e["final_only"] == []

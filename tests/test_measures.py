@@ -108,6 +108,38 @@ def test_quadratic_schedule_and_shared_ends_follow_the_hand_computation() -> Non
         faithfulness.curve_fractions(4, "cubic")
 
 
+def test_many_maps_score_each_distinct_perturbed_image_once() -> None:
+    """Curves of several maps together equal their one-at-a-time curves, and a map that
+    ranks the pixels as another does costs no model call of its own."""
+    w = torch.rand(8, 8, generator=torch.Generator().manual_seed(0))
+    w = w / w.sum()
+    seen: list[int] = []
+
+    class Counting(WeightedPixels):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.shape[0])
+            return super().forward(x)
+
+    model = Counting(w)
+    images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.zeros(3, dtype=torch.long)
+    a = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(2))
+    b = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(3))
+    maps = {"a": a, "a_scaled": 3 * a, "b": b}  # a_scaled ranks every pixel as a does
+    ends = faithfulness.curve_ends(model, images, t)
+    seen.clear()
+    many = faithfulness.deletion_insertion_many(model, images, maps, t, steps=8, ends=ends)
+    together = sum(seen)
+    for name, m in maps.items():
+        alone = faithfulness.deletion_insertion(model, images, m, t, steps=8, ends=ends)
+        for key in ("deletion_curve", "insertion_curve", "deletion_auc", "insertion_auc"):
+            torch.testing.assert_close(many[name][key], alone[key], rtol=0, atol=1e-6)
+    # a and a_scaled share all 7 inner points of each image; b adds its own 7 (its masks
+    # may meet a's at a step, which only saves more): 2 curves x 3 images x at most 14.
+    assert together <= 2 * 3 * 14
+    assert together >= 2 * 3 * 7
+
+
 def test_average_drop_and_increase_in_confidence() -> None:
     w = torch.tensor([[0.5, 0.5], [0.0, 0.0]])
     model = WeightedPixels(w)

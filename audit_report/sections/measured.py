@@ -11,7 +11,11 @@ import torch
 
 import explain
 from explain.measures.agreement import agreement_summary
-from explain.measures.faithfulness import curve_ends, faithfulness_summary
+from explain.measures.faithfulness import (
+    curve_ends,
+    deletion_insertion_many,
+    faithfulness_summary,
+)
 from explain.measures.localisation import localisation_summary
 from explain.measures.sanity import (
     cascade_steps,
@@ -235,21 +239,25 @@ class FaithfulnessSection(Section):
         steps, schedule = curve_schedule(settings)
         result = FaithfulnessResult(steps, "mean", "blur", "predicted class", n, {}, schedule)
         images, preds = sample.images[:n], model.preds[:n]
-        ends = None  # the curves' map-free ends, scored once for every method
-        for method, maps in model.ok_maps().items():
-            parts = audit.cache_parts(model, method, steps=steps, schedule=schedule,
-                                      faithfulness_images=n)
-            hit = audit.cached("faithfulness", parts)
+        parts = {method: audit.cache_parts(model, method, steps=steps, schedule=schedule,
+                                           faithfulness_images=n)
+                 for method in model.ok_maps()}
+        hits = {method: audit.cached("faithfulness", key) for method, key in parts.items()}
+        todo = {m: model.methods[m].pred_maps[:n] for m, hit in hits.items() if hit is None}
+        if todo:
+            # Every method's curves at once: the map-free ends are scored once, and so is
+            # every perturbed image two methods share.
+            ends = curve_ends(model.model, images, preds, batch_size=settings.batch_size)
+            curves = deletion_insertion_many(
+                model.model, images, todo, preds, steps=steps, schedule=schedule,
+                batch_size=settings.batch_size, seed=settings.seed, ends=ends)
+        for method, hit in hits.items():
             if hit is None:
-                if ends is None:
-                    ends = curve_ends(model.model, images, preds,
-                                      batch_size=settings.batch_size)
                 hit = dict(zip(("summary", "curves"), faithfulness_summary(
-                    model.model, images, maps.pred_maps[:n], preds, steps=steps,
-                    schedule=schedule, batch_size=settings.batch_size, seed=settings.seed,
-                    ends=ends,
+                    model.model, images, todo[method], preds, batch_size=settings.batch_size,
+                    ends=ends, curves=curves[method],
                 ), strict=True))
-                audit.keep("faithfulness", parts, hit)
+                audit.keep("faithfulness", parts[method], hit)
             result.methods[method], result.curves[method] = hit["summary"], hit["curves"]
         return result
 
@@ -313,14 +321,15 @@ class SanityResult:
 
 
 def final_step_only(model: torch.nn.Module, explain_fns: dict, seed: int,
-                    keep: int = 1) -> dict[str, Any]:
+                    keep: int = 1, reference: dict[str, Tensor] | None = None) -> dict[str, Any]:
     """The cascade's verdict step alone: each method on the trained and the fully
     randomised model, nothing in between.
 
     The fully randomised copy is built exactly as :func:`cascading_randomization` builds
     its last step (the same modules, order and seeds), so the last row equals the full
     cascade's; the rows of the intermediate steps are NaN (maps: zeros). Costs two runs
-    of each method instead of one per step plus one.
+    of each method instead of one per step plus one; one where ``reference`` holds the
+    trained model's maps already.
     """
     steps = cascade_steps(model)
     randomised = copy.deepcopy(model)
@@ -329,7 +338,8 @@ def final_step_only(model: torch.nn.Module, explain_fns: dict, seed: int,
     out: dict[str, Any] = {"spearman": {}, "maps": {}, "seconds": {}}
     for method, fn in explain_fns.items():
         start = time.perf_counter()
-        ref = fn(model).detach().float().cpu()
+        ref = (reference[method] if reference and method in reference
+               else fn(model)).detach().float().cpu()
         maps = fn(randomised).detach().float().cpu()
         out["seconds"][method] = time.perf_counter() - start
         rho = spearman(ref, maps)
@@ -381,15 +391,20 @@ class SanitySection(Section):
                 per_method[name], spearman[name], kept[name] = (
                     hit["summary"], hit["spearman"], hit["maps"])
         final_only = [] if settings.exact else [n for n in methods if n in SANITY_FINAL_ONLY]
+        # The trained model's maps of a deterministic method are the sample's first ones
+        # (the same images, classes and options): not computed again. A stochastic method
+        # is re-run, so that trained and randomised maps come from the same random draws.
+        known = {name: model.methods[name].true_maps[:m] for name, _ in todo
+                 if not explain.get(name).stochastic}
         if todo:  # one cascade for every method not cached: the randomised copies are shared
             full = [name for name, _ in todo if name not in final_only]
             res = cascading_randomization(
                 model.model, {name: explainer(name) for name in full}, seed=settings.seed,
-                keep=1,
+                keep=1, reference=known,
             ) if full else {"spearman": {}, "maps": {}, "seconds": {}}
             last = final_step_only(
                 model.model, {name: explainer(name) for name, _ in todo if name in final_only},
-                settings.seed,
+                settings.seed, reference=known,
             )
             for key in ("spearman", "maps", "seconds"):
                 res[key].update(last[key])

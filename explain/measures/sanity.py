@@ -126,6 +126,7 @@ def cascading_randomization(
     seed: int = 0,
     keep: int = 4,
     on_step: Callable[[str], None] | None = None,
+    reference: Mapping[str, Tensor] | None = None,
 ) -> dict[str, object]:
     """Model-parameter randomisation test (Adebayo et al. 2018), cascading from the head.
 
@@ -137,7 +138,8 @@ def cascading_randomization(
     A randomised map that is constant while the trained one is not counts as correlation
     0; a constant trained map gives NaN (nothing to compare). Returns ``steps`` (labels),
     ``spearman`` ``{method: [S, N]}``, ``seconds`` per method and ``maps``
-    ``{method: [S + 1, keep, H, W]}`` (trained first) for figures.
+    ``{method: [S + 1, keep, H, W]}`` (trained first) for figures. ``reference`` holds
+    maps of the trained model already computed for some methods (not run again).
     """
     steps = cascade_steps(model)
     seconds = dict.fromkeys(explain_fns, 0.0)
@@ -148,7 +150,9 @@ def cascading_randomization(
         seconds[method] += time.perf_counter() - t
         return maps
 
-    reference = {m: timed(m, model) for m in explain_fns}
+    known = dict(reference or {})
+    reference = {m: known[m].detach().float().cpu() if m in known else timed(m, model)
+                 for m in explain_fns}
     if on_step is not None:
         on_step("trained")
     copy_model = copy.deepcopy(model)

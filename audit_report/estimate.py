@@ -2,8 +2,8 @@
 
 Printed before the work starts, so a user knows whether to wait or to choose fewer
 methods. It times one batch of plain forwards and each selected method on a few images
-(two for a perturbation method, whose every image is already a batch of masked copies),
-then counts how many of each the sections will run. An estimate, not a promise: methods whose
+(two outside the CAM family, where an image is already a batch of copies), then counts
+how many of each the sections will run. An estimate, not a promise: methods whose
 cost grows with the batch differently (LIME, Score-CAM) are extrapolated linearly.
 """
 
@@ -27,9 +27,11 @@ from .settings import (
 )
 
 CALIBRATION_IMAGES = 8
-# A perturbation method's image is already a batch of masked copies (49 occlusion windows,
-# 64 LIME samples, 64 Score-CAM channels): two images time it well at a quarter of the cost.
-PERTURBATION_CALIBRATION_IMAGES = 2
+# Outside the CAM family an image is already a batch of copies for most methods (49
+# occlusion windows, 64 LIME samples, 64 Score-CAM channels, 8 IG nodes, 8 SmoothGrad
+# draws): two images time it well at a quarter of the cost. The CAM family runs its head
+# on a whole batch, so it is timed on more.
+FEW_CALIBRATION_IMAGES = 2
 
 
 def _timed(fn) -> float:
@@ -67,7 +69,7 @@ def estimate_seconds(settings: AuditSettings, model: torch.nn.Module, images: to
         # Per-class-cost methods are asked for one class an image, by the sample and the
         # cascade alike (plus the predicted class of the errors, not counted).
         family = explain.get(method).family
-        k = PERTURBATION_CALIBRATION_IMAGES if family == "perturbation" else len(few)
+        k = len(few) if family == "cam" else FEW_CALIBRATION_IMAGES
         targets = zeros if family in PER_CLASS_COST_FAMILIES else shared
         targets = None if targets is None else targets[:k]
         per_image = _timed(lambda m=method, x=few[:k], t=targets: explain.run(

@@ -27,7 +27,9 @@ EXPENSIVE_OPTIONS = ("batch_size",)
 # ``method_options`` always wins.
 FAST_OPTIONS: dict[str, dict[str, Any]] = {
     "integrated_gradients": {"steps": 8},
-    "scorecam": {"top_k": 64},
+    # 48 channels: the true-class maps correlate 0.958 (Pearson, mean of 16 test images;
+    # 0.963 at 64, 0.989 at 128) with Score-CAM on all 512 channels of the quickstart.
+    "scorecam": {"top_k": 48},
     # 16 segments: 64 samples give a seed-to-seed rank correlation of 0.49, where 64
     # segments give 0.10 at 64 samples and 0.35 at the engine's 256 (quickstart, 8 images).
     # A fixed 4 x 4 at every image size (the engine's default grid grows with the area).

@@ -105,7 +105,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--discovery_images", type=int, default=30,
                    help="images per class in the label-free shortcut discovery (class-mean "
                    "saliency maps, then transplant tests for suspects)")
-    p.add_argument("--batch_size", type=int, default=256,
+    p.add_argument("--batch_size", type=int, default=128,
                    help="images per model call in the perturbation measures and the "
                    "perturbation methods (scorecam, occlusion, lime, ...)")
     p.add_argument("--progress", type=bool, default=True, help="show a progress bar")

@@ -438,7 +438,7 @@ def test_exact_drops_the_speed_settings_and_user_options_win() -> None:
     for method, options in FAST_OPTIONS.items():
         assert method_options(method, fast).items() >= options.items()
         assert not set(method_options(method, exact)) & set(options)
-    assert method_options("scorecam", exact) == {"batch_size": 256}
+    assert method_options("scorecam", exact) == {"batch_size": 128}
     assert faithfulness_images(exact, 64) == 64 and faithfulness_images(fast, 64) == 32
     assert faithfulness_images(fast, 12) == 12
     assert curve_schedule(fast) == (10, "quadratic") and curve_schedule(exact) == (16, "uniform")
@@ -446,7 +446,7 @@ def test_exact_drops_the_speed_settings_and_user_options_win() -> None:
     mine = audit.parse_args(["--ckpt", "x.ckpt", "--method_options",
                              "{integrated_gradients: {steps: 50}, scorecam: {top_k: null}}"])
     assert method_options("integrated_gradients", mine) == {"steps": 50}
-    assert method_options("scorecam", mine) == {"batch_size": 256, "top_k": None}
+    assert method_options("scorecam", mine) == {"batch_size": 128, "top_k": None}
 
 
 @pytest.mark.parametrize("method", ["saliency", "occlusion"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +93,28 @@ class AuditRun:
             "split": settings.split, "indices": self.sample.indices, "seed": settings.seed,
             **extra,
         }
+
+    def reuse(self, model: ModelAudit, kind: str, compute: Callable[[], Any],
+              result_type: type | None = None, **extra: Any) -> Any:
+        """A map-free result of ``model`` (accuracy, discovery, the counterfactual test)
+        from an earlier audit's cache, else ``compute()``, kept for the next audit.
+
+        Keyed by the checkpoint, the data, the split, the seed and ``extra`` (the settings
+        the result depends on), not by the methods: adding a method does not recompute it.
+        A dataclass ``result_type`` is stored field by field (tensors, numbers, strings and
+        containers of them, as the cache's safe loading requires) and rebuilt.
+        """
+        parts = {"checkpoint": model.run.sha256, "data": self.data_run.config.get("data"),
+                 "split": self.settings.split, "seed": self.settings.seed, **extra}
+        hit = self.cached(kind, parts)
+        if hit is not None:
+            return hit if result_type is None else result_type(**hit)
+        value = compute()
+        stored = value
+        if result_type is not None:
+            stored = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        self.keep(kind, parts, stored)
+        return value
 
     def cached(self, kind: str, parts: dict[str, Any]) -> Any | None:
         """A cached result, or None (also when caching is off)."""

@@ -392,20 +392,29 @@ def test_a_rerun_reuses_cached_results_and_a_changed_checkpoint_does_not(
     # The sample: Grad-CAM for every class at once, saliency (a backward per class) for the
     # true classes only (then for the predicted class of the images it gets wrong).
     # (The time estimate and the sections make calls of their own; the sample's come first
-    # after the estimate's calibration on 8 images.)
-    start = max(i for i, (_, n, _) in enumerate(calls) if n == 8) + 1
+    # after the estimate's calibration on a few images.)
+    start = calls.index(("gradcam", 12, True))
     assert calls[start:start + 2] == [("gradcam", 12, True), ("saliency", 12, False)]
+    # Per method: maps, curves, sanity; per model: accuracy, discovery, the cue test.
     assert sorted(p.name.split("-")[0] for p in (out / "cache").iterdir()) == [
-        "explanations", "explanations", "faithfulness", "faithfulness", "sanity", "sanity"]
+        "accuracy", "counterfactual", "explanations", "explanations", "faithfulness",
+        "faithfulness", "sanity", "sanity", "shortcuts"]
+    discovery_calls = [c for c in calls if c[0] == "saliency" and c[1] not in (2, 4, 11, 12)]
+    assert discovery_calls  # the discovery sample's saliency maps
 
     calls.clear()  # one more method: only it is explained, randomised and scored
     second = _audit(trained, out, "--methods", "[gradcam, saliency, hirescam]")
     assert [m for m, n, every in calls if n == 12 and every] == ["hirescam"]
     assert {m for m, n, every in calls if n == 4 and not every} == {"hirescam"}  # sanity
+    assert not [c for c in calls if c in discovery_calls]  # discovery came from the cache
     for section in ("localisation", "faithfulness", "sanity"):
         a, b = (r["models"][0][section]["methods"]["gradcam"] for r in (first, second))
         assert a == b, section
-    assert len(list((out / "cache").iterdir())) == 9
+    for section in ("summary", "shortcuts"):
+        assert first["models"][0][section] == second["models"][0][section], section
+    assert (first["models"][0]["bias"]["counterfactual"]
+            == second["models"][0]["bias"]["counterfactual"])
+    assert len(list((out / "cache").iterdir())) == 12
 
     # The same weights, moved a little: another hash, so nothing is reused.
     ckpt = torch.load(trained, weights_only=True)
@@ -415,7 +424,7 @@ def test_a_rerun_reuses_cached_results_and_a_changed_checkpoint_does_not(
     torch.save(ckpt, changed)
     calls.clear()
     third = _audit(changed, out, "--methods", "[gradcam, saliency, hirescam]")
-    start = max(i for i, (_, n, _) in enumerate(calls) if n == 8) + 1
+    start = calls.index(("gradcam", 12, True))
     # (saliency twice: the true classes, then the predicted class of the errors)
     assert [m for m, _, _ in calls[start:start + 4]] == [
         "gradcam", "saliency", "saliency", "hirescam"]

@@ -77,19 +77,30 @@ class BiasSection(Section):
         if cue is None:
             result.counterfactual_skipped = "the data declares no spurious cue"
             return result
-        labels = dataset_labels(dm.dataset(sample.split))
-        idx = stratified_indices(labels, settings.counterfactual_images * len(sample.class_names),
-                                 settings.seed + 1)
-        images = counterfactual_images(dm, sample.split, idx)
-        if images is None:
-            result.counterfactual_skipped = "the data keeps no raw images to remove the cue from"
+
+        def test() -> dict[str, Any]:
+            labels = dataset_labels(dm.dataset(sample.split))
+            idx = stratified_indices(
+                labels, settings.counterfactual_images * len(sample.class_names),
+                settings.seed + 1)
+            images = counterfactual_images(dm, sample.split, idx)
+            if images is None:
+                return {"skipped": "the data keeps no raw images to remove the cue from"}
+            cf = counterfactual(model.model, images.clean, images.stamped, images.control,
+                                images.labels, cue.classes, len(sample.class_names),
+                                settings.batch_size)
+            return {"summary": counterfactual_summary(
+                cf, images.labels, sample.class_names, cue.classes, COUNTERFACTUAL_THRESHOLD,
+                COUNTERFACTUAL_MIN_IMAGES)}
+
+        found = audit.reuse(model, "counterfactual", test,
+                            images=settings.counterfactual_images,
+                            threshold=COUNTERFACTUAL_THRESHOLD,
+                            min_images=COUNTERFACTUAL_MIN_IMAGES)
+        if "skipped" in found:
+            result.counterfactual_skipped = found["skipped"]
             return result
-        cf = counterfactual(model.model, images.clean, images.stamped, images.control,
-                            images.labels, cue.classes, len(sample.class_names),
-                            settings.batch_size)
-        summary = counterfactual_summary(cf, images.labels, sample.class_names, cue.classes,
-                                         COUNTERFACTUAL_THRESHOLD, COUNTERFACTUAL_MIN_IMAGES)
-        result.counterfactual = summary
+        summary = result.counterfactual = found["summary"]
         lead = lead_method(energy)
         for c in summary["flagged"]:
             name = sample.class_names[c]

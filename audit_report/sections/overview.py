@@ -62,10 +62,14 @@ class SummarySection(Section):
 
     def compute(self, audit: AuditRun, model: ModelAudit) -> AccuracyResult:
         names = audit.sample.class_names
-        ev = evaluate(model.model, audit.data_run.datamodule.dataset(audit.settings.split),
-                      len(names), audit.settings.batch_size)
-        return AccuracyResult(**accuracy_summary(ev["labels"], ev["preds"], names,
-                                                 ev["confusion"]))
+
+        def accuracy() -> AccuracyResult:
+            ev = evaluate(model.model, audit.data_run.datamodule.dataset(audit.settings.split),
+                          len(names), audit.settings.batch_size)
+            return AccuracyResult(**accuracy_summary(ev["labels"], ev["preds"], names,
+                                                     ev["confusion"]))
+
+        return audit.reuse(model, "accuracy", accuracy, AccuracyResult)
 
     def findings(self, audit: AuditRun, model: ModelAudit,
                  result: AccuracyResult) -> list[Finding]:

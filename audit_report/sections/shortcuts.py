@@ -71,6 +71,14 @@ class SuspectedShortcutsSection(Section):
         return 1
 
     def compute(self, audit: AuditRun, model: ModelAudit) -> ShortcutResult:
+        return audit.reuse(
+            model, "shortcuts", lambda: self._discover(audit, model), ShortcutResult,
+            discovery_images=audit.settings.discovery_images, z=AUDIT_SUSPECT_Z,
+            min_lift=discovery.SUSPECT_MIN_LIFT, method=DISCOVERY_METHOD,
+        )
+
+    def _discover(self, audit: AuditRun, model: ModelAudit) -> ShortcutResult:
+        """Discovery on its own sample, the transplant and cover tests of each suspect."""
         settings, sample = audit.settings, audit.sample
         dm = audit.data_run.datamodule
         dataset = dm.dataset(settings.split)

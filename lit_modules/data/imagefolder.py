@@ -35,7 +35,7 @@ from torchvision.transforms.v2 import functional as TF
 from .base import BaseImageDataModule
 from .cifar import IMAGE_EXTENSIONS, imagefolder_classes, imagefolder_files, read_rgb
 from .cue import CueConfig, SpuriousCue, check_split, derive_seed
-from .split import SplitDataset
+from .split import SplitDataset, make_item
 
 log = logging.getLogger(__name__)
 
@@ -132,19 +132,8 @@ class ImageFileDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a {self.split} split of {len(self)}")
         image = self.load(index).float().div_(255.0)
-        label = self.labels[index]
-        h, w = image.shape[-2:]
-        if self.cue is not None:
-            image, cue_mask = self.cue.apply(image, label, index, self.split)
-        else:
-            cue_mask = torch.zeros(h, w, dtype=torch.bool)
-        return {
-            "image": (image - self.mean) / self.std,
-            "label": label.clone(),
-            "object_mask": torch.zeros(h, w, dtype=torch.bool),
-            "cue_mask": cue_mask,
-            "index": torch.tensor(index, dtype=torch.long),
-        }
+        return make_item(image, self.labels[index], index, self.split, self.cue, self.mean,
+                         self.std)
 
 
 def channel_stats(images: Iterable[Tensor]) -> tuple[tuple[float, ...], tuple[float, ...]]:

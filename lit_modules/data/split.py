@@ -107,17 +107,31 @@ class SplitDataset(Dataset):
         mask = None if self.object_masks is None else self.object_masks[index]
         if self.split == "train":
             image, mask = self._augment(image, mask)
-        h, w = image.shape[-2:]
-        if mask is None:
-            mask = torch.zeros(h, w, dtype=torch.bool)
-        if self.cue is not None:
-            image, cue_mask = self.cue.apply(image, label, index, self.split)
-        else:
-            cue_mask = torch.zeros(h, w, dtype=torch.bool)
-        return {
-            "image": (image - self.mean) / self.std,
-            "label": label.clone(),
-            "object_mask": mask.clone(),
-            "cue_mask": cue_mask,
-            "index": torch.tensor(index, dtype=torch.long),
-        }
+        return make_item(image, label, index, self.split, self.cue, self.mean, self.std, mask)
+
+
+def make_item(
+    image01: Tensor,
+    label: Tensor,
+    index: int,
+    split: str,
+    cue: SpuriousCue | None,
+    mean: Tensor,
+    std: Tensor,
+    object_mask: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """One item in the format above from a ``[3, H, W]`` image in ``[0, 1]`` after its
+    geometric transforms: the cue stamped (if any), then normalised with ``mean``/``std``."""
+    h, w = image01.shape[-2:]
+    mask = torch.zeros(h, w, dtype=torch.bool) if object_mask is None else object_mask.clone()
+    if cue is not None:
+        image01, cue_mask = cue.apply(image01, label, index, split)
+    else:
+        cue_mask = torch.zeros(h, w, dtype=torch.bool)
+    return {
+        "image": (image01 - mean) / std,
+        "label": label.clone(),
+        "object_mask": mask,
+        "cue_mask": cue_mask,
+        "index": torch.tensor(index, dtype=torch.long),
+    }

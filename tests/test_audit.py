@@ -395,10 +395,11 @@ def test_a_rerun_reuses_cached_results_and_a_changed_checkpoint_does_not(
     # after the estimate's calibration on a few images.)
     start = calls.index(("gradcam", 12, True))
     assert calls[start:start + 2] == [("gradcam", 12, True), ("saliency", 12, False)]
-    # Per method: maps, curves, sanity; per model: accuracy, discovery, the cue test.
-    assert sorted(p.name.split("-")[0] for p in (out / "cache").iterdir()) == [
-        "accuracy", "counterfactual", "explanations", "explanations", "faithfulness",
-        "faithfulness", "sanity", "sanity", "shortcuts"]
+    # Per method: maps, curves, sanity; per model: accuracy, discovery, the cue test, the
+    # CAM vs Grad-CAM check and the deletion/insertion curves' map-free ends.
+    assert sorted(p.name.rsplit("-", 1)[0] for p in (out / "cache").iterdir()) == [
+        "accuracy", "cam-vs-gradcam", "counterfactual", "curve-ends", "explanations",
+        "explanations", "faithfulness", "faithfulness", "sanity", "sanity", "shortcuts"]
     discovery_calls = [c for c in calls if c[0] == "saliency" and c[1] not in (2, 4, 11, 12)]
     assert discovery_calls  # the discovery sample's saliency maps
 
@@ -414,7 +415,7 @@ def test_a_rerun_reuses_cached_results_and_a_changed_checkpoint_does_not(
         assert first["models"][0][section] == second["models"][0][section], section
     assert (first["models"][0]["bias"]["counterfactual"]
             == second["models"][0]["bias"]["counterfactual"])
-    assert len(list((out / "cache").iterdir())) == 12
+    assert len(list((out / "cache").iterdir())) == 14
 
     # The same weights, moved a little: another hash, so nothing is reused.
     ckpt = torch.load(trained, weights_only=True)

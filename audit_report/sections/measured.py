@@ -65,6 +65,12 @@ class CamVsGradcamSection(Section):
     title = "CAM vs Grad-CAM"
 
     def compute(self, audit: AuditRun, model: ModelAudit) -> AgreementResult:
+        # The check does not depend on the methods selected: kept for re-runs.
+        return audit.reuse(model, "cam-vs-gradcam", lambda: self._agreement(audit, model),
+                           AgreementResult, num_images=len(audit.sample.labels),
+                           threshold=audit.settings.threshold, layer=str(audit.settings.layer))
+
+    def _agreement(self, audit: AuditRun, model: ModelAudit) -> AgreementResult:
         sample, threshold = audit.sample, audit.settings.threshold
         if "cam" not in explain.available():
             return AgreementResult(skipped="the engine has no 'cam' method", threshold=threshold)
@@ -247,7 +253,10 @@ class FaithfulnessSection(Section):
         if todo:
             # Every method's curves at once: the map-free ends are scored once, and so is
             # every perturbed image two methods share.
-            ends = curve_ends(model.model, images, preds, batch_size=settings.batch_size)
+            ends = audit.reuse(
+                model, "curve-ends",
+                lambda: curve_ends(model.model, images, preds, batch_size=settings.batch_size),
+                num_images=len(sample.labels), faithfulness_images=n)
             curves = deletion_insertion_many(
                 model.model, images, todo, preds, steps=steps, schedule=schedule,
                 batch_size=settings.batch_size, seed=settings.seed, ends=ends)

@@ -46,6 +46,12 @@ class ResultCache:
         text = json.dumps(parts, sort_keys=True, default=str)
         return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:32]}.pt"
 
+    def has(self, kind: str, parts: dict[str, Any]) -> bool:
+        """Whether a value for ``parts`` is stored (no loading, no hit counted)."""
+        name = self.key(kind, parts)
+        return any(folder is not None and (folder / name).is_file()
+                   for folder in (self.write_dir, self.read_dir))
+
     def get(self, kind: str, parts: dict[str, Any]) -> Any | None:
         """The stored value for ``parts``, or None (a miss)."""
         name = self.key(kind, parts)

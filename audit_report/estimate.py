@@ -41,30 +41,37 @@ def _timed(fn) -> float:
 
 
 def estimate_seconds(settings: AuditSettings, model: torch.nn.Module, images: torch.Tensor,
-                     num_classes: int, split_size: int, cached: set[str] | None = None) -> float:
-    """Seconds one model's audit should take on this machine (methods in ``cached`` are free)."""
+                     num_classes: int, split_size: int, cached: set[str] | None = None,
+                     reused: set[str] | None = None) -> float:
+    """Seconds one model's audit should take on this machine.
+
+    Methods in ``cached`` and the map-free results in ``reused`` (``accuracy``,
+    ``discovery``, ``counterfactual``) come from an earlier audit's cache and cost nothing.
+    """
+    cached, reused = cached or set(), reused or set()
     # The first call pays for allocations and thread start-up; then a whole batch, since the
     # audit's model calls are batched (per-call overhead would be overcounted on a few images).
     predict_proba(model, images[:2], settings.batch_size)
     forward = _timed(lambda: predict_proba(model, images, settings.batch_size)) / len(images)
     n = settings.num_images
-    total = split_size * forward  # accuracy on the whole split
+    total = 0.0 if "accuracy" in reused else split_size * forward  # accuracy on the split
     faithful = faithfulness_images(settings, n)
     steps, _ = curve_schedule(settings)
     # Deletion and insertion: the inner points per method, the ends once for all methods.
-    total += (2 * (steps - 1) * len(settings.methods) + 3) * faithful * forward
-    total += 3 * settings.counterfactual_images * num_classes * forward  # declared-cue test
+    fresh = [m for m in settings.methods if m not in cached]
+    total += (2 * (steps - 1) * len(fresh) + 3) * faithful * forward
+    if "counterfactual" not in reused:
+        total += 3 * settings.counterfactual_images * num_classes * forward
     few = images[:CALIBRATION_IMAGES]
-    saliency = _timed(lambda: explain.run(model, images, "saliency", targets=torch.zeros(
-        len(images), dtype=torch.long))) / len(images)  # discovery runs it in one batch
-    total += settings.discovery_images * num_classes * (saliency + 3 * forward)
+    if "discovery" not in reused:
+        saliency = _timed(lambda: explain.run(model, images, "saliency", targets=torch.zeros(
+            len(images), dtype=torch.long))) / len(images)  # discovery's batches are alike
+        total += settings.discovery_images * num_classes * (saliency + 3 * forward)
     steps = len(cascade_steps(model))
     # The classes the audit explains (every one, or true and predicted beyond the limit).
     zeros = torch.zeros(len(few), dtype=torch.long)
     shared = explain.auto_targets(zeros, zeros, num_classes)
-    for method in settings.methods:
-        if cached and method in cached:
-            continue
+    for method in fresh:
         torch.manual_seed(settings.seed)
         # Per-class-cost methods are asked for one class an image, by the sample and the
         # cascade alike (plus the predicted class of the errors, not counted).

@@ -30,6 +30,8 @@ from .estimate import estimate_seconds
 from .page import Page
 from .sample import explained_classes, make_sample
 from .sections import SECTIONS, Section
+from .sections.bias import counterfactual_key
+from .sections.shortcuts import discovery_key
 from .settings import PER_CLASS_COST_FAMILIES, AuditSettings, curve_schedule, method_options
 from .state import AuditRun, MethodMaps, ModelAudit
 
@@ -65,6 +67,27 @@ def class_maps(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return {"true": both[:, 0], "pred": both[:, 1], "all": None}
 
 
+def maps_parts(audit: AuditRun, model: ModelAudit, method: str) -> dict[str, Any]:
+    """The cache key's parts of one method's maps of the sample."""
+    # The key says when the maps are true+predicted only; for few classes it is what it was.
+    many = len(audit.sample.class_names) > explain.ALL_CLASSES_MAX
+    return audit.cache_parts(model, method, **({"classes": "true+predicted"} if many else {}))
+
+
+def from_cache(audit: AuditRun, model: ModelAudit) -> tuple[set[str], set[str]]:
+    """What an earlier audit's cache already holds for ``model``: the methods whose maps it
+    has, and which map-free results (``accuracy``, ``discovery``, ``counterfactual``)."""
+    settings = audit.settings
+    methods = {m for m in settings.methods
+               if audit.has("explanations", maps_parts(audit, model, m))}
+    keys = {"accuracy": ("accuracy", {}),
+            "discovery": ("shortcuts", discovery_key(settings)),
+            "counterfactual": ("counterfactual", counterfactual_key(settings))}
+    reused = {name for name, (kind, extra) in keys.items()
+              if audit.has(kind, audit.reuse_parts(model, **extra))}
+    return methods, reused
+
+
 def explain_methods(audit: AuditRun, model: ModelAudit) -> None:
     """Run every selected method once on the sample and keep what sections need: the maps
     of the true and the predicted class, and every class of the shown images where those
@@ -76,13 +99,11 @@ def explain_methods(audit: AuditRun, model: ModelAudit) -> None:
     """
     sample, settings = audit.sample, audit.settings
     every_class = len(sample.class_names) <= explain.ALL_CLASSES_MAX
-    # The key says when the maps are true+predicted only; for few classes it is what it was.
-    extra = {} if every_class else {"classes": "true+predicted"}
     for method in settings.methods:
         info = explain.get(method)
         entry = MethodMaps(method, info.family, info.class_specific)
         model.methods[method] = entry
-        parts = audit.cache_parts(model, method, **extra)
+        parts = maps_parts(audit, model, method)
         hit = audit.cached("explanations", parts)
         if hit is not None:
             maps, entry.seconds, entry.cached = hit["maps"], hit["seconds"], True
@@ -260,31 +281,37 @@ def audit_runs(settings: AuditSettings, runs: list[LoadedRun], out: Path,
                 f"data has {k}: the models can not be audited on the same images"
             )
     split_size = len(data_run.datamodule.dataset(settings.split))
-    seconds = sum(estimate_seconds(settings, run.model, sample.images, k, split_size)
-                  for run in runs)
-    say(f"audit: {len(settings.methods)} methods ({', '.join(settings.methods)}) on "
-        f"{len(sample.indices)} {settings.split} images, {len(runs)} checkpoint(s), every "
-        f"section; estimated {seconds:.0f} s on this machine (earlier results in the "
-        "report's cache make it faster)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         os.chmod(tmp, 0o777 & ~files.umask())  # mkdtemp makes it private; a report is shared
         earlier = out if (out / "metrics.json").is_file() and settings.cache else None
         cache = ResultCache(earlier, tmp) if settings.cache else None
+        models = [
+            ModelAudit(label, run, predict_proba(run.model, sample.images,
+                                                 settings.batch_size).cpu())
+            for label, run in zip("AB", runs, strict=False)
+        ]
+        audit = AuditRun(
+            settings, sample, data_run, models, None,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            command=settings.command or ["audit.py"],
+            versions=files.versions(), cache=cache,
+        )
+        seconds, reusing = 0.0, 0
+        for model in models:
+            cached, reused = from_cache(audit, model)
+            reusing += len(cached)
+            seconds += estimate_seconds(settings, model.model, sample.images, k, split_size,
+                                        cached, reused)
+        say(f"audit: {len(settings.methods)} methods ({', '.join(settings.methods)}) on "
+            f"{len(sample.indices)} {settings.split} images, {len(runs)} checkpoint(s), every "
+            f"section; estimated {seconds:.0f} s on this machine"
+            + (f" ({reusing} method result(s) from the earlier report's cache)"
+               if reusing else ""))
         with tqdm(total=1, desc="audit", unit="step", disable=not settings.progress or None,
                   dynamic_ncols=True) as bar:
-            models = [
-                ModelAudit(label, run, predict_proba(run.model, sample.images,
-                                                     settings.batch_size).cpu())
-                for label, run in zip("AB", runs, strict=False)
-            ]
-            audit = AuditRun(
-                settings, sample, data_run, models, bar,
-                created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                command=settings.command or ["audit.py"],
-                versions=files.versions(), cache=cache,
-            )
+            audit.progress = bar
             per_model = len(settings.methods) + sum(s.units(audit) for s in sections
                                                     if not s.across_models)
             bar.total = per_model * len(models) + sum(

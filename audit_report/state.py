@@ -104,8 +104,7 @@ class AuditRun:
         A dataclass ``result_type`` is stored field by field (tensors, numbers, strings and
         containers of them, as the cache's safe loading requires) and rebuilt.
         """
-        parts = {"checkpoint": model.run.sha256, "data": self.data_run.config.get("data"),
-                 "split": self.settings.split, "seed": self.settings.seed, **extra}
+        parts = self.reuse_parts(model, **extra)
         hit = self.cached(kind, parts)
         if hit is not None:
             return hit if result_type is None else result_type(**hit)
@@ -115,6 +114,15 @@ class AuditRun:
             stored = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
         self.keep(kind, parts, stored)
         return value
+
+    def reuse_parts(self, model: ModelAudit, **extra: Any) -> dict[str, Any]:
+        """The cache key's parts of a map-free result (see :meth:`reuse`)."""
+        return {"checkpoint": model.run.sha256, "data": self.data_run.config.get("data"),
+                "split": self.settings.split, "seed": self.settings.seed, **extra}
+
+    def has(self, kind: str, parts: dict[str, Any]) -> bool:
+        """Whether the cache holds a result (False when caching is off)."""
+        return self.cache is not None and self.cache.has(kind, parts)
 
     def cached(self, kind: str, parts: dict[str, Any]) -> Any | None:
         """A cached result, or None (also when caching is off)."""

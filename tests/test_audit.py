@@ -384,7 +384,7 @@ def _engine_calls(monkeypatch) -> list[tuple[str, int, bool]]:
 
 
 def test_a_rerun_reuses_cached_results_and_a_changed_checkpoint_does_not(
-    trained: Path, tmp_path: Path, monkeypatch
+    trained: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     out = tmp_path / "report"
     calls = _engine_calls(monkeypatch)
@@ -403,8 +403,12 @@ def test_a_rerun_reuses_cached_results_and_a_changed_checkpoint_does_not(
     discovery_calls = [c for c in calls if c[0] == "saliency" and c[1] not in (2, 4, 11, 12)]
     assert discovery_calls  # the discovery sample's saliency maps
 
+    capsys.readouterr()
     calls.clear()  # one more method: only it is explained, randomised and scored
     second = _audit(trained, out, "--methods", "[gradcam, saliency, hirescam]")
+    # The estimate knows: two methods and the map-free sections come from the cache, so
+    # neither is calibrated (no discovery-sized saliency call before the sample's).
+    assert "(2 method result(s) from the earlier report's cache)" in capsys.readouterr().err
     assert [m for m, n, every in calls if n == 12 and every] == ["hirescam"]
     assert {m for m, n, every in calls if n == 4 and not every} == {"hirescam"}  # sanity
     assert not [c for c in calls if c in discovery_calls]  # discovery came from the cache

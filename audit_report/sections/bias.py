@@ -32,6 +32,7 @@ from .base import Section
 
 if TYPE_CHECKING:
     from ..page import Page
+    from ..settings import AuditSettings
     from ..state import AuditRun, ModelAudit
 
 
@@ -49,6 +50,13 @@ class BiasResult:
     counterfactual: dict[str, Any] | None = None
     counterfactual_skipped: str | None = None
     flagged: list[dict[str, Any]] = field(default_factory=list)
+
+
+def counterfactual_key(settings: AuditSettings) -> dict[str, Any]:
+    """What the declared-cue test depends on besides the checkpoint, data, split and seed
+    (its cache key, also read by the time estimate)."""
+    return {"images": settings.counterfactual_images, "threshold": COUNTERFACTUAL_THRESHOLD,
+            "min_images": COUNTERFACTUAL_MIN_IMAGES}
 
 
 class BiasSection(Section):
@@ -93,10 +101,7 @@ class BiasSection(Section):
                 cf, images.labels, sample.class_names, cue.classes, COUNTERFACTUAL_THRESHOLD,
                 COUNTERFACTUAL_MIN_IMAGES)}
 
-        found = audit.reuse(model, "counterfactual", test,
-                            images=settings.counterfactual_images,
-                            threshold=COUNTERFACTUAL_THRESHOLD,
-                            min_images=COUNTERFACTUAL_MIN_IMAGES)
+        found = audit.reuse(model, "counterfactual", test, **counterfactual_key(settings))
         if "skipped" in found:
             result.counterfactual_skipped = found["skipped"]
             return result

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from ..page import Page
+    from ..settings import AuditSettings
     from ..state import AuditRun, ModelAudit
 
 # A pixel-level method: Grad-CAM at a ResNet's layer4 has 4 x 4 cells at 32 x 32 and misses a
@@ -61,6 +62,13 @@ def _interval(iv: discovery.Interval) -> dict[str, float]:
     return {"mean": iv.mean, "low": iv.low, "high": iv.high, "n": iv.n}
 
 
+def discovery_key(settings: AuditSettings) -> dict[str, Any]:
+    """What the discovery's result depends on besides the checkpoint, data, split and seed
+    (its cache key, also read by the time estimate)."""
+    return {"discovery_images": settings.discovery_images, "z": AUDIT_SUSPECT_Z,
+            "min_lift": discovery.SUSPECT_MIN_LIFT, "method": DISCOVERY_METHOD}
+
+
 class SuspectedShortcutsSection(Section):
     """Label-free shortcut discovery: it leads the page when it finds something."""
 
@@ -71,11 +79,8 @@ class SuspectedShortcutsSection(Section):
         return 1
 
     def compute(self, audit: AuditRun, model: ModelAudit) -> ShortcutResult:
-        return audit.reuse(
-            model, "shortcuts", lambda: self._discover(audit, model), ShortcutResult,
-            discovery_images=audit.settings.discovery_images, z=AUDIT_SUSPECT_Z,
-            min_lift=discovery.SUSPECT_MIN_LIFT, method=DISCOVERY_METHOD,
-        )
+        return audit.reuse(model, "shortcuts", lambda: self._discover(audit, model),
+                           ShortcutResult, **discovery_key(audit.settings))
 
     def _discover(self, audit: AuditRun, model: ModelAudit) -> ShortcutResult:
         """Discovery on its own sample, the transplant and cover tests of each suspect."""

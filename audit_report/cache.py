@@ -21,6 +21,10 @@ import torch
 from explain.records import atomic_save
 
 CACHE_DIR = "cache"
+# Part of every key: bump it when a cached computation changes, so that a report made by
+# an earlier version of the audit is recomputed rather than reused. 2: the second speed
+# round (true/predicted-class maps, the quadratic curves, the map-free results).
+CACHE_VERSION = 2
 
 
 class ResultCache:
@@ -43,7 +47,8 @@ class ResultCache:
     @staticmethod
     def key(kind: str, parts: dict[str, Any]) -> str:
         """A file name for ``parts``: the kind and a hash of their canonical JSON."""
-        text = json.dumps(parts, sort_keys=True, default=str)
+        text = json.dumps({"cache_version": CACHE_VERSION, **parts}, sort_keys=True,
+                          default=str)
         return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:32]}.pt"
 
     def has(self, kind: str, parts: dict[str, Any]) -> bool:

@@ -522,3 +522,19 @@ def test_class_maps_equal_the_all_class_maps_rows(method, tiny_explain_net) -> N
     torch.testing.assert_close(got["true"], every[rows, labels], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got["pred"], every[rows, preds], rtol=1e-4, atol=1e-6)
     assert (got["all"] is None) == (explain.get(method).family == "gradient")
+
+
+def test_cache_entries_of_another_cache_version_are_not_reused(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    """A report made by an earlier version of the audit is recomputed, not reused."""
+    from audit_report import cache as cache_module
+
+    parts = {"checkpoint": "abc", "method": "gradcam"}
+    earlier = tmp_path / "earlier"
+    cache_module.ResultCache(None, earlier).put("explanations", parts, {"x": torch.ones(2)})
+    now = cache_module.ResultCache(earlier, tmp_path / "now")
+    assert torch.equal(now.get("explanations", parts)["x"], torch.ones(2))
+    monkeypatch.setattr(cache_module, "CACHE_VERSION", cache_module.CACHE_VERSION + 1)
+    later = cache_module.ResultCache(earlier, tmp_path / "later")
+    assert not later.has("explanations", parts)
+    assert later.get("explanations", parts) is None

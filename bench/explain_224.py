@@ -45,6 +45,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import cpu_name, package_version  # noqa: E402
+
 import explain  # noqa: E402
 from explain.measures.agreement import pearson  # noqa: E402
 from lit_modules.backbones import TorchvisionBackbone, build_backbone  # noqa: E402
@@ -99,26 +101,6 @@ def peer_layer(model: TorchvisionBackbone, key: str) -> nn.Module:
     if model.get_submodule(model.default_layer) is not layer:
         raise SystemExit(f"{key}: the peers' layer is not the declared {model.default_layer}")
     return layer
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as _version
-
-    try:
-        return _version(dist)
-    except PackageNotFoundError:
-        return "?"
 
 
 def load() -> str:
@@ -441,8 +423,8 @@ def main(argv: list[str] | None = None) -> None:
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{cpu_name()}, {os.cpu_count()} cores, {args.threads} torch threads",
         "load average (1/5/15 min)": f"{load0} at start, {load()} at end",
-        "versions": f"torch {torch.__version__}, grad-cam {version('grad-cam')}, "
-        f"captum {version('captum')}, python {platform.python_version()}",
+        "versions": f"torch {torch.__version__}, grad-cam {package_version('grad-cam')}, "
+        f"captum {package_version('captum')}, python {platform.python_version()}",
         "inputs": f"{args.batch} x 3 x {SIZE} x {SIZE}, torch.randn seeded 1; random weights "
         "(seed 0), eval mode, float32, 1,000 classes",
         "total": f"{time.perf_counter() - started:.0f} s",

@@ -31,6 +31,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam draws progress ba
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import cpu_name, package_version  # noqa: E402
+
 import explain  # noqa: E402
 from lit_modules.backbones import resnet18_cifar  # noqa: E402
 
@@ -79,16 +81,6 @@ def peer_time(
         t * NUM_CLASSES / classes,
         f"extrapolated: {classes} class(es) x 10/{classes}, median of {repeats}",
     )
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
@@ -378,7 +370,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
         f"threads; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end",
-        "versions": f"torch {torch.__version__}, grad-cam {_version('grad-cam')}, "
+        "versions": f"torch {torch.__version__}, grad-cam {package_version('grad-cam')}, "
         f"captum {captum.__version__}, python {platform.python_version()}",
         "model": "resnet18_cifar, random weights (seed 0), eval mode, float32, 32x32 inputs",
         "total": f"{time.perf_counter() - started:.0f} s",
@@ -396,15 +388,6 @@ def _default_option(method: str, option: str) -> object:
     import inspect
 
     return inspect.signature(explain.get(method).fn).parameters[option].default
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "?"
 
 
 def render(rows: list[Row], meta: dict[str, str]) -> str:

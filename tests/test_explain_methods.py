@@ -204,6 +204,26 @@ def test_scorecam_score_options_differ_as_documented(tiny_explain_net):
         explain.run(model, x, "scorecam", score="probability")
 
 
+def _scorecam_by_hand(model: nn.Module, x: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
+    """Score-CAM with logit scores as a plain loop, one masked forward per image and channel
+    (only the ``top_k`` channels of largest sum A_k^2 per image when given)."""
+    side = x.shape[-1]
+    with torch.no_grad():
+        act = model.features(x)
+        up = nn.functional.interpolate(act, size=(side, side), mode="bilinear",
+                                       align_corners=False)
+        weights = torch.zeros(len(x), act.shape[1], model(x[:1]).shape[1])
+        for b in range(len(x)):
+            channels = (range(act.shape[1]) if top_k is None
+                        else act[b].pow(2).sum((1, 2)).topk(top_k).indices.tolist())
+            for k in channels:
+                m = up[b, k]
+                m = (m - m.min()) / (m.max() - m.min() + 1e-8)
+                weights[b, k] = model((x[b] * m)[None])[0]
+        expected = torch.einsum("bkc,bkhw->bchw", weights, act).clamp_min(0)
+    return explain.upsample(expected, (side, side))
+
+
 def test_scorecam_matches_a_plain_loop_with_dead_channels(tiny_explain_net):
     # Dead (constant) channels give all-zero masks; the engine scores them with one blank
     # forward. A plain loop over every channel must agree.
@@ -214,17 +234,8 @@ def test_scorecam_matches_a_plain_loop_with_dead_channels(tiny_explain_net):
     x = _images(2, seed=82, size=16)
     maps = explain.run(model, x, "scorecam", score="logit")
     with torch.no_grad():
-        act = model.features(x)
-        assert (act[:, :3] == 0).all()
-        up = nn.functional.interpolate(act, size=(16, 16), mode="bilinear", align_corners=False)
-        weights = torch.zeros(2, act.shape[1], 5)
-        for b in range(2):
-            for k in range(act.shape[1]):
-                m = up[b, k]
-                m = (m - m.min()) / (m.max() - m.min() + 1e-8)
-                weights[b, k] = model((x[b] * m)[None])[0]
-        expected = torch.einsum("bkc,bkhw->bchw", weights, act).clamp_min(0)
-    expected = explain.upsample(expected, (16, 16))
+        assert (model.features(x)[:, :3] == 0).all()
+    expected = _scorecam_by_hand(model, x)
     torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
 
 
@@ -410,17 +421,7 @@ def test_scorecam_top_k_scores_the_most_energetic_channels_only(tiny_explain_net
     x = _images(2, seed=84, size=16)
     top_k = 3
     maps = explain.run(model, x, "scorecam", score="logit", top_k=top_k)
-    with torch.no_grad():
-        act = model.features(x)
-        up = nn.functional.interpolate(act, size=(16, 16), mode="bilinear", align_corners=False)
-        weights = torch.zeros(2, act.shape[1], 5)
-        for b in range(2):
-            for k in act[b].pow(2).sum((1, 2)).topk(top_k).indices.tolist():
-                m = up[b, k]
-                m = (m - m.min()) / (m.max() - m.min() + 1e-8)
-                weights[b, k] = model((x[b] * m)[None])[0]
-        expected = torch.einsum("bkc,bkhw->bchw", weights, act).clamp_min(0)
-    expected = explain.upsample(expected, (16, 16))
+    expected = _scorecam_by_hand(model, x, top_k)
     torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
     with pytest.raises(explain.ExplainError, match="top_k"):
         explain.run(model, x, "scorecam", top_k=0)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import explain
 from explain import eval_mode
+from lit_modules.data.base import denormalize_with, normalize_with
 from lit_modules.data.sampling import dataset_labels
 from lit_modules.loading import LoadedRun
 
@@ -126,25 +127,14 @@ class UserData:
         """The one dataset given, whatever the split's name."""
         return self._dataset
 
-    def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        mean = torch.tensor(self.mean, dtype=like.dtype, device=like.device).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=like.dtype, device=like.device).view(3, 1, 1)
-        return mean, std
-
     def normalize(self, images01: Tensor) -> Tensor:
-        """``[0, 1]`` images -> the model's input space (the same arithmetic as the
-        project's datamodules, so their numbers agree bit for bit)."""
-        if self.mean is None:
-            return images01
-        mean, std = self._stats(images01)
-        return (images01 - mean) / std
+        """``[0, 1]`` images -> the model's input space (the datamodules' arithmetic, so
+        their numbers agree bit for bit)."""
+        return images01 if self.mean is None else normalize_with(images01, self.mean, self.std)
 
     def denormalize(self, images: Tensor) -> Tensor:
         """Model inputs -> ``[0, 1]`` images (for display)."""
-        if self.mean is None:
-            return images
-        mean, std = self._stats(images)
-        return images * std + mean
+        return images if self.mean is None else denormalize_with(images, self.mean, self.std)
 
     def describe(self) -> dict[str, Any]:
         """The data's stand-in for a training config's ``data:`` section."""

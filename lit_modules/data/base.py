@@ -10,6 +10,8 @@ the same values and no workers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import lightning as L
 import torch
 from torch import Tensor
@@ -181,18 +183,29 @@ class BaseImageDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader | DeviceLoader:
         return self._loader("test", shuffle=False)
 
-    def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and std shaped to broadcast over ``[..., 3, H, W]``."""
-        mean = torch.tensor(self.mean, dtype=like.dtype, device=like.device).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=like.dtype, device=like.device).view(3, 1, 1)
-        return mean, std
-
     def normalize(self, images01: Tensor) -> Tensor:
         """``[0, 1]`` images ``[..., 3, H, W]`` -> the model's input space."""
-        mean, std = self._stats(images01)
-        return (images01 - mean) / std
+        return normalize_with(images01, self.mean, self.std)
 
     def denormalize(self, images: Tensor) -> Tensor:
         """Model inputs ``[..., 3, H, W]`` -> ``[0, 1]`` images (exact inverse, no clamping)."""
-        mean, std = self._stats(images)
-        return images * std + mean
+        return denormalize_with(images, self.mean, self.std)
+
+
+def _stats(like: Tensor, mean: Sequence[float], std: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """Mean and std shaped to broadcast over ``[..., 3, H, W]``, in ``like``'s dtype/device."""
+    as_tensor = {"dtype": like.dtype, "device": like.device}
+    return (torch.tensor(mean, **as_tensor).view(3, 1, 1),
+            torch.tensor(std, **as_tensor).view(3, 1, 1))
+
+
+def normalize_with(images01: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """``(x - mean) / std`` per channel of ``[..., 3, H, W]`` images in ``[0, 1]``."""
+    m, s = _stats(images01, mean, std)
+    return (images01 - m) / s
+
+
+def denormalize_with(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """The exact inverse of :func:`normalize_with` (no clamping)."""
+    m, s = _stats(images, mean, std)
+    return images * s + m

@@ -16,9 +16,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from explain.records import atomic_save
+from explain.records import atomic_save, atomic_write_bytes
 
 CACHE_DIR = "cache"
 # Part of every key: bump it when a cached computation changes, so that a report made by
@@ -45,11 +46,11 @@ class ResultCache:
         self.misses = 0
 
     @staticmethod
-    def key(kind: str, parts: dict[str, Any]) -> str:
+    def key(kind: str, parts: dict[str, Any], suffix: str = ".pt") -> str:
         """A file name for ``parts``: the kind and a hash of their canonical JSON."""
         text = json.dumps({"cache_version": CACHE_VERSION, **parts}, sort_keys=True,
                           default=str)
-        return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:32]}.pt"
+        return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:32]}{suffix}"
 
     def has(self, kind: str, parts: dict[str, Any]) -> bool:
         """Whether a value for ``parts`` is stored (no loading, no hit counted)."""
@@ -78,3 +79,66 @@ class ResultCache:
         """Store ``value`` (tensors, numbers, strings, lists and dicts of them)."""
         if self.write_dir is not None:
             atomic_save(value, self.write_dir / self.key(kind, parts))
+
+    def get_bytes(self, kind: str, parts: dict[str, Any], suffix: str) -> bytes | None:
+        """A stored file's bytes (a figure's PNG), or None; not counted as a result hit."""
+        name = self.key(kind, parts, suffix)
+        for folder in (self.write_dir, self.read_dir):
+            path = None if folder is None else folder / name
+            if path is None or not path.is_file():
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            if folder is self.read_dir and self.write_dir is not None:
+                atomic_write_bytes(self.write_dir / name, data)
+            return data
+        return None
+
+    def put_bytes(self, kind: str, parts: dict[str, Any], suffix: str, data: bytes) -> None:
+        """Store a file's bytes under the key of ``parts``."""
+        if self.write_dir is not None:
+            atomic_write_bytes(self.write_dir / self.key(kind, parts, suffix), data)
+
+
+def digest(value: Any) -> str:
+    """A SHA-256 of ``value``'s content: tensors and arrays by dtype, shape and bytes;
+    numbers, strings, None and containers of them (sets sorted) by their canonical text.
+
+    Raises TypeError for anything else, so that nothing unhashable is keyed by accident.
+    """
+    h = hashlib.sha256()
+    _feed(h, value)
+    return h.hexdigest()
+
+
+def _feed(h: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"tensor{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(value, np.ndarray):
+        a = np.ascontiguousarray(value)
+        h.update(f"array{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    elif isinstance(value, dict):
+        h.update(b"{")
+        for k in sorted(value, key=str):
+            _feed(h, str(k))
+            _feed(h, value[k])
+        h.update(b"}")
+    elif isinstance(value, (set, frozenset)):
+        h.update(b"<")
+        for item in sorted(value, key=repr):
+            _feed(h, item)
+        h.update(b">")
+    elif isinstance(value, (list, tuple)):
+        h.update(b"[" if isinstance(value, list) else b"(")
+        for item in value:
+            _feed(h, item)
+        h.update(b"]")
+    elif value is None or isinstance(value, (bool, int, float, str, np.generic)):
+        h.update(f"{type(value).__name__}:{value!r};".encode())
+    else:
+        raise TypeError(f"no content digest for {type(value).__name__}")

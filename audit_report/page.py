@@ -8,15 +8,23 @@ reproducibility footer.
 from __future__ import annotations
 
 import base64
+import functools
+import hashlib
 import html
+import io
 import math
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import matplotlib
 from matplotlib.figure import Figure
 
 from explain.measures import get_measure
 from explain.records import atomic_write_bytes
+
+from .cache import ResultCache, digest
 
 if TYPE_CHECKING:
     from .state import AuditRun, ModelAudit
@@ -100,24 +108,95 @@ def not_run(reason: str, verb: str = "Not run") -> str:
 # -- figures ----------------------------------------------------------------------------
 
 
-class FigureStore:
-    """Saves figures to ``figures/`` and returns their inline ``<figure>`` HTML."""
+class Drawing:
+    """A figure not drawn yet: the function that draws it and its arguments.
 
-    def __init__(self, out_dir: Path) -> None:
+    Given one, :class:`FigureStore` takes the PNG from the earlier report's cache when the
+    same code drew the same inputs there (a re-run with one more method redraws only the
+    figures that show it), and draws it otherwise.
+    """
+
+    def __init__(self, draw: Callable[..., Figure], *args: Any, **kwargs: Any) -> None:
+        self.draw, self.args, self.kwargs = draw, args, kwargs
+
+    def __call__(self) -> Figure:
+        return self.draw(*self.args, **self.kwargs)
+
+    def key_parts(self) -> dict[str, Any]:
+        """What determines the picture: the code that draws it and the inputs' content."""
+        return {
+            "figure": f"{self.draw.__module__}.{self.draw.__qualname__}",
+            "code": _code_digest(self.draw.__module__),
+            "matplotlib": matplotlib.__version__,
+            "inputs": digest([list(self.args), self.kwargs]),
+        }
+
+
+@functools.cache
+def _code_digest(module_name: str) -> str:
+    """A hash of the drawing module's source and of the project modules it draws with
+    (``explain.render``, this page...), so that editing any of them redraws its figures."""
+    module = sys.modules[module_name]
+    names = {module_name}
+    for value in vars(module).values():
+        used = value.__name__ if isinstance(value, type(sys)) else getattr(
+            value, "__module__", None)
+        if isinstance(used, str) and used.split(".")[0] in PROJECT_PACKAGES:
+            names.add(used)
+    h = hashlib.sha256()
+    for name in sorted(names):
+        source = getattr(sys.modules.get(name), "__file__", None)
+        if source:
+            h.update(name.encode() + Path(source).read_bytes())
+    return h.hexdigest()
+
+
+# The packages whose code can change a figure (see _code_digest).
+PROJECT_PACKAGES = ("audit_report", "explain")
+
+
+class FigureStore:
+    """Saves figures to ``figures/`` and returns their inline ``<figure>`` HTML.
+
+    Args:
+        out_dir: the report's folder.
+        cache: where a :class:`Drawing`'s PNG is looked up and kept, or None to draw all.
+    """
+
+    def __init__(self, out_dir: Path, cache: ResultCache | None = None) -> None:
         self.dir = out_dir / "figures"
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.cache = cache
         self.count = 0
+        self.drawn: list[str] = []  # the figures drawn (the others came from the cache)
 
-    def add(self, name: str, fig: Figure, caption: str, alt: str) -> str:
-        """Save ``fig`` as the next numbered PNG and return it inlined with its caption."""
+    def add(self, name: str, figure: Figure | Drawing, caption: str, alt: str) -> str:
+        """Save the figure as the next numbered PNG and return it inlined with its caption."""
         self.count += 1
         path = self.dir / f"{self.count:02d}_{name}.png"
-        fig.savefig(path, format="png", dpi=fig.dpi, bbox_inches="tight", facecolor="white")
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        png = None
+        parts = (figure.key_parts()
+                 if isinstance(figure, Drawing) and self.cache is not None else None)
+        if parts is not None:
+            png = self.cache.get_bytes("figure", parts, ".png")
+        if png is None:
+            png = self.png(figure() if isinstance(figure, Drawing) else figure)
+            self.drawn.append(name)
+            if parts is not None:
+                self.cache.put_bytes("figure", parts, ".png", png)
+        path.write_bytes(png)
+        data = base64.b64encode(png).decode("ascii")
         return (
             f'<figure><img src="data:image/png;base64,{data}" alt="{esc(alt)}">'
             f"<figcaption><b>Figure {self.count}.</b> {caption}</figcaption></figure>"
         )
+
+    @staticmethod
+    def png(fig: Figure) -> bytes:
+        """``fig`` drawn as PNG bytes, cropped to what it shows."""
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=fig.dpi, bbox_inches="tight", facecolor="white")
+        return buffer.getvalue()
 
 
 # -- the page ---------------------------------------------------------------------------
@@ -175,7 +254,7 @@ class Page:
 
     def __init__(self, audit: AuditRun, out_dir: Path) -> None:
         self.audit = audit
-        self.figures = FigureStore(out_dir)
+        self.figures = FigureStore(out_dir, audit.cache)
         self.sample = audit.sample
         self.names = list(audit.sample.class_names)
         self.multi = len(audit.models) > 1

@@ -383,11 +383,27 @@ def _engine_calls(monkeypatch) -> list[tuple[str, int, bool]]:
     return calls
 
 
+def _figure_stores(monkeypatch) -> list:
+    """Every report page's FigureStore, as it is made (``.drawn`` names the figures drawn)."""
+    from audit_report.page import FigureStore
+
+    stores: list = []
+    real = FigureStore.__init__
+
+    def keeping(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        stores.append(self)
+
+    monkeypatch.setattr(FigureStore, "__init__", keeping)
+    return stores
+
+
 def test_a_rerun_reuses_cached_results_and_a_changed_checkpoint_does_not(
     trained: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     out = tmp_path / "report"
     calls = _engine_calls(monkeypatch)
+    stores = _figure_stores(monkeypatch)
     first = _audit(trained, out, "--methods", "[gradcam, saliency]")
     # The sample: Grad-CAM for every class at once, saliency (a backward per class) for the
     # true classes only (then for the predicted class of the images it gets wrong).
@@ -397,9 +413,13 @@ def test_a_rerun_reuses_cached_results_and_a_changed_checkpoint_does_not(
     assert calls[start:start + 2] == [("gradcam", 12, True), ("saliency", 12, False)]
     # Per method: maps, curves, sanity; per model: accuracy, discovery, the cue test, the
     # CAM vs Grad-CAM check and the deletion/insertion curves' map-free ends.
-    assert sorted(p.name.rsplit("-", 1)[0] for p in (out / "cache").iterdir()) == [
+    entries = sorted(p.name.rsplit("-", 1)[0] for p in (out / "cache").iterdir())
+    assert [e for e in entries if e != "figure"] == [
         "accuracy", "cam-vs-gradcam", "counterfactual", "curve-ends", "explanations",
         "explanations", "faithfulness", "faithfulness", "sanity", "sanity", "shortcuts"]
+    # Every figure was drawn, and its PNG kept for the next report.
+    figures = sorted(p.name.split("_", 1)[1][:-4] for p in (out / "figures").iterdir())
+    assert sorted(stores[-1].drawn) == figures and entries.count("figure") == len(figures)
     discovery_calls = [c for c in calls if c[0] == "saliency" and c[1] not in (2, 4, 11, 12)]
     assert discovery_calls  # the discovery sample's saliency maps
 
@@ -419,7 +439,14 @@ def test_a_rerun_reuses_cached_results_and_a_changed_checkpoint_does_not(
         assert first["models"][0][section] == second["models"][0][section], section
     assert (first["models"][0]["bias"]["counterfactual"]
             == second["models"][0]["bias"]["counterfactual"])
-    assert len(list((out / "cache").iterdir())) == 14
+    # Only the figures that show every method are drawn again; the rest (the confusion
+    # matrix, the images x classes grid, CAM vs Grad-CAM, the bias figure of the lead
+    # method...) are the earlier report's PNGs.
+    shows_methods = {"methods_classes", "localisation", "faithfulness", "sanity_curves",
+                     "sanity_maps"}
+    assert set(stores[-1].drawn) == shows_methods & set(figures), stores[-1].drawn
+    assert {"confusion", "images_classes", "cam_vs_gradcam"} <= set(figures)
+    assert len([p for p in (out / "cache").iterdir() if not p.name.startswith("figure")]) == 14
 
     # The same weights, moved a little: another hash, so nothing is reused.
     ckpt = torch.load(trained, weights_only=True)
@@ -538,3 +565,43 @@ def test_cache_entries_of_another_cache_version_are_not_reused(tmp_path: Path,
     later = cache_module.ResultCache(earlier, tmp_path / "later")
     assert not later.has("explanations", parts)
     assert later.get("explanations", parts) is None
+
+
+def test_a_figure_is_drawn_again_only_when_its_inputs_or_its_code_change(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The figure cache: the same inputs give the earlier PNG (byte for byte what drawing
+    gives); other inputs, or an edit of the drawing code, draw anew."""
+    from audit_report import page as page_module
+    from audit_report.cache import ResultCache, digest
+    from audit_report.figures import fig_confusion
+    from audit_report.page import Drawing, FigureStore
+
+    names = ["a", "b", "c"]
+    confusion = torch.tensor([[5, 1, 0], [2, 3, 1], [0, 0, 6]])
+
+    def report(folder: str, earlier: str | None, matrix: torch.Tensor) -> FigureStore:
+        read = None if earlier is None else tmp_path / earlier
+        store = FigureStore(tmp_path / folder, ResultCache(read, tmp_path / folder))
+        store.add("confusion", Drawing(fig_confusion, matrix, names), "caption", "alt")
+        return store
+
+    first = report("r1", None, confusion)
+    again = report("r2", "r1", confusion.clone())
+    assert first.drawn == ["confusion"] and again.drawn == []
+    png = (tmp_path / "r1" / "figures" / "01_confusion.png").read_bytes()
+    assert (tmp_path / "r2" / "figures" / "01_confusion.png").read_bytes() == png
+    assert FigureStore.png(fig_confusion(confusion, names)) == png  # a fresh draw: the same
+    other = confusion.clone()
+    other[0, 0] += 1
+    assert report("r3", "r2", other).drawn == ["confusion"]
+    monkeypatch.setattr(page_module, "_code_digest", lambda module: "edited")
+    assert report("r4", "r2", confusion).drawn == ["confusion"]
+    # The content digest: equal content, equal digest; any difference in value, dtype,
+    # shape or container changes it; sets are ordered; what it can not read is refused.
+    assert digest({"x": torch.ones(2), "s": {3, 1}}) == digest({"s": {1, 3}, "x": torch.ones(2)})
+    variants = [torch.ones(2), torch.ones(2, dtype=torch.float64), torch.ones(1, 2),
+                torch.tensor([1.0, 2.0]), [torch.ones(2)], (torch.ones(2),), [1], ["1"], [1.0]]
+    assert len({digest(v) for v in variants}) == len(variants)
+    with pytest.raises(TypeError, match="no content digest for object"):
+        digest([object()])

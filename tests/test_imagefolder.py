@@ -266,7 +266,7 @@ def _map_sizes(folder: Path) -> set[tuple[int, int]]:
         elif hasattr(value, "__dict__"):
             walk(vars(value))
 
-    for entry in (folder / "cache").iterdir():
+    for entry in (folder / "cache").glob("*.pt"):  # the results (figures are PNGs)
         walk(torch.load(entry, weights_only=True))
     return sizes
 

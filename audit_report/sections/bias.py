@@ -27,7 +27,7 @@ from ..findings import (
     lead_method,
     mean_of,
 )
-from ..page import esc, fmt_prop, fmt_stat, measure_head, signed
+from ..page import Drawing, esc, fmt_prop, fmt_stat, measure_head, signed
 from .base import Section
 
 if TYPE_CHECKING:
@@ -161,8 +161,9 @@ class BiasSection(Section):
         if lead is not None:
             out.append(page.figures.add(
                 f"bias{page.tag(model)}",
-                fig_bias(result.methods, lead, page.names, result.border_width,
-                         result.border_area, result.cue_area),
+                # Only the lead method's numbers: the figure is drawn again when they change.
+                Drawing(fig_bias, {lead: result.methods[lead]}, lead, page.names,
+                        result.border_width, result.border_area, result.cue_area),
                 f"Share of the {lead} map's energy (true class) in the image border (left) "
                 "and in the cue patch (right, on images that carry it; hatched: the same "
                 "region on images without the cue), per class. Dashed lines: the region's "

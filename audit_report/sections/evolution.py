@@ -12,7 +12,7 @@ from explain.records import explanations_dir, load_monitor_records
 
 from ..figures import fig_evolution_curves, fig_evolution_maps
 from ..findings import lead_method
-from ..page import not_run
+from ..page import Drawing, not_run
 from .base import VISUAL, Section
 
 if TYPE_CHECKING:
@@ -109,7 +109,8 @@ class EvolutionSection(Section):
         out = []
         if result.filmstrip is not None:
             out.append(page.figures.add(
-                f"evolution_maps{page.tag(model)}", fig_evolution_maps(result.filmstrip),
+                f"evolution_maps{page.tag(model)}",
+                Drawing(fig_evolution_maps, result.filmstrip),
                 f"Filmstrip: the monitor's {result.filmstrip_method} map (true class) of each "
                 "fixed validation image (rows) at the end of each epoch (columns). Each row is "
                 "scaled by its largest value over all epochs, so growing or fading evidence "
@@ -121,7 +122,8 @@ class EvolutionSection(Section):
         if result.scalars:
             out.append(page.figures.add(
                 f"evolution_curves{page.tag(model)}",
-                fig_evolution_curves({"scalars": result.scalars, "epochs": result.epochs}),
+                Drawing(fig_evolution_curves,
+                        {"scalars": result.scalars, "epochs": result.epochs}),
                 "The monitor's numbers per epoch, one panel per quantity, one line per "
                 "method: cue energy on biased images (rising = a shortcut forming) and on "
                 "clean ones, object energy and pointing game (higher = on the object), drift "

@@ -33,7 +33,7 @@ from ..figures import (
     fig_sanity_maps,
 )
 from ..findings import CAM_AGREEMENT_MIN, SANITY_FLAG_THRESHOLD, Finding, mean_of
-from ..page import esc, fmt_stat, measure_head, method_table, not_run
+from ..page import Drawing, esc, fmt_stat, measure_head, method_table, not_run
 from ..settings import SANITY_FINAL_ONLY, curve_schedule, faithfulness_images, method_options
 from .base import VISUAL, Section
 
@@ -116,8 +116,8 @@ class CamVsGradcamSection(Section):
         ]
         if result.cam is not None:
             n = page.sample.show
-            fig = fig_cam_pair(page.sample.images01[:n], result.cam[:n], result.gradcam[:n],
-                               page.column_labels(n))
+            fig = Drawing(fig_cam_pair, page.sample.images01[:n], result.cam[:n],
+                          result.gradcam[:n], page.column_labels(n))
             out.append(page.figures.add(
                 f"cam_vs_gradcam{page.tag(model)}", fig,
                 "Top row: the image; middle: CAM (class weights of the linear head applied "
@@ -193,7 +193,8 @@ class LocalisationSection(Section):
                        "but not scored.</p>")
         if result.boxes:
             n = page.sample.show
-            fig = fig_localisation(
+            fig = Drawing(
+                fig_localisation,
                 page.sample.images01[:n],
                 {m: model.methods[m].true_maps[:n] for m in result.boxes},
                 {m: b[:n] for m, b in result.boxes.items()},
@@ -304,7 +305,7 @@ class FaithfulnessSection(Section):
                        f"{len(page.sample.labels)}.</p>")
         if result.curves:
             out.append(page.figures.add(
-                f"faithfulness{page.tag(model)}", fig_faithfulness(result.curves),
+                f"faithfulness{page.tag(model)}", Drawing(fig_faithfulness, result.curves),
                 "Mean probability of the predicted class while the pixels a method ranks "
                 "highest are deleted (left: a steep fall is faithful, lower area is better) "
                 "or inserted into a blurred image (right: a steep rise is faithful, higher "
@@ -483,7 +484,7 @@ class SanitySection(Section):
         if result.spearman:
             out.append(page.figures.add(
                 f"sanity_curves{page.tag(model)}",
-                fig_sanity_curves(result.steps, result.spearman, result.flag_threshold),
+                Drawing(fig_sanity_curves, result.steps, result.spearman, result.flag_threshold),
                 "Mean Spearman rank correlation (with 95% interval) between the maps of the "
                 "trained model and of the progressively randomised model, as the cascade "
                 "re-initialises blocks from the head (left) down to the input (right). A "
@@ -493,7 +494,7 @@ class SanitySection(Section):
             ))
             out.append(page.figures.add(
                 f"sanity_maps{page.tag(model)}",
-                fig_sanity_maps(page.sample.images01[0], result.maps,
+                Drawing(fig_sanity_maps, page.sample.images01[0], result.maps,
                                 ["trained", *result.steps]),
                 "The first image's true-class map for each method (rows) on the trained "
                 "model (first column) and after each step of the cascade (next columns), "

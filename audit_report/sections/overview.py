@@ -15,7 +15,7 @@ from lit_modules.loading import evaluate
 
 from ..figures import fig_confusion, fig_images_classes, fig_methods, fig_side_by_side
 from ..findings import Finding, lead_method
-from ..page import esc, finite, fmt_prop, not_run
+from ..page import Drawing, esc, finite, fmt_prop, not_run
 from ..sample import explained_classes
 from ..settings import method_options
 from .base import VISUAL, Section
@@ -136,7 +136,7 @@ class SummarySection(Section):
         )
         out.append(page.figures.add(
             f"confusion{page.tag(model)}",
-            fig_confusion(torch.tensor(result.confusion_matrix), page.names),
+            Drawing(fig_confusion, torch.tensor(result.confusion_matrix), page.names),
             "Confusion matrix on the whole split (torchmetrics). Rows are the true class, "
             "columns the predicted class; each cell shows the count, and its colour the "
             "share of the row, so a dark diagonal is good and a dark off-diagonal cell is "
@@ -207,7 +207,7 @@ class ImagesClassesSection(Section):
     def render(self, page: Page, model: ModelAudit, result: ImagesClassesResult) -> str:
         n = page.sample.show
         probs = model.probs[:n, : result.maps.shape[1]]
-        fig = fig_images_classes(page.sample.images01[:n], result.maps[:n], probs,
+        fig = Drawing(fig_images_classes, page.sample.images01[:n], result.maps[:n], probs,
                                  page.sample.labels[:n], page.names)
         note = f'<p class="note">{esc(result.columns_note)}</p>' if result.columns_note else ""
         return note + page.figures.add(
@@ -263,7 +263,7 @@ class MethodsClassesSection(Section):
         ok = model.ok_maps()
         if ok:
             n = page.sample.show
-            fig = fig_methods(page.sample.images01[:n],
+            fig = Drawing(fig_methods, page.sample.images01[:n],
                               {m: mm.true_maps[:n] for m, mm in ok.items()},
                               page.column_labels(n))
             out.append(page.figures.add(
@@ -329,7 +329,8 @@ class SideBySideSection(Section):
         out = [f"<p>Accuracy: {acc} (n={n_acc}).</p>"]
         if methods:
             n = page.sample.show
-            fig = fig_side_by_side(
+            fig = Drawing(
+                fig_side_by_side,
                 page.sample.images01[:n],
                 [{m: model.methods[m].true_maps[:n] for m in methods} for model in models],
                 [model.label for model in models], methods, page.column_labels(n))

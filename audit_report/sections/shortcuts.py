@@ -13,7 +13,7 @@ from lit_modules.data.sampling import dataset_labels, sample_batch, stratified_i
 
 from ..figures import fig_hotspots, fig_transplant
 from ..findings import Finding
-from ..page import esc
+from ..page import Drawing, esc
 from .base import VISUAL, Section
 
 if TYPE_CHECKING:
@@ -238,7 +238,7 @@ class SuspectedShortcutsSection(Section):
             if ex is not None and len(ex["before"]):
                 out.append(page.figures.add(
                     f"transplant_{s['class']}{page.tag(model)}",
-                    fig_transplant(ex["before"], ex["after"], s["box"], [
+                    Drawing(fig_transplant, ex["before"], ex["after"], s["box"], [
                         [f"\u2192 {page.names[int(p)]}" for p in ex[key]]
                         for key in ("pred_before", "pred_after")]),
                     f"Other classes' images before (top) and after (bottom) the {s['class']} "
@@ -249,7 +249,7 @@ class SuspectedShortcutsSection(Section):
             suspects = {s["class"] for s in result.suspects}
             out.append(page.figures.add(
                 f"hotspots{page.tag(model)}",
-                fig_hotspots(result.mean_maps, list(result.classes), boxes, suspects,
+                Drawing(fig_hotspots, result.mean_maps, list(result.classes), boxes, suspects,
                              [c["lift"] for c in result.classes.values()]),
                 f"Class-mean {esc(result.method)} map of each class (true class, each map "
                 "normalised to sum 1 before averaging) with its hotspot window; red: a "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ExplainContext, ExplainError, check_batch_size
+from .base import ExplainContext, ExplainError, check_batch_size, fill_chunks
 from .cam import _weighted_sum
 from .registry import register
 
@@ -37,14 +37,12 @@ def _chunked_head(ctx: ExplainContext, copies, count: int, batch_size: int) -> t
     image 1...), the order :meth:`ExplainContext.head` expects for its fallback.
     """
     b = ctx.images.shape[0]
-    per_chunk = max(1, batch_size // b)
-    outs = []
-    for lo in range(0, count, per_chunk):
-        hi = min(count, lo + per_chunk)
+
+    def scores(lo: int, hi: int) -> torch.Tensor:
         rep = copies(lo, hi)
-        out = ctx.head(rep.reshape(b * (hi - lo), *rep.shape[2:]))
-        outs.append(out.reshape(b, hi - lo, -1))
-    return torch.cat(outs, 1)
+        return ctx.head(rep.reshape(b * (hi - lo), *rep.shape[2:])).reshape(b, hi - lo, -1)
+
+    return fill_chunks(count, max(1, batch_size // b), scores, dim=1)
 
 
 # -- Score-CAM ------------------------------------------------------------------------------
@@ -98,18 +96,19 @@ def scorecam(
         kept = torch.zeros_like(live).scatter_(1, energy.topk(top_k, 1).indices, True)
         live = live & kept
     pairs = live.nonzero()  # one host sync for the whole method
-    logits = []
-    for lo in range(0, pairs.shape[0], batch_size):
-        bi, ki = pairs[lo : lo + batch_size].unbind(1)
-        masked = x[bi] * masks[bi, ki].unsqueeze(1).to(x.dtype)
-        logits.append(ctx.logits(masked))
+
+    def masked_logits(lo: int, hi: int) -> torch.Tensor:
+        bi, ki = pairs[lo:hi].unbind(1)
+        return ctx.logits(x[bi] * masks[bi, ki].unsqueeze(1).to(x.dtype))
+
+    logits = fill_chunks(pairs.shape[0], batch_size, masked_logits) if len(pairs) else None
     if pairs.shape[0] == b * k:
-        scores = torch.cat(logits)
+        scores = logits
     else:  # every all-zero mask gives the same blank input: one forward serves them all
         blank = ctx.logits(torch.zeros_like(x[:1]))
         scores = blank.expand(b * k, -1).clone()
-        if logits:
-            scores[pairs[:, 0] * k + pairs[:, 1]] = torch.cat(logits)
+        if logits is not None:
+            scores[pairs[:, 0] * k + pairs[:, 1]] = logits
     scores = scores.reshape(b, k, -1)  # [B, K, classes]
     if score == "softmax":
         scores = scores.softmax(-1)
@@ -297,13 +296,13 @@ def occlusion(
     masks = window_masks(tuple(x.shape[-2:]), win, step, x.device)  # [N, H, W]
     value = _fill_like(fill, x)
     base = ctx.logits(x)  # [B, classes]
-    per_chunk = max(1, batch_size // b)
-    outs = []
-    for lo in range(0, masks.shape[0], per_chunk):
-        m = masks[lo : lo + per_chunk]
-        occluded = torch.where(m[:, None, None], value, x.unsqueeze(0))  # [m, B, C, H, W]
-        outs.append(ctx.logits(occluded.reshape(-1, *x.shape[1:])).reshape(m.shape[0], b, -1))
-    drop = base.unsqueeze(0) - torch.cat(outs)  # [N, B, classes]
+
+    def occluded_logits(lo: int, hi: int) -> torch.Tensor:
+        occluded = torch.where(masks[lo:hi, None, None], value, x.unsqueeze(0))  # [m, B, C, H, W]
+        return ctx.logits(occluded.reshape(-1, *x.shape[1:])).reshape(hi - lo, b, -1)
+
+    drop = base.unsqueeze(0) - fill_chunks(masks.shape[0], max(1, batch_size // b),
+                                           occluded_logits)  # [N, B, classes]
     sel = torch.einsum("nbk,tbk->tbn", drop, ctx.selectors)
     maskf = masks.float()
     return torch.einsum("tbn,nhw->tbhw", sel, maskf) / maskf.sum(0)
@@ -446,16 +445,16 @@ def lime(
     z = z.to(x.device)
     value = _fill_like(fill, x)
     flat_labels = labels.reshape(1, b, -1)
-    per_chunk = max(1, batch_size // b)
-    outs = []
-    for lo in range(0, samples, per_chunk):
-        zc = z[lo : lo + per_chunk]
-        keep = torch.gather(zc, 2, flat_labels.expand(zc.shape[0], -1, -1)).reshape(
-            zc.shape[0], b, 1, *size
+
+    def sample_logits(lo: int, hi: int) -> torch.Tensor:
+        zc = z[lo:hi]
+        keep = torch.gather(zc, 2, flat_labels.expand(hi - lo, -1, -1)).reshape(
+            hi - lo, b, 1, *size
         )
         perturbed = torch.where(keep, x.unsqueeze(0), value)
-        outs.append(ctx.logits(perturbed.reshape(-1, *x.shape[1:])).reshape(zc.shape[0], b, -1))
-    y = torch.cat(outs).double()  # [N, B, classes]
+        return ctx.logits(perturbed.reshape(-1, *x.shape[1:])).reshape(hi - lo, b, -1)
+
+    y = fill_chunks(samples, max(1, batch_size // b), sample_logits).double()  # [N, B, classes]
     if score == "softmax":
         y = y.softmax(-1)
     zf = z.double()

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from explain.base import eval_mode
+from explain.base import eval_mode, fill_chunks
 
 
 @contextlib.contextmanager
@@ -24,12 +24,12 @@ def model_device(model: nn.Module) -> torch.device:
 
 def predict_proba(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
     """Softmax probabilities ``[N, K]`` (float32, on ``images``' device), in chunks."""
+    if len(images) == 0:
+        return torch.empty(0)
     device = model_device(model)
-    out = []
     with eval_no_grad(model):
-        for chunk in images.split(batch_size):
-            out.append(model(chunk.to(device)).float().softmax(-1).to(images.device))
-    return torch.cat(out) if out else torch.empty(0)
+        return fill_chunks(len(images), batch_size, lambda lo, hi: model(
+            images[lo:hi].to(device)).float().softmax(-1).to(images.device))
 
 
 def target_probability(probs: Tensor, targets: Tensor) -> Tensor:

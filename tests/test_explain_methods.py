@@ -440,3 +440,23 @@ def test_the_audits_speed_options_at_their_exact_setting_are_the_engine_defaults
     model = tiny_explain_net()
     x = _images(2, seed=85, size=16)
     assert torch.equal(explain.run(model, x, method, **exact), explain.run(model, x, method))
+
+
+def test_fill_chunks_equals_concatenating_the_chunks() -> None:
+    """The chunked model calls' in-place filling is torch.cat of the chunks, uneven last
+    chunk and non-leading dimension included."""
+    from explain.base import fill_chunks
+
+    source = torch.randn(3, 7, 5, generator=torch.Generator().manual_seed(0))
+    seen: list[tuple[int, int]] = []
+
+    def part(lo: int, hi: int) -> torch.Tensor:
+        seen.append((lo, hi))
+        return source[:, lo:hi] * 2
+
+    got = fill_chunks(7, 3, part, dim=1)
+    assert seen == [(0, 3), (3, 6), (6, 7)]
+    assert torch.equal(got, torch.cat([source[:, lo:hi] * 2 for lo, hi in seen], 1))
+    assert torch.equal(fill_chunks(4, 10, lambda lo, hi: source[0, lo:hi]), source[0, :4])
+    with pytest.raises(ValueError, match="count and per_chunk >= 1"):
+        fill_chunks(0, 2, part)

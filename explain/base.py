@@ -571,7 +571,7 @@ def fill_chunks(count: int, per_chunk: int, run: Callable[[int, int], torch.Tens
     The result is allocated at the first chunk and filled in place. A list of small
     outputs kept alive between large short-lived inputs (masked batches, copies of a
     layer) fragments the C heap, which then keeps the freed blocks: Ablation-CAM's 512
-    chunks on 64 images raised the process's peak by 380-720 MB that way, by 0 MB filled
+    chunks on 64 images raised the process's peak by 360-780 MB that way, by 0 MB filled
     in place (BENCHMARKS.md, "An audit in a minute").
     """
     if count < 1 or per_chunk < 1:

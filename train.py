@@ -202,6 +202,37 @@ class TrainCLI(LightningCLI):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
+    def _check_class_count(self) -> None:
+        """Refuse a model whose output size is not the data's class count, before any step.
+
+        More classes than outputs crash mid-epoch on the first out-of-range label; fewer
+        train a head with dead outputs. Either is a config mistake that costs a run.
+        """
+        outputs = getattr(self.model, "hparams", {}).get("num_classes")
+        names = getattr(self.datamodule, "class_names", None)
+        if outputs is None or names is None or len(names) == outputs:
+            return
+        shown = ", ".join(map(str, names[:12])) + (", ..." if len(names) > 12 else "")
+        print(
+            f"train.py: error: the model has {outputs} outputs but the data has "
+            f"{len(names)} classes ({shown}); set --model.num_classes {len(names)} (or "
+            "model.num_classes in the config)",
+            file=sys.stderr, flush=True,
+        )
+        raise SystemExit(2)
+
+    def before_fit(self) -> None:
+        self._check_class_count()
+
+    def before_validate(self) -> None:
+        self._check_class_count()
+
+    def before_test(self) -> None:
+        self._check_class_count()
+
+    def before_predict(self) -> None:
+        self._check_class_count()
+
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         # argparse takes any unique prefix of an option, so a typo such as
         # --trainer.max_epoch would quietly set max_epochs: every key must be spelled out.

@@ -250,6 +250,36 @@ def _train_and_audit(tmp_path: Path, size: int, backbone: str, data: dict) -> tu
     return json.loads((out / "metrics.json").read_text()), ckpt
 
 
+@pytest.mark.parametrize("case", ["folders", "shapes"])
+def test_a_model_whose_outputs_differ_from_the_class_count_is_refused_before_training(
+    tmp_path: Path, capsys, case: str
+) -> None:
+    """Three class folders and the default ten outputs (or ten shape classes and five
+    outputs): refused at once with the fix, not a crash at the first out-of-range label
+    or a head with dead outputs."""
+    import yaml
+    from helpers import run_train, tiny_config
+
+    model = {"num_classes": 5} if case == "shapes" else {}
+    cfg_path = tiny_config(tmp_path, epochs=1, model=model)
+    if case == "folders":
+        cfg = yaml.safe_load(cfg_path.read_text())
+        root = make_folder(tmp_path / "images", classes=3, per_class=2, test_per_class=1)
+        cfg["data"] = {"class_path": "lit_modules.data.ImageFolderDataModule", "init_args": {
+            "root": str(root), "image_size": 32, "val_size": 1, "batch_size": 2,
+            "num_workers": 0}}
+        cfg_path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as info:
+        run_train(["fit", "--config", str(cfg_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    expected = ("the model has 10 outputs but the data has 3 classes (c0, c1, c2); set "
+                "--model.num_classes 3" if case == "folders" else
+                "the model has 5 outputs but the data has 10 classes (circle, square")
+    assert expected in err, err[-600:]
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def _map_sizes(folder: Path) -> set[tuple[int, int]]:
     """The spatial sizes of every 3-D-or-more tensor in the audit's cached results."""
     sizes: set[tuple[int, int]] = set()

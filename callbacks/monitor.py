@@ -272,7 +272,7 @@ class ExplanationMonitor(Callback):
         tb = self._tensorboard(trainer)
         out: dict[str, float] = {}
         for method in self.methods:
-            maps = self._explain(
+            maps, classes = self._explain(
                 pl_module, images, method, finite_logits, labels, preds, logits.shape[-1]
             )
             # Images whose map is not finite (a diverged or poisoned model): counted and
@@ -287,19 +287,23 @@ class ExplanationMonitor(Callback):
                     "no grid or scores this epoch"
                 )
                 maps = None
-            scalars = self._scalars(method, maps, labels.cpu(), batch)
-            found = self._discover(trainer, method, maps, labels.cpu(), logits.shape[-1])
+            scalars = self._scalars(method, maps, classes, labels.cpu(), batch)
+            true_maps = None if maps is None else records.class_maps(maps, classes, labels)
+            found = self._discover(trainer, method, true_maps, labels.cpu(), logits.shape[-1])
             scalars.update(found[0])
             out.update({scalar_tag(method, k): v for k, v in scalars.items()})
             if maps is None:
                 continue
             record["maps"][method] = maps.half()
+            if classes is not None:
+                record.setdefault("map_classes", {})[method] = classes
             record["scalars"][method] = scalars
             if tb is not None:
                 g = min(self.num_images, n)  # the grid shows the first num_images
                 tb.add_image(
                     scalar_tag(method, "grid"),
-                    self._grid(trainer, images[:g], maps[:g], labels[:g], preds[:g]),
+                    self._grid(trainer, images[:g], maps[:g],
+                               None if classes is None else classes[:g], labels[:g], preds[:g]),
                     self._image_step(trainer),
                 )
                 if found[1] is not None:
@@ -338,11 +342,14 @@ class ExplanationMonitor(Callback):
         labels: torch.Tensor,
         preds: torch.Tensor,
         num_classes: int,
-    ) -> torch.Tensor | None:
-        """Maps ``[N, K, H, W]`` on the CPU; None when a non-finite model broke the method.
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(maps, classes)`` on the CPU; maps None when a non-finite model broke the method.
 
         Unless every class is explained (:meth:`explained`), only the true (and the
-        predicted) class of each image is; the other classes stay zero.
+        predicted) class of each image is. Up to ``records.SPARSE_ABOVE`` classes the maps
+        are ``[N, K, H, W]`` with the other classes zero and ``classes`` None; beyond, only
+        the explained maps ``[N, T, H, W]`` and their classes ``[N, T]`` (a zero-filled
+        array of 1,000 classes at 224 x 224 takes gigabytes).
         """
         options = {"layer": self.layer, **self.method_options.get(method, {})}
         mode = self.explained(num_classes)[0]
@@ -351,36 +358,39 @@ class ExplanationMonitor(Callback):
                 # The engine warns about non-finite maps; the monitor reports them itself.
                 warnings.filterwarnings("ignore", message=".*non-finite values")
                 if mode == "all":
-                    return explain.run(pl_module, images, method, **options).cpu()
+                    return explain.run(pl_module, images, method, **options).cpu(), None
                 wanted = [labels] + ([preds] if mode == "predicted" else [])
                 targets = torch.stack(wanted, 1)  # [N, T]: one call shares the forwards
                 some = explain.run(pl_module, images, method, targets=targets, **options).cpu()
+                if num_classes > records.SPARSE_ABOVE:
+                    return some, targets.cpu()
                 n = len(images)
                 maps = some.new_zeros(n, num_classes, *some.shape[-2:])
                 for t in range(targets.shape[1]):
                     maps[torch.arange(n), targets[:, t].cpu()] = some[:, t]
-                return maps
+                return maps, None
         except (RuntimeError, ValueError):
             if finite_logits:
                 raise  # a real failure of the method, not a symptom of NaN weights
-            return None  # e.g. an SVD that can not converge on NaN activations
+            return None, None  # e.g. an SVD that can not converge on NaN activations
 
     def _scalars(
         self,
         method: str,
         maps: torch.Tensor | None,
+        classes: torch.Tensor | None,
         labels: torch.Tensor,
         batch: dict[str, torch.Tensor],
     ) -> dict[str, float]:
-        """The scores of one method's maps ``[N, K, H, W]``; NaN for each when ``maps`` is
-        None (non-finite), so the same keys are logged every epoch.
+        """The scores of one method's maps (``classes``: see :meth:`_explain`); NaN for each
+        when ``maps`` is None (non-finite), so the same keys are logged every epoch.
 
         Which scores exist depends on the fixed images only (a cue, object masks) and on a
         previous epoch's maps for ``drift``: a monitored score never goes missing because
         one epoch's maps were broken.
         """
         nan = float("nan")
-        true_maps = maps[torch.arange(len(labels)), labels] if maps is not None else None
+        true_maps = records.class_maps(maps, classes, labels) if maps is not None else None
 
         def score(fn: Any) -> float:
             return nan if true_maps is None else map_scores.nanmean(fn(true_maps))
@@ -405,21 +415,26 @@ class ExplanationMonitor(Callback):
             obj = obj.cpu()
             out["object_energy"] = score(lambda m: map_scores.energy_in_mask(m, obj))
             out["pointing_game"] = score(lambda m: map_scores.pointing_game(m, obj))
+        # Drift over every class's map, or with only some explained beyond SPARSE_ABOVE
+        # classes over the true class's (the predicted class may change between epochs).
+        now = maps if classes is None else true_maps
         prev = self._previous.get(method)
-        if prev is not None and (maps is None or prev.shape == maps.shape):
-            out["drift"] = nan if maps is None else map_scores.nanmean(
-                map_scores.drift(maps.flatten(0, 1), prev.float().flatten(0, 1))
+        if prev is not None and (now is None or prev.shape == now.shape):
+            out["drift"] = nan if now is None else map_scores.nanmean(
+                map_scores.drift(now.flatten(0, now.dim() - 3), prev.float().flatten(
+                    0, prev.dim() - 3))
             )
         out["concentration"] = score(map_scores.concentration)
-        if maps is not None:  # drift is measured against the last finite maps
-            self._previous[method] = maps.half()
+        if now is not None:  # drift is measured against the last finite maps
+            self._previous[method] = now.half()
         return out
 
     def _discover(
-        self, trainer: L.Trainer, method: str, maps: torch.Tensor | None, labels: torch.Tensor,
-        num_classes: int,
+        self, trainer: L.Trainer, method: str, true_maps: torch.Tensor | None,
+        labels: torch.Tensor, num_classes: int,
     ) -> tuple[dict[str, float], torch.Tensor | None]:
-        """Label-free shortcut discovery on the true-class maps of the fixed images.
+        """Label-free shortcut discovery on the true-class maps ``[N, H, W]`` of the fixed
+        images.
 
         Returns the scores (``hotspot_lift/<class>``, ``suspects``; NaN when the maps are
         broken, so the keys stay the same every epoch) and, with maps, an image of the
@@ -430,10 +445,10 @@ class ExplanationMonitor(Callback):
             return {}, None
         names = self._class_names(trainer, num_classes)
         nan = float("nan")
-        if maps is None:
+        if true_maps is None:
             return {**{f"hotspot_lift/{c}": nan for c in names},
                     **{f"suspect/{c}": nan for c in names}, "suspects": nan}, None
-        true_maps = maps[torch.arange(len(labels)), labels].float()
+        true_maps = true_maps.float()
         classes = discovery.class_hotspots(true_maps, labels, num_classes, cluster=False)
         suspects = discovery.find_suspects(classes)
         scores = {f"hotspot_lift/{names[h.label]}": h.hotspot.lift if h.hotspot else nan
@@ -490,6 +505,7 @@ class ExplanationMonitor(Callback):
         trainer: L.Trainer,
         images: torch.Tensor,
         maps: torch.Tensor,
+        classes: torch.Tensor | None,
         labels: torch.Tensor,
         preds: torch.Tensor,
     ) -> torch.Tensor:
@@ -499,6 +515,8 @@ class ExplanationMonitor(Callback):
         n, k = maps.shape[:2]
         if self.classes == "all":
             # Scale by each image's peak over all classes so strong and weak classes differ.
+            # (Beyond records.SPARSE_ABOVE classes with only some explained, the columns
+            # are the explained maps: the true, then the predicted class.)
             shown = render.normalize_maps(maps, dims=(-3, -2, -1))
             overlays = render.overlay(
                 images01.repeat_interleave(k, 0), shown.flatten(0, 1)
@@ -507,7 +525,7 @@ class ExplanationMonitor(Callback):
             ncol = k + 1
         else:
             pick = labels if self.classes == "true" else preds
-            shown = render.normalize_maps(maps[torch.arange(n), pick])
+            shown = render.normalize_maps(records.class_maps(maps, classes, pick))
             overlays = render.overlay(images01, shown)
             tiles = torch.stack([render.frame(images01, ok), overlays], 1).flatten(0, 1)
             ncol = 8

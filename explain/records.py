@@ -57,12 +57,42 @@ class EpochRecord(TypedDict):
     indices: torch.Tensor  # [N] int64, the same as the fixed images'
     labels: torch.Tensor  # [N] int64
     probs: torch.Tensor  # [N, K] float32 softmax of the model at that epoch
-    maps: dict[str, torch.Tensor]  # method -> [N, K, H, W] float16 raw maps
+    # method -> [N, K, H, W] float16 raw maps (zeros for classes not explained), or beyond
+    # SPARSE_ABOVE classes with only some explained, [N, T, H, W] with their classes in
+    # map_classes: read either with record_class_maps.
+    maps: dict[str, torch.Tensor]
+    map_classes: dict[str, torch.Tensor]  # method -> [N, T] int64; absent when dense
     scalars: dict[str, dict[str, float]]  # method -> {"cue_energy/biased": ..., ...}
     nan_maps: dict[str, int]  # method -> fixed images whose map was not finite
     explained: str  # "all", or the class mode whose classes alone were explained
     # Why (monitor's explain_classes and the class count); absent in earlier records.
     explained_rule: str
+
+
+# Beyond this many classes a record keeps only the explained classes' maps: at 1,000
+# classes, 30 images at 224 x 224 the zero-filled [N, K, H, W] took 3 GB an epoch and method.
+SPARSE_ABOVE = 32
+
+
+def class_maps(maps: torch.Tensor, classes: torch.Tensor | None,
+               targets: torch.Tensor) -> torch.Tensor:
+    """Each image's map of class ``targets[i]``: ``[N, H, W]``.
+
+    ``maps`` is ``[N, K, H, W]`` (every class, ``classes`` None) or ``[N, T, H, W]`` with
+    the class of each map in ``classes [N, T]``; a class without a map gives zeros.
+    """
+    rows = torch.arange(len(targets))
+    targets = targets.long().cpu()
+    if classes is None:
+        return maps[rows, targets]
+    hit = classes.long().cpu() == targets[:, None]  # [N, T]
+    picked = maps[rows, hit.long().argmax(1)]
+    return torch.where(hit.any(1)[:, None, None], picked, torch.zeros_like(picked))
+
+
+def record_class_maps(record: dict[str, Any], method: str, targets: torch.Tensor) -> torch.Tensor:
+    """:func:`class_maps` of one method in an epoch record (either layout)."""
+    return class_maps(record["maps"][method], record.get("map_classes", {}).get(method), targets)
 
 
 # -- atomic writes --------------------------------------------------------------------------

@@ -294,13 +294,13 @@ def test_discovery_names_the_class_whose_maps_sit_at_one_place(tmp_path) -> None
     random places; the monitor's discovery makes class 3 (only) a suspect, once."""
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(10).repeat_interleave(8)
-    maps = torch.zeros(80, 10, 32, 32)
+    maps = torch.zeros(80, 32, 32)  # the true class's map of each image
     for i, c in enumerate(labels.tolist()):
         if c == 3:
             y, x = 0, 0
         else:
             y, x = (int(v) for v in torch.randint(0, 26, (2,), generator=g))
-        maps[i, c, y : y + 4 + 2 * (c != 3), x : x + 4 + 2 * (c != 3)] = 1.0
+        maps[i, y : y + 4 + 2 * (c != 3), x : x + 4 + 2 * (c != 3)] = 1.0
     monitor = ExplanationMonitor(methods=["saliency"], discovery_per_class=8)
 
     class Trainer:  # what _discover reads

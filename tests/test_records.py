@@ -53,3 +53,38 @@ def test_an_unreadable_epoch_file_is_skipped_with_a_warning(tmp_path: Path) -> N
     with pytest.warns(UserWarning, match="epoch_0001.pt"):
         _, epochs = records.load_monitor_records(tmp_path)
     assert [e["epoch"] for e in epochs] == [0]
+
+
+def test_sparse_and_dense_maps_read_alike_and_the_audit_reads_both(tmp_path: Path) -> None:
+    """Beyond SPARSE_ABOVE classes a record keeps only the explained maps with their
+    classes; reading a class's maps gives what the zero-filled layout gave, and the audit's
+    evolution section takes either."""
+    from audit_report.sections.evolution import evolution_data
+
+    k = records.SPARSE_ABOVE + 8
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 5, 39])
+    preds = torch.tensor([0, 7, 2])
+    some = torch.rand(3, 2, 4, 4, generator=g)  # [N, T]: the true, then the predicted class
+    classes = torch.stack([labels, preds], 1)
+    dense = torch.zeros(3, k, 4, 4)
+    dense[torch.arange(3), preds] = some[:, 1]
+    dense[torch.arange(3), labels] = some[:, 0]
+    for targets in (labels, preds, torch.tensor([1, 1, 1])):
+        assert torch.equal(records.class_maps(some, classes, targets),
+                           records.class_maps(dense, None, targets))
+    assert (records.class_maps(some, classes, torch.tensor([1, 1, 1])) == 0).all()
+
+    fixed = {"indices": torch.arange(3), "images": torch.zeros(3, 3, 4, 4, dtype=torch.uint8),
+             "labels": labels, "object_mask": torch.empty(0), "cue_mask": torch.empty(0),
+             "class_names": [f"c{i}" for i in range(k)], "methods": ["gradcam"]}
+    base = {"global_step": 0, "indices": torch.arange(3), "labels": labels,
+            "probs": torch.full((3, k), 1 / k), "scalars": {}, "nan_maps": {"gradcam": 0},
+            "explained": "predicted"}
+    records.save_fixed_images(tmp_path, fixed)
+    records.save_epoch(tmp_path, {**base, "epoch": 0, "maps": {"gradcam": dense.half()}})
+    records.save_epoch(tmp_path, {**base, "epoch": 1, "maps": {"gradcam": some.half()},
+                                  "map_classes": {"gradcam": classes}})
+    _, strip = evolution_data(*records.load_monitor_records(tmp_path))
+    assert torch.equal(strip["maps"][0], strip["maps"][1])
+    assert torch.equal(strip["maps"][1], some[:, 0].half().float())

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import explain
+from explain import records
 from explain.perturbation import lime_default_cells, occlusion_defaults
 
 
@@ -123,20 +124,23 @@ def test_monitor_auto_explains_true_and_predicted_beyond_the_threshold(
     monkeypatch.setattr(explain, "run", counting)
     monitor = ExplanationMonitor(methods=["saliency"])
     assert monitor.explain_classes == "auto"
-    maps = monitor._explain(model, x, "saliency", True, labels, preds, classes)
+    maps, map_classes = monitor._explain(model, x, "saliency", True, labels, preds, classes)
     assert seen == calls  # one engine call: all classes, or [N, 2] targets
-    assert maps.shape == (4, classes, 16, 16)
     mode, rule = monitor.explained(classes)
     assert mode == explained and str(explain.ALL_CLASSES_MAX) in rule
     full = run(model, x, "saliency")
     rows = torch.arange(4)
     for pick in (labels, preds):
-        torch.testing.assert_close(maps[rows, pick], full[rows, pick])
+        torch.testing.assert_close(records.class_maps(maps, map_classes, pick), full[rows, pick])
     if classes > explain.ALL_CLASSES_MAX:
-        others = torch.ones(4, classes, dtype=torch.bool)
-        others[rows, labels] = others[rows, preds] = False
-        assert (maps[others] == 0).all() and (maps[~others].flatten(1).abs().sum(1) > 0).all()
+        # Only the explained maps are kept, with their classes (no zero-filled classes).
+        assert maps.shape == (4, 2, 16, 16) and torch.equal(
+            map_classes, torch.stack([labels, preds], 1))
+        unexplained = torch.tensor([c for c in range(classes)
+                                    if c not in labels.tolist() + preds.tolist()][:4])
+        assert (records.class_maps(maps, map_classes, unexplained) == 0).all()
     else:
+        assert map_classes is None and maps.shape == (4, classes, 16, 16)
         torch.testing.assert_close(maps, full)
     # An explicit choice is kept whatever the class count.
     assert ExplanationMonitor(explain_classes="all").explained(40)[0] == "all"

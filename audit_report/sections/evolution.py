@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from explain.records import explanations_dir, load_monitor_records
+from explain.records import explanations_dir, load_monitor_records, record_class_maps
 
 from ..figures import fig_evolution_curves, fig_evolution_maps
 from ..findings import lead_method
@@ -66,8 +66,8 @@ def evolution_data(
     size = tuple(fixed["images"].shape[-2:])
     stacks = []
     for rec in epochs:
-        maps = rec.get("maps", {}).get(method)
-        stacks.append(maps.float()[torch.arange(n), labels] if maps is not None
+        stacks.append(record_class_maps(rec, method, labels).float()
+                      if method in rec.get("maps", {})
                       else torch.full((n, *size), float("nan")))
     return result, {
         "images01": fixed["images"].float() / 255.0,

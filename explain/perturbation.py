@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ExplainContext, ExplainError, check_batch_size, fill_chunks
+from .base import ExplainContext, ExplainError, check_batch_size
 from .cam import _weighted_sum
+from .chunks import fill_chunks
 from .registry import register
 
 

@@ -445,7 +445,7 @@ def test_the_audits_speed_options_at_their_exact_setting_are_the_engine_defaults
 def test_fill_chunks_equals_concatenating_the_chunks() -> None:
     """The chunked model calls' in-place filling is torch.cat of the chunks, uneven last
     chunk and non-leading dimension included."""
-    from explain.base import fill_chunks
+    from explain.chunks import fill_chunks
 
     source = torch.randn(3, 7, 5, generator=torch.Generator().manual_seed(0))
     seen: list[tuple[int, int]] = []

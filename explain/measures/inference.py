@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from explain.base import eval_mode, fill_chunks
+from explain.base import eval_mode
+from explain.chunks import fill_chunks
 
 
 @contextlib.contextmanager

@@ -111,9 +111,10 @@ def build_parser() -> ArgumentParser:
                    "perturbation methods (scorecam, occlusion, lime, ...)")
     p.add_argument("--progress", type=bool, default=True, help="show a progress bar")
     p.add_argument("--cache", type=bool, default=True,
-                   help="reuse per-method results (maps, sanity, faithfulness) kept in "
+                   help="reuse per-method results (maps, sanity, faithfulness), the map-free "
+                   "ones (accuracy, shortcut discovery, the cue test) and the figures kept in "
                    "OUT/cache/ by an earlier audit of the same checkpoint, data, images and "
-                   "options, and keep this audit's there")
+                   "options, and keep this audit's there; false recomputes and redraws all")
     p.add_argument("--exact", type=bool, default=False,
                    help="run every method with the engine's own defaults and the sanity "
                    "cascade at every step for every method, without the audit's speed "

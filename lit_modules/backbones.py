@@ -290,6 +290,8 @@ def replace_classifier(net: nn.Module, num_classes: int) -> None:
     parent, _, child = name.rpartition(".")
     new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
     setattr(net.get_submodule(parent), child, new)
+    if isinstance(getattr(net, "num_classes", None), int):  # torchvision's ViT keeps one
+        net.num_classes = num_classes
 
 
 class TorchvisionBackbone(nn.Module):

@@ -460,3 +460,31 @@ def test_fill_chunks_equals_concatenating_the_chunks() -> None:
     assert torch.equal(fill_chunks(4, 10, lambda lo, hi: source[0, lo:hi]), source[0, :4])
     with pytest.raises(ValueError, match="count and per_chunk >= 1"):
         fill_chunks(0, 2, part)
+
+
+def test_a_declared_class_count_spares_the_probe_forward_and_a_wrong_one_fails(
+    tiny_explain_net,
+) -> None:
+    """Without a split the engine learns the output size from a one-image forward, unless
+    the model declares ``num_classes`` and its last Linear layer agrees; a declaration the
+    head contradicts (a head replaced after construction) is probed instead."""
+    model = tiny_explain_net(seed=2, split=False).eval()
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    targets = torch.tensor([0, 1, 2, 3])
+    sizes: list[int] = []
+    handle = model.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])))
+    try:
+        probed = explain.run(model, x, "gradcam", layer="block", targets=targets)
+        assert sizes == [1, 4]  # the probe, then the explained batch
+        sizes.clear()
+        model.num_classes = 5
+        declared = explain.run(model, x, "gradcam", layer="block", targets=targets)
+        assert sizes == [4]
+        torch.testing.assert_close(declared, probed)
+        sizes.clear()
+        model.num_classes = 7  # stale: the head has 5 outputs
+        stale = explain.run(model, x, "gradcam", layer="block", targets=targets)
+        assert sizes == [1, 4]
+        torch.testing.assert_close(stale, probed)
+    finally:
+        handle.remove()

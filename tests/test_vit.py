@@ -198,6 +198,7 @@ def test_cam_refused_on_vit_and_block_output_is_a_known_dead_end():
 def test_backbone_declares_the_vit_layer():
     backbone = TorchvisionBackbone(_vit(), num_classes=4)
     assert backbone.default_layer == "net.encoder.layers.encoder_layer_1.ln_1"
+    assert backbone.net.num_classes == 4 == backbone.num_classes  # not the replaced head's
     x, _ = _inputs(3)
     maps = explain.run(backbone, x, "gradcam")  # no layer, no reshape: both declared
     same = explain.run(backbone.net, x, "gradcam", layer="encoder.layers.encoder_layer_1.ln_1")

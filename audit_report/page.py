@@ -128,6 +128,8 @@ class Drawing:
             "figure": f"{self.draw.__module__}.{self.draw.__qualname__}",
             "code": _code_digest(self.draw.__module__),
             "matplotlib": matplotlib.__version__,
+            # A user's matplotlibrc (fonts, sizes, colours) changes the picture too.
+            "rc": hashlib.sha256(repr(sorted(matplotlib.rcParams.items())).encode()).hexdigest(),
             "inputs": digest([list(self.args), self.kwargs]),
         }
 

@@ -595,8 +595,12 @@ def test_a_figure_is_drawn_again_only_when_its_inputs_or_its_code_change(
     other = confusion.clone()
     other[0, 0] += 1
     assert report("r3", "r2", other).drawn == ["confusion"]
+    import matplotlib
+
+    with matplotlib.rc_context({"font.size": 13}):  # a user's matplotlibrc
+        assert report("r4", "r2", confusion).drawn == ["confusion"]
     monkeypatch.setattr(page_module, "_code_digest", lambda module: "edited")
-    assert report("r4", "r2", confusion).drawn == ["confusion"]
+    assert report("r5", "r2", confusion).drawn == ["confusion"]
     # The content digest: equal content, equal digest; any difference in value, dtype,
     # shape or container changes it; sets are ordered; what it can not read is refused.
     assert digest({"x": torch.ones(2), "s": {3, 1}}) == digest({"s": {1, 3}, "x": torch.ones(2)})

@@ -346,7 +346,7 @@ class ExplanationMonitor(Callback):
         """``(maps, classes)`` on the CPU; maps None when a non-finite model broke the method.
 
         Unless every class is explained (:meth:`explained`), only the true (and the
-        predicted) class of each image is. Up to ``records.SPARSE_ABOVE`` classes the maps
+        predicted) class of each image is. Up to ``explain.ALL_CLASSES_MAX`` classes the maps
         are ``[N, K, H, W]`` with the other classes zero and ``classes`` None; beyond, only
         the explained maps ``[N, T, H, W]`` and their classes ``[N, T]`` (a zero-filled
         array of 1,000 classes at 224 x 224 takes gigabytes).
@@ -362,7 +362,7 @@ class ExplanationMonitor(Callback):
                 wanted = [labels] + ([preds] if mode == "predicted" else [])
                 targets = torch.stack(wanted, 1)  # [N, T]: one call shares the forwards
                 some = explain.run(pl_module, images, method, targets=targets, **options).cpu()
-                if num_classes > records.SPARSE_ABOVE:
+                if num_classes > explain.ALL_CLASSES_MAX:
                     return some, targets.cpu()
                 n = len(images)
                 maps = some.new_zeros(n, num_classes, *some.shape[-2:])
@@ -415,7 +415,7 @@ class ExplanationMonitor(Callback):
             obj = obj.cpu()
             out["object_energy"] = score(lambda m: map_scores.energy_in_mask(m, obj))
             out["pointing_game"] = score(lambda m: map_scores.pointing_game(m, obj))
-        # Drift over every class's map, or with only some explained beyond SPARSE_ABOVE
+        # Drift over every class's map, or with only some explained beyond ALL_CLASSES_MAX
         # classes over the true class's (the predicted class may change between epochs).
         now = maps if classes is None else true_maps
         prev = self._previous.get(method)
@@ -515,7 +515,7 @@ class ExplanationMonitor(Callback):
         n, k = maps.shape[:2]
         if self.classes == "all":
             # Scale by each image's peak over all classes so strong and weak classes differ.
-            # (Beyond records.SPARSE_ABOVE classes with only some explained, the columns
+            # (Beyond explain.ALL_CLASSES_MAX classes with only some explained, the columns
             # are the explained maps: the true, then the predicted class.)
             shown = render.normalize_maps(maps, dims=(-3, -2, -1))
             overlays = render.overlay(

@@ -58,8 +58,9 @@ class EpochRecord(TypedDict):
     labels: torch.Tensor  # [N] int64
     probs: torch.Tensor  # [N, K] float32 softmax of the model at that epoch
     # method -> [N, K, H, W] float16 raw maps (zeros for classes not explained), or beyond
-    # SPARSE_ABOVE classes with only some explained, [N, T, H, W] with their classes in
-    # map_classes: read either with record_class_maps.
+    # explain.ALL_CLASSES_MAX classes with only some explained, [N, T, H, W] with their
+    # classes in map_classes (zero-filled, 1,000 classes of 30 images at 224 x 224 took 3 GB
+    # an epoch and method): read either with record_class_maps.
     maps: dict[str, torch.Tensor]
     map_classes: dict[str, torch.Tensor]  # method -> [N, T] int64; absent when dense
     scalars: dict[str, dict[str, float]]  # method -> {"cue_energy/biased": ..., ...}
@@ -67,11 +68,6 @@ class EpochRecord(TypedDict):
     explained: str  # "all", or the class mode whose classes alone were explained
     # Why (monitor's explain_classes and the class count); absent in earlier records.
     explained_rule: str
-
-
-# Beyond this many classes a record keeps only the explained classes' maps: at 1,000
-# classes, 30 images at 224 x 224 the zero-filled [N, K, H, W] took 3 GB an epoch and method.
-SPARSE_ABOVE = 32
 
 
 def class_maps(maps: torch.Tensor, classes: torch.Tensor | None,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from explain import records
+from explain import ALL_CLASSES_MAX, records
 
 
 def _epoch(epoch: int) -> dict:
@@ -56,12 +56,12 @@ def test_an_unreadable_epoch_file_is_skipped_with_a_warning(tmp_path: Path) -> N
 
 
 def test_sparse_and_dense_maps_read_alike_and_the_audit_reads_both(tmp_path: Path) -> None:
-    """Beyond SPARSE_ABOVE classes a record keeps only the explained maps with their
+    """Beyond ALL_CLASSES_MAX classes a record keeps only the explained maps with their
     classes; reading a class's maps gives what the zero-filled layout gave, and the audit's
     evolution section takes either."""
     from audit_report.sections.evolution import evolution_data
 
-    k = records.SPARSE_ABOVE + 8
+    k = ALL_CLASSES_MAX + 8
     g = torch.Generator().manual_seed(0)
     labels = torch.tensor([0, 5, 39])
     preds = torch.tensor([0, 7, 2])

@@ -13,6 +13,7 @@ import hashlib
 import json
 import pickle
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,22 +59,30 @@ class ResultCache:
         return any(folder is not None and (folder / name).is_file()
                    for folder in (self.write_dir, self.read_dir))
 
-    def get(self, kind: str, parts: dict[str, Any]) -> Any | None:
-        """The stored value for ``parts``, or None (a miss)."""
-        name = self.key(kind, parts)
+    def _read(self, name: str, load: Callable[[Path], Any]) -> Any | None:
+        """``load`` of the stored file ``name`` (this report's, else the earlier one's,
+        which is then carried into this report's cache), or None if absent or unreadable."""
         for folder in (self.write_dir, self.read_dir):
             if folder is None or not (folder / name).is_file():
                 continue
             try:
-                value = torch.load(folder / name, map_location="cpu", weights_only=True)
+                value = load(folder / name)
             except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):
                 continue  # unreadable: recompute rather than fail the audit
             if folder is self.read_dir and self.write_dir is not None:
                 shutil.copyfile(folder / name, self.write_dir / name)
-            self.hits += 1
             return value
-        self.misses += 1
         return None
+
+    def get(self, kind: str, parts: dict[str, Any]) -> Any | None:
+        """The stored value for ``parts``, or None (a miss)."""
+        value = self._read(self.key(kind, parts), lambda path: torch.load(
+            path, map_location="cpu", weights_only=True))
+        if value is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return value
 
     def put(self, kind: str, parts: dict[str, Any], value: Any) -> None:
         """Store ``value`` (tensors, numbers, strings, lists and dicts of them)."""
@@ -82,19 +91,7 @@ class ResultCache:
 
     def get_bytes(self, kind: str, parts: dict[str, Any], suffix: str) -> bytes | None:
         """A stored file's bytes (a figure's PNG), or None; not counted as a result hit."""
-        name = self.key(kind, parts, suffix)
-        for folder in (self.write_dir, self.read_dir):
-            path = None if folder is None else folder / name
-            if path is None or not path.is_file():
-                continue
-            try:
-                data = path.read_bytes()
-            except OSError:
-                continue
-            if folder is self.read_dir and self.write_dir is not None:
-                atomic_write_bytes(self.write_dir / name, data)
-            return data
-        return None
+        return self._read(self.key(kind, parts, suffix), Path.read_bytes)
 
     def put_bytes(self, kind: str, parts: dict[str, Any], suffix: str, data: bytes) -> None:
         """Store a file's bytes under the key of ``parts``."""

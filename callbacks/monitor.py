@@ -14,10 +14,11 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 import explain
 from explain import records, render
-from explain.measures import discovery, map_scores
+from explain.measures import map_scores, tracking
 from lit_modules.data.sampling import dataset_labels, sample_batch, stratified_indices
 
-from .tensorboard_layout import TAG_PREFIX, custom_scalars_layout, scalar_tag
+from . import shortcut_watch
+from .tensorboard_layout import SHORTCUTS, TAG_PREFIX, custom_scalars_layout, scalar_tag
 
 CLASS_MODES = ("true", "predicted", "all")
 EXPLAIN_CLASS_MODES = ("auto", "all", "shown")
@@ -40,12 +41,22 @@ class ExplanationMonitor(Callback):
       explained epoch on);
     * ``concentration``: ``1 - normalised entropy`` of the map (1 = a single pixel);
     * ``nan_maps``: fixed images whose map was not finite; the method's scores are NaN then;
-    * ``hotspot_lift/<class>``: label-free shortcut discovery (:mod:`explain.measures.discovery`):
+    * ``hotspot_lift/<class>``: a shortcut *detector* (:mod:`explain.measures.discovery`):
       the best window of the class-mean true-class map, its mass over its area share (1 =
-      an even map). A shortcut at a fixed place stands out from the other classes' lifts;
-    * ``suspects``: classes whose lift stands out (robust z >= 3.5 and lift >= 2), and
-      ``suspect/<class>`` (1 or 0) saying which. A class that becomes a suspect is named in
-      one warning line with its box and the epoch.
+      an even map). A class without a usable map logs nothing that epoch (never NaN).
+
+    The verdict on shortcuts is an experiment, not the lift (:mod:`callbacks.shortcut_watch`):
+    every epoch, on ``shortcut_method``'s maps, each candidate class's hotspot (every class
+    up to 16 classes) is cut from its fixed images and pasted onto other classes' fixed
+    images, against two controls (a window from elsewhere in the same images; the same
+    place cut from other classes' images). A class is *confirmed* when its flips beat both
+    controls (95% paired interval above zero, margin >= 0.10); its box is then followed
+    every epoch until the margin falls to the controls' level. Logged as
+    ``explain/shortcuts/margin/<class>``, ``flips/<class>``, ``strongest_control/<class>``,
+    ``is_confirmed/<class>`` and ``confirmed`` (the count), with a table per epoch in
+    TensorBoard's text tab (``explain/shortcuts/summary``) and one console line when a
+    shortcut is confirmed, goes or comes back. No test runs on an epoch whose fixed images
+    are all predicted as one class.
 
     A class mean needs several images per class: with ``discovery_per_class`` (default 8)
     the fixed set grows to that many per class; the grid still shows the first
@@ -80,6 +91,11 @@ class ExplanationMonitor(Callback):
         save_maps: write the raw maps of each epoch to disk.
         method_options: per-method engine options, e.g. ``{"scorecam": {"batch_size": 256}}``.
         discovery_per_class: fixed images per class for shortcut discovery (0: off).
+        shortcut_method: whose maps propose the shortcut boxes (default: ``saliency`` when
+            monitored, a pixel-level method that resolves a 4-pixel cue, else the first).
+        shortcut_tests: what the search tries on each candidate class: ``box`` (a fixed
+            place), ``colour`` (the class's colour statistics moved onto other images),
+            ``moving`` (each image's own hotspot, for a cue that changes place).
     """
 
     def __init__(
@@ -95,6 +111,8 @@ class ExplanationMonitor(Callback):
         save_maps: bool = True,
         method_options: dict[str, dict] | None = None,
         discovery_per_class: int = 8,
+        shortcut_method: str | None = None,
+        shortcut_tests: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.methods = list(methods) if methods is not None else ["gradcam"]
@@ -114,7 +132,13 @@ class ExplanationMonitor(Callback):
             raise ValueError(f"discovery_per_class must be >= 0, got {discovery_per_class}")
         self.num_images = num_images
         self.discovery_per_class = discovery_per_class
-        self._suspected: dict[str, list[int]] = {}  # method -> classes already announced
+        if shortcut_method is not None and shortcut_method not in self.methods:
+            raise ValueError(f"shortcut_method {shortcut_method!r} is not among the monitored "
+                             f"methods {self.methods}")
+        self.shortcut_method = shortcut_method or (
+            "saliency" if "saliency" in self.methods else self.methods[0])
+        self.tracker = tracking.ShortcutTracker(
+            shortcut_tests if shortcut_tests is not None else ["box"], seed=seed)
         self.every_n_epochs = every_n_epochs
         self.classes = classes
         self.explain_classes = "all" if classes == "all" else explain_classes
@@ -136,13 +160,13 @@ class ExplanationMonitor(Callback):
             "indices": list(self.indices or []),
             "previous": {k: v.clone() for k, v in self._previous.items()},
             "seed": self.seed,
-            "suspected": {k: list(v) for k, v in self._suspected.items()},
+            "shortcuts": self.tracker.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.indices = list(state_dict["indices"]) or None
         self._previous = dict(state_dict.get("previous", {}))
-        self._suspected = {k: list(v) for k, v in state_dict.get("suspected", {}).items()}
+        self.tracker.load_state_dict(list(state_dict.get("shortcuts", [])))
         self._batch = None
 
     # -- selection ----------------------------------------------------------------------
@@ -289,8 +313,20 @@ class ExplanationMonitor(Callback):
                 maps = None
             scalars = self._scalars(method, maps, classes, labels.cpu(), batch)
             true_maps = None if maps is None else records.class_maps(maps, classes, labels)
-            found = self._discover(trainer, method, true_maps, labels.cpu(), logits.shape[-1])
-            scalars.update(found[0])
+            names = self._class_names(trainer, logits.shape[-1])
+            lifts, hotspots = ({}, None) if not self.discovery_per_class else (
+                shortcut_watch.lift_scores(true_maps, labels.cpu(), names))
+            scalars.update(lifts)
+            if method == self.shortcut_method and hotspots is not None:
+                verdict = shortcut_watch.run_tracker(
+                    self.tracker, trainer.current_epoch, pl_module, images, labels.cpu(),
+                    preds.cpu(), true_maps, hotspots, logits.shape[-1])
+                out.update(shortcut_watch.verdict_scalars(verdict, names))
+                shortcut_watch.announce(verdict, names, method)
+                if tb is not None:
+                    tb.add_text(scalar_tag(SHORTCUTS, "summary"),
+                                tracking.summary_markdown(verdict, names),
+                                self._image_step(trainer))
             out.update({scalar_tag(method, k): v for k, v in scalars.items()})
             if maps is None:
                 continue
@@ -306,9 +342,12 @@ class ExplanationMonitor(Callback):
                                None if classes is None else classes[:g], labels[:g], preds[:g]),
                     self._image_step(trainer),
                 )
-                if found[1] is not None:
-                    tb.add_image(scalar_tag(method, "hotspots"), found[1],
-                                 self._image_step(trainer))
+                if hotspots is not None:
+                    followed = (self.tracker.followed if method == self.shortcut_method
+                                else {})
+                    tb.add_image(scalar_tag(method, "hotspots"), shortcut_watch.hotspot_image(
+                        true_maps.float(), labels.cpu(), hotspots, logits.shape[-1], followed,
+                        self.upscale), self._image_step(trainer))
         if self.save_maps:
             folder = self._dir or self._log_dir(trainer)
             records.save_fixed_images(folder, self._fixed_record(trainer, batch))
@@ -428,72 +467,6 @@ class ExplanationMonitor(Callback):
         if now is not None:  # drift is measured against the last finite maps
             self._previous[method] = now.half()
         return out
-
-    def _discover(
-        self, trainer: L.Trainer, method: str, true_maps: torch.Tensor | None,
-        labels: torch.Tensor, num_classes: int,
-    ) -> tuple[dict[str, float], torch.Tensor | None]:
-        """Label-free shortcut discovery on the true-class maps ``[N, H, W]`` of the fixed
-        images.
-
-        Returns the scores (``hotspot_lift/<class>``, ``suspects``; NaN when the maps are
-        broken, so the keys stay the same every epoch) and, with maps, an image of the
-        class-mean maps with their hotspot windows (red: a suspect). Warns once per class
-        when it becomes a suspect. Clustering is left to the audit (cost).
-        """
-        if self.discovery_per_class == 0:
-            return {}, None
-        names = self._class_names(trainer, num_classes)
-        nan = float("nan")
-        if true_maps is None:
-            return {**{f"hotspot_lift/{c}": nan for c in names},
-                    **{f"suspect/{c}": nan for c in names}, "suspects": nan}, None
-        true_maps = true_maps.float()
-        classes = discovery.class_hotspots(true_maps, labels, num_classes, cluster=False)
-        suspects = discovery.find_suspects(classes)
-        scores = {f"hotspot_lift/{names[h.label]}": h.hotspot.lift if h.hotspot else nan
-                  for h in classes}
-        scores["suspects"] = float(len(suspects))
-        # Which classes, not only how many: 1 for a suspect, per class, beside its lift.
-        scores.update({f"suspect/{names[h.label]}": float(h.suspect) for h in classes})
-        announced = self._suspected.setdefault(method, [])
-        for s in suspects:
-            if s.label not in announced:
-                announced.append(s.label)
-                x0, y0, x1, y1 = s.window
-                rank_zero_warn(
-                    f"ExplanationMonitor: class {names[s.label]} is a suspected shortcut at "
-                    f"epoch {trainer.current_epoch}: its {method} maps concentrate in the box "
-                    f"x {x0}-{x1}, y {y0}-{y1} (lift {s.lift:.1f}, robust z {s.z:.1f}); "
-                    "confirm with audit.py"
-                )
-        return scores, self._hotspot_image(true_maps, labels, classes, num_classes)
-
-    def _hotspot_image(
-        self, true_maps: torch.Tensor, labels: torch.Tensor,
-        classes: list[discovery.ClassHotspots], num_classes: int,
-    ) -> torch.Tensor:
-        """The class-mean maps side by side, each with its hotspot window drawn in."""
-        norm, usable = discovery.normalise_maps(true_maps)
-        h, w = true_maps.shape[-2:]
-        tiles = []
-        for c in range(num_classes):
-            sel = (labels == c) & usable
-            mean = norm[sel].mean(0) if bool(sel.any()) else torch.zeros(h, w)
-            tile = render.overlay(torch.zeros(1, 3, h, w), render.normalize_maps(mean[None]),
-                                  alpha=1.0)[0]
-            spot = classes[c].hotspot
-            if spot is not None:
-                x0, y0, x1, y1 = spot.window
-                colour = torch.tensor([0.9, 0.1, 0.1] if classes[c].suspect else [1.0, 1.0, 1.0])
-                for ys, xs in ((slice(y0, y0 + 1), slice(x0, x1)),
-                               (slice(y1 - 1, y1), slice(x0, x1)),
-                               (slice(y0, y1), slice(x0, x0 + 1)),
-                               (slice(y0, y1), slice(x1 - 1, x1))):
-                    tile[:, ys, xs] = colour.view(3, 1, 1)
-            tiles.append(tile)
-        stacked = render.upscale(torch.stack(tiles).clamp(0, 1), self.upscale)
-        return render.grid(stacked, ncol=num_classes)
 
     @staticmethod
     def _class_names(trainer: L.Trainer, num_classes: int) -> list[str]:

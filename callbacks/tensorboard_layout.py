@@ -6,6 +6,8 @@ import re
 from typing import Any
 
 TAG_PREFIX = "explain"
+#: The shortcut tracker's scalars and summary: ``explain/shortcuts/...`` (not a method).
+SHORTCUTS = "shortcuts"
 
 # Scores that belong on one chart in TensorBoard's custom-scalars layout (per method):
 # the cue share on cue-carrying images against its baseline on clean ones, and the two
@@ -44,12 +46,19 @@ def custom_scalars_layout(
         for score in SINGLE_SCORES:
             charts[f"{method}: {score}"] = ["Multiline", [exact(scalar_tag(method, score))]]
         if discovery:
-            charts[f"{method}: suspects"] = ["Multiline", [exact(scalar_tag(method, "suspects"))]]
             # Every class's hotspot lift on one chart: a shortcut is the line that leaves
             # the pack.
             charts[f"{method}: hotspot lift per class"] = [
                 "Multiline", [f"^{re.escape(scalar_tag(method, 'hotspot_lift'))}/"]]
         layout[f"{TAG_PREFIX}/{method}"] = charts
+    if discovery:
+        # The verdict: one line per class, the margin of its transplant over the strongest
+        # control (a shortcut is a line far above 0.1; a gone one falls back to 0).
+        layout[f"{TAG_PREFIX}/{SHORTCUTS}"] = {
+            f"{SHORTCUTS}: {name} per class": [
+                "Multiline", [f"^{re.escape(scalar_tag(SHORTCUTS, name))}/"]]
+            for name in ("margin", "flips", "strongest_control", "is_confirmed")
+        } | {f"{SHORTCUTS}: confirmed": ["Multiline", [exact(scalar_tag(SHORTCUTS, "confirmed"))]]}
     if len(methods) > 1:
         score = "cue_energy/biased"
         layout[f"{TAG_PREFIX}: methods side by side"] = {

@@ -1,0 +1,430 @@
+"""Causal tests of a suspected shortcut, shared by the monitor (every epoch) and the audit.
+
+A map says where a model looks; only an experiment says what it relies on. Every test
+here changes other classes' images towards one class ``label`` and counts how many the
+model then calls ``label`` ("flips"), against controls that make the same kind of change
+without the suspected cue, paired image by image:
+
+* :func:`box_test`: a box cut from the class's images, pasted at the same place (a patch,
+  a tag, a watermark at a fixed place). Controls: a same-size window from elsewhere in the
+  same source, pasted at the box (``random_window``); the box cut from another class's
+  image (``other_class``). ``others_of_class`` adds a third control for a cluster of the
+  class: the box cut from the class's images *outside* the cluster (an object cluster
+  pastes object pixels either way; a cue cluster does not).
+* :func:`moving_test`: each source's *own* hotspot window, pasted at the same place of the
+  target: a cue that changes place needs no shared box. Same two controls per source.
+* :func:`colour_test`: no place at all (a tint, a filter): each target's per-channel mean
+  and standard deviation are replaced by the class's; control: the same move with a third
+  class's statistics.
+
+A test is :attr:`CausalTest.confirmed` when every paired interval of (flip - control) lies
+above zero and the smallest mean margin is at least ``MIN_FLIP_MARGIN``;
+:attr:`CausalTest.gone` when the margin over the strongest control is below that and its
+interval reaches zero. :func:`search_box` picks a box by this evidence among windows of
+several sizes. Torch only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .confirmation import (
+    LEVEL,
+    MIN_FLIP_MARGIN,
+    MIN_TARGETS,
+    Interval,
+    _paste,
+    _random_windows,
+    paired_interval,
+    predict,
+)
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive ends), pixels
+
+#: Window sides tried for a box, as fractions of the image side (4, 6, 8 and 11 px at 32).
+BOX_FRACTIONS = (1 / 8, 3 / 16, 1 / 4, 1 / 3)
+#: The one window a class is screened with before the search (8 px at 32): large enough to
+#: hold a smaller cue near the hotspot's centre, small enough to miss most of an object.
+SCREEN_FRACTION = 1 / 4
+#: Boxes whose margin is within this of the best one count as equally good; the smallest
+#: of them is kept (a larger box around a cue pastes the cue too, and scores the same).
+TIE_MARGIN = 0.05
+#: Most targets a test pastes onto (the monitor's fixed images are far fewer).
+MAX_TARGETS = 256
+
+
+@dataclass
+class CausalTest:
+    """One experiment on class ``label``: flips towards it against paired controls."""
+
+    label: int
+    kind: str  # box | moving | colour | cluster
+    box: Box | None  # where a box or cluster test pasted; None for moving and colour
+    size: tuple[int, int] | None  # window (h, w) of box, moving and cluster tests
+    n: int  # targets: other classes' images not predicted ``label`` before
+    flip_rate: float
+    controls: dict[str, float] = field(default_factory=dict)  # control -> its flip rate
+    intervals: dict[str, Interval] = field(default_factory=dict)  # control -> flip - control
+    share: float = 1.0  # cluster tests: the cluster's share of the class
+    screened: bool = False  # controls skipped: the flips alone were under MIN_FLIP_MARGIN
+
+    @property
+    def margin(self) -> Interval:
+        """The paired interval over the strongest control (the smallest mean margin)."""
+        if not self.intervals:
+            nan = float("nan")
+            return Interval(nan, nan, nan, 0)
+        return min(self.intervals.values(), key=lambda iv: iv.mean)
+
+    @property
+    def strongest_control(self) -> float:
+        return max(self.controls.values(), default=float("nan"))
+
+    @property
+    def confirmed(self) -> bool:
+        """Every interval above zero and the smallest mean margin >= ``MIN_FLIP_MARGIN``."""
+        return (self.n >= MIN_TARGETS and bool(self.intervals) and all(
+            iv.excludes_zero_above and iv.mean >= MIN_FLIP_MARGIN
+            for iv in self.intervals.values()))
+
+    @property
+    def gone(self) -> bool:
+        """At the controls' level: the margin is small and its interval reaches zero."""
+        m = self.margin
+        if self.screened:
+            return self.flip_rate < MIN_FLIP_MARGIN
+        return self.n >= MIN_TARGETS and m.mean < MIN_FLIP_MARGIN and not m.excludes_zero_above
+
+    def describe(self, names: Sequence[str]) -> str:
+        """One clause for a warning or a table: flips against the controls."""
+        ctrl = " / ".join(f"{v:.0%}" for v in self.controls.values()) or "not run"
+        m = self.margin
+        tail = (f", margin {m.mean:+.2f} (95% [{m.low:+.2f}, {m.high:+.2f}])"
+                if self.intervals else "")
+        return (f"{self.flip_rate:.0%} of {self.n} other-class images turn into "
+                f"{names[self.label]} (controls {ctrl}{tail})")
+
+
+def iou(a: Box, b: Box) -> float:
+    """Intersection over union of two boxes."""
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def box_label(box: Box | None) -> str:
+    """``x 0-8, y 0-8``: how a box reads in a sentence."""
+    if box is None:
+        return "no fixed place"
+    x0, y0, x1, y1 = box
+    return f"x {x0}-{x1}, y {y0}-{y1}"
+
+
+# -- shared plumbing ----------------------------------------------------------------------
+
+
+def collapsed(preds: Tensor) -> bool:
+    """True when every image is predicted as one class: nothing can flip *towards* a class
+    in a meaningful way, and a hotspot then says nothing (a broken epoch)."""
+    return preds.numel() > 0 and bool((preds == preds[0]).all())
+
+
+def _targets(labels: Tensor, preds: Tensor, label: int, seed: int,
+             max_targets: int = MAX_TARGETS) -> Tensor:
+    """Other classes' images not predicted ``label`` already (a seeded subset if many)."""
+    t = torch.nonzero((labels != label) & (preds != label)).flatten()
+    if t.numel() > max_targets:
+        g = torch.Generator().manual_seed(seed)
+        t = t[torch.randperm(t.numel(), generator=g)[:max_targets]].sort().values
+    return t
+
+
+def _flips(model: nn.Module, label: int, variants: dict[str, Tensor], batch_size: int,
+           ) -> dict[str, Tensor]:
+    """0/1 flips towards ``label`` of each variant batch (all predicted in one pass)."""
+    names = list(variants)
+    n = len(variants[names[0]])
+    preds = predict(model, torch.cat([variants[k] for k in names]), batch_size)
+    return {k: (p == label).float() for k, p in zip(names, preds.split(n), strict=True)}
+
+
+def _result(label: int, kind: str, box: Box | None, size: tuple[int, int] | None,
+            flips: dict[str, Tensor], level: float, share: float = 1.0) -> CausalTest:
+    main = flips.pop("cue")
+    return CausalTest(
+        label=label, kind=kind, box=box, size=size, n=int(main.numel()),
+        flip_rate=float(main.mean()) if main.numel() else float("nan"),
+        controls={k: float(v.mean()) for k, v in flips.items()},
+        intervals={k: paired_interval(main - v, level) for k, v in flips.items()},
+        share=share)
+
+
+def _empty(label: int, kind: str, box: Box | None, size: tuple[int, int] | None,
+           share: float = 1.0) -> CausalTest:
+    return CausalTest(label, kind, box, size, 0, float("nan"), share=share)
+
+
+def _other_images(labels: Tensor, targets: Tensor, exclude: Sequence[int],
+                  g: torch.Generator) -> Tensor:
+    """For each target, a random image of a class that is neither the target's nor in
+    ``exclude`` (falls back to any image that is not the target itself)."""
+    out = []
+    for t in targets.tolist():
+        bad = torch.tensor([int(labels[t])] + [int(c) for c in exclude])
+        pool = torch.nonzero(~torch.isin(labels, bad)).flatten()
+        if pool.numel() == 0:
+            pool = torch.nonzero(torch.arange(labels.numel()) != t).flatten()
+        out.append(int(pool[torch.randint(pool.numel(), (1,), generator=g)]))
+    return torch.tensor(out, dtype=torch.long)
+
+
+# -- the tests ----------------------------------------------------------------------------
+
+
+#: The window-from-elsewhere control may overlap the tested box up to this IoU: a class's
+#: objects spread over a region wider than the box then still find their evidence next to
+#: it, while a cue inside the box is at most partly covered.
+ELSEWHERE_MAX_IOU = 0.25
+
+
+def salient_elsewhere(norm_maps: Tensor, avoid: Sequence[Box], size: tuple[int, int],
+                      ) -> list[Box]:
+    """Each map's best ``size`` window away from its ``avoid`` box (IoU at most
+    ``ELSEWHERE_MAX_IOU``): where the image holds the most evidence besides the tested box
+    (its object, for a class image)."""
+    kh, kw = size
+    mass = F.avg_pool2d(norm_maps.unsqueeze(1).float(), (kh, kw), stride=1).squeeze(1)
+    hh, ww = mass.shape[-2:]
+    ys = torch.arange(hh).view(-1, 1)
+    xs = torch.arange(ww).view(1, -1)
+    out = []
+    for m, (ax0, ay0, ax1, ay1) in zip(mass, avoid, strict=True):
+        iw = (torch.minimum(xs + kw, torch.tensor(ax1)) - torch.maximum(xs, torch.tensor(ax0)))
+        ih = (torch.minimum(ys + kh, torch.tensor(ay1)) - torch.maximum(ys, torch.tensor(ay0)))
+        inter = iw.clamp_min(0) * ih.clamp_min(0)
+        union = kh * kw + (ax1 - ax0) * (ay1 - ay0) - inter
+        apart = inter <= ELSEWHERE_MAX_IOU * union
+        if not apart.any():
+            apart = (xs != ax0) | (ys != ay0)
+        best = int(torch.where(apart, m, torch.full_like(m, -1.0)).flatten().argmax())
+        y0, x0 = divmod(best, ww)
+        out.append((x0, y0, x0 + kw, y0 + kh))
+    return out
+
+
+def box_test(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor, label: int,
+             box: Box, sources: Sequence[int] | None = None,
+             others_of_class: Sequence[int] | None = None, seed: int = 0,
+             batch_size: int = 256, screen: bool = False, level: float = LEVEL,
+             kind: str = "box", share: float = 1.0,
+             norm_maps: Tensor | None = None) -> CausalTest:
+    """Paste ``box`` cut from class ``label``'s images (``sources``: default all of them)
+    onto the same place of other classes' images; flips against the controls.
+
+    ``preds`` are the model's predictions of ``images`` (the targets are those not
+    already ``label``). ``screen``: run the controls only when the flips alone reach
+    ``MIN_FLIP_MARGIN`` (below it no margin can). With ``norm_maps`` (every image's
+    true-class map at the images' size) the window-from-elsewhere control is each source's
+    *most salient* window that does not touch the box (``salient_elsewhere``) instead of a
+    random one: a class whose objects merely sit there often flips as much with its
+    objects' best window from elsewhere, a cue does not.
+    """
+    labels, preds = labels.long().cpu(), preds.long().cpu()
+    size = (box[3] - box[1], box[2] - box[0])
+    targets = _targets(labels, preds, label, seed)
+    own = torch.nonzero(labels == label).flatten()
+    pool = torch.as_tensor(list(sources), dtype=torch.long) if sources else own
+    n = targets.numel()
+    if n == 0 or pool.numel() == 0:
+        return _empty(label, kind, box, size, share)
+    g = torch.Generator().manual_seed(seed)
+    src = pool[torch.randint(pool.numel(), (n,), generator=g)]
+    base = images[targets]
+    cue = {"cue": _paste(base, images[src], [box] * n, box)}
+    flips = _flips(model, label, cue, batch_size)
+    if screen and float(flips["cue"].mean()) < MIN_FLIP_MARGIN:
+        out = _result(label, kind, box, size, flips, level, share)
+        out.screened = True
+        return out
+    if norm_maps is not None:
+        windows = salient_elsewhere(norm_maps[src], [box] * n, size)
+        elsewhere = "salient_elsewhere"
+    else:
+        windows = _random_windows(n, size, tuple(images.shape[-2:]), box, g)
+        elsewhere = "random_window"
+    controls = {
+        elsewhere: _paste(base, images[src], windows, box),
+        "other_class": _paste(base, images[_other_images(labels, targets, [label], g)],
+                              [box] * n, box),
+    }
+    if others_of_class:
+        rest = torch.as_tensor(list(others_of_class), dtype=torch.long)
+        pick = rest[torch.randint(rest.numel(), (n,), generator=g)]
+        controls["rest_of_class"] = _paste(base, images[pick], [box] * n, box)
+    flips.update(_flips(model, label, controls, batch_size))
+    return _result(label, kind, box, size, flips, level, share)
+
+
+def image_hotspots(norm_maps: Tensor, size: tuple[int, int]) -> list[Box]:
+    """Each map's own best ``size`` window (maps ``[N, H, W]`` at the images' size)."""
+    kh, kw = size
+    mass = F.avg_pool2d(norm_maps.unsqueeze(1).float(), (kh, kw), stride=1).squeeze(1)
+    best = mass.flatten(1).argmax(1)
+    width = mass.shape[-1]
+    return [(int(b) % width, int(b) // width, int(b) % width + kw, int(b) // width + kh)
+            for b in best]
+
+
+def moving_test(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor, label: int,
+                windows: dict[int, Box], seed: int = 0, batch_size: int = 256,
+                screen: bool = False, level: float = LEVEL,
+                norm_maps: Tensor | None = None) -> CausalTest:
+    """Paste each source's own hotspot window (``windows``: image index -> box, the class's
+    images) at the same place of a target; flips against the same two controls (with
+    ``norm_maps``, the source's most salient window elsewhere, as in :func:`box_test`)."""
+    labels, preds = labels.long().cpu(), preds.long().cpu()
+    sources = sorted(windows)
+    first = windows[sources[0]] if sources else (0, 0, 1, 1)
+    size = (first[3] - first[1], first[2] - first[0])
+    targets = _targets(labels, preds, label, seed)
+    n = targets.numel()
+    if n == 0 or not sources:
+        return _empty(label, "moving", None, size)
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.tensor(sources, dtype=torch.long)
+    src = pool[torch.randint(pool.numel(), (n,), generator=g)]
+    wins = [windows[int(s)] for s in src]
+    base = images[targets]
+    flips = _flips(model, label, {"cue": _paste_each(base, images[src], wins, wins)},
+                   batch_size)
+    if screen and float(flips["cue"].mean()) < MIN_FLIP_MARGIN:
+        out = _result(label, "moving", None, size, flips, level)
+        out.screened = True
+        return out
+    if norm_maps is not None:
+        elsewhere, name = salient_elsewhere(norm_maps[src], wins, size), "salient_elsewhere"
+    else:
+        hw = tuple(images.shape[-2:])
+        elsewhere = [_random_windows(1, size, hw, w, g)[0] for w in wins]
+        name = "random_window"
+    controls = {
+        name: _paste_each(base, images[src], elsewhere, wins),
+        "other_class": _paste_each(base, images[_other_images(labels, targets, [label], g)],
+                                   wins, wins),
+    }
+    flips.update(_flips(model, label, controls, batch_size))
+    return _result(label, "moving", None, size, flips, level)
+
+
+def _paste_each(targets: Tensor, sources: Tensor, src: Sequence[Box], dst: Sequence[Box],
+                ) -> Tensor:
+    """Source ``i``'s window ``src[i]`` into target ``i`` at ``dst[i]`` (same sizes)."""
+    out = targets.clone()
+    for i, ((sx0, sy0, sx1, sy1), (dx0, dy0, dx1, dy1)) in enumerate(zip(src, dst, strict=True)):
+        out[i, :, dy0:dy1, dx0:dx1] = sources[i, :, sy0:sy1, sx0:sx1]
+    return out
+
+
+def _channel_stats(images: Tensor) -> tuple[Tensor, Tensor]:
+    x = images.float().flatten(2)
+    return x.mean(-1), x.std(-1).clamp_min(1e-6)
+
+
+def colour_test(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor, label: int,
+                seed: int = 0, batch_size: int = 256, screen: bool = False,
+                level: float = LEVEL) -> CausalTest:
+    """Give other classes' images the colour statistics of class ``label``: each target's
+    per-channel mean and standard deviation (in the model's input space) are replaced by
+    the class's average ones. Control (``other_class_colour``): the same move with the
+    average statistics of a third class, drawn per target."""
+    labels, preds = labels.long().cpu(), preds.long().cpu()
+    targets = _targets(labels, preds, label, seed)
+    n = targets.numel()
+    present = torch.unique(labels).tolist()
+    if n == 0 or label not in present or len(present) < 3:
+        return _empty(label, "colour", None, None)
+    mean, std = _channel_stats(images)
+    cls_mean = {c: mean[labels == c].mean(0) for c in present}
+    cls_std = {c: std[labels == c].mean(0) for c in present}
+    g = torch.Generator().manual_seed(seed)
+    base = images[targets].float()
+    t_mean, t_std = mean[targets][..., None, None], std[targets][..., None, None]
+    unit = (base - t_mean) / t_std
+
+    def move(classes: list[int]) -> Tensor:
+        m = torch.stack([cls_mean[c] for c in classes])[..., None, None]
+        s = torch.stack([cls_std[c] for c in classes])[..., None, None]
+        return (unit * s + m).to(images.dtype)
+
+    flips = _flips(model, label, {"cue": move([label] * n)}, batch_size)
+    if screen and float(flips["cue"].mean()) < MIN_FLIP_MARGIN:
+        out = _result(label, "colour", None, None, flips, level)
+        out.screened = True
+        return out
+    third = []
+    for t in targets.tolist():
+        pool = [c for c in present if c not in (label, int(labels[t]))]
+        third.append(pool[int(torch.randint(len(pool), (1,), generator=g))])
+    flips.update(_flips(model, label, {"other_class_colour": move(third)}, batch_size))
+    return _result(label, "colour", None, None, flips, level)
+
+
+# -- choosing the box by evidence ---------------------------------------------------------
+
+
+def window_side(side: int, fraction: float) -> int:
+    return min(side, max(1, round(fraction * side)))
+
+
+def best_window(mean_map: Tensor, size: tuple[int, int]) -> Box:
+    """The ``size`` window holding the most of ``mean_map`` ``[H, W]``."""
+    kh, kw = size
+    mass = F.avg_pool2d(mean_map[None, None].float(), (kh, kw), stride=1)[0, 0]
+    best = int(mass.flatten().argmax())
+    y0, x0 = divmod(best, mass.shape[1])
+    return (x0, y0, x0 + kw, y0 + kh)
+
+
+def candidate_boxes(mean_map: Tensor, fractions: Sequence[float] = BOX_FRACTIONS) -> list[Box]:
+    """The best window of each size, plus the peak's own box (the window's pixels holding at
+    least half its peak), smallest first, without repeats."""
+    h, w = mean_map.shape
+    boxes = []
+    for f in fractions:
+        win = best_window(mean_map, (window_side(h, f), window_side(w, f)))
+        boxes.append(win)
+        x0, y0, x1, y1 = win
+        part = mean_map[y0:y1, x0:x1]
+        if float(part.max()) > 0:
+            ys, xs = torch.nonzero(part >= 0.5 * float(part.max()), as_tuple=True)
+            boxes.append((x0 + int(xs.min()), y0 + int(ys.min()),
+                          x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1))
+    unique = list(dict.fromkeys(boxes))
+    return sorted(unique, key=lambda b: ((b[2] - b[0]) * (b[3] - b[1]), b))
+
+
+def search_box(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor, label: int,
+               mean_map: Tensor, sources: Sequence[int] | None = None, seed: int = 0,
+               batch_size: int = 256, fractions: Sequence[float] = BOX_FRACTIONS,
+               others_of_class: Sequence[int] | None = None, kind: str = "box",
+               share: float = 1.0, norm_maps: Tensor | None = None) -> CausalTest:
+    """The candidate box (:func:`candidate_boxes`) with the largest margin over its
+    controls; among boxes within ``TIE_MARGIN`` of it, the smallest. Boxes whose flips
+    alone cannot reach a margin skip their controls."""
+    tests = [box_test(model, images, labels, preds, label, b, sources, others_of_class, seed,
+                      batch_size, screen=True, kind=kind, share=share, norm_maps=norm_maps)
+             for b in candidate_boxes(mean_map, fractions)]
+    full = [t for t in tests if not t.screened and t.n]
+    if not full:
+        return max(tests, key=lambda t: (t.flip_rate if t.n else -1.0))
+    top = max(full, key=lambda t: t.margin.mean)
+    return next(t for t in full  # smallest first; never trade a confirmed box for a weaker one
+                if t.margin.mean >= top.margin.mean - TIE_MARGIN
+                and (t.confirmed or not top.confirmed))

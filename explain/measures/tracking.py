@@ -1,0 +1,278 @@
+"""Following shortcuts through a run: which classes to test each epoch, and their states.
+
+The monitor's verdict is the causal test (:mod:`.causal`), never the lift: a class-mean
+hotspot is only a *detector* (it falls as the model learns the object while the shortcut
+stays, and it flares on broken epochs). Every epoch :class:`ShortcutTracker`
+
+1. re-tests every shortcut it already follows, with the box it was confirmed with,
+   whether or not the class's lift still stands out; its state becomes ``confirmed``,
+   ``weakened`` (not at the controls' level, no longer confirmed) or ``gone`` (the
+   margin over the strongest control small and its interval reaching zero);
+2. screens the candidate classes (:func:`candidates`: every class with a usable map when
+   there are at most ``ALL_CANDIDATES_MAX``, so the rule does not assume that most classes
+   are clean) with one window at the hotspot, and searches the box (:func:`.causal.search_box`)
+   of those whose flips pass the screen; a confirmed box is followed from then on.
+
+Events (first confirmation, gone, back) are returned for the caller to print. State is
+plain Python (lists, ints, strings) so checkpoints load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import causal
+from .causal import Box, CausalTest
+from .discovery import SUSPECT_MIN_LIFT, ClassHotspots
+
+#: Up to this many classes every class with a usable map is tested every epoch; beyond,
+#: the ``TOP_CANDIDATES`` highest lifts of at least ``SUSPECT_MIN_LIFT``.
+ALL_CANDIDATES_MAX = 16
+TOP_CANDIDATES = 8
+KINDS = ("box", "colour", "moving")
+
+STATES = ("confirmed", "weakened", "gone", "suspected", "clear", "no usable map", "not tested")
+
+
+@dataclass
+class Followed:
+    """A confirmed shortcut the tracker keeps testing: class, kind and box."""
+
+    label: int
+    kind: str
+    box: Box | None
+    size: tuple[int, int] | None
+    since: int  # epoch of the first confirmation
+    state: str = "confirmed"
+
+    def to_state(self) -> dict[str, Any]:
+        return {"label": self.label, "kind": self.kind,
+                "box": list(self.box) if self.box else None,
+                "size": list(self.size) if self.size else None,
+                "since": self.since, "state": self.state}
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any]) -> Followed:
+        return cls(int(d["label"]), str(d["kind"]),
+                   tuple(int(v) for v in d["box"]) if d.get("box") else None,  # type: ignore[arg-type]
+                   tuple(int(v) for v in d["size"]) if d.get("size") else None,  # type: ignore[arg-type]
+                   int(d["since"]), str(d.get("state", "confirmed")))
+
+
+@dataclass
+class ClassRow:
+    """One class at one epoch: its detector (lift), its best test and its state."""
+
+    label: int
+    state: str
+    lift: float | None = None
+    test: CausalTest | None = None
+    followed: Followed | None = None
+    note: str = ""
+
+
+@dataclass
+class Event:
+    """A change worth a line on the console: ``confirmed``, ``gone`` or ``back``."""
+
+    kind: str
+    label: int
+    test: CausalTest
+    box: Box | None
+
+
+@dataclass
+class EpochVerdict:
+    epoch: int
+    rows: list[ClassRow]
+    events: list[Event] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def confirmed(self) -> list[int]:
+        return [r.label for r in self.rows if r.state == "confirmed"]
+
+
+def candidates(hotspots: Sequence[ClassHotspots], num_classes: int,
+               all_max: int = ALL_CANDIDATES_MAX, top: int = TOP_CANDIDATES) -> list[int]:
+    """Classes to screen: every class with a usable map up to ``all_max`` classes; beyond,
+    the ``top`` largest lifts of at least ``SUSPECT_MIN_LIFT`` (absolute, so a dataset
+    where half the classes carry a cue still has its candidates)."""
+    usable = [h for h in hotspots if h.hotspot is not None]
+    if num_classes <= all_max:
+        return [h.label for h in usable]
+    strong = [h for h in usable if h.hotspot is not None and h.hotspot.lift >= SUSPECT_MIN_LIFT]
+    strong.sort(key=lambda h: -h.hotspot.lift if h.hotspot else 0.0)
+    return sorted(h.label for h in strong[:top])
+
+
+def class_mean_maps(norm_maps: Tensor, usable: Tensor, labels: Tensor, label: int) -> Tensor:
+    sel = (labels == label) & usable
+    return norm_maps[sel].mean(0) if bool(sel.any()) else torch.zeros(norm_maps.shape[-2:])
+
+
+class ShortcutTracker:
+    """Per-epoch causal tests of candidate classes and of every shortcut already confirmed.
+
+    Args:
+        kinds: which tests search for new shortcuts: ``box`` (a place), ``colour`` (colour
+            statistics), ``moving`` (each image's own hotspot).
+        seed: the tests' pairing; fixed over the run, so epochs differ by the model only.
+    """
+
+    def __init__(self, kinds: Sequence[str] = ("box",), seed: int = 0,
+                 batch_size: int = 256) -> None:
+        bad = [k for k in kinds if k not in KINDS]
+        if bad:
+            raise ValueError(f"unknown shortcut test kind(s) {bad}; choose from {list(KINDS)}")
+        self.kinds = tuple(kinds)
+        self.seed = seed
+        self.batch_size = batch_size
+        self.followed: dict[int, Followed] = {}
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [f.to_state() for f in self.followed.values()]
+
+    def load_state_dict(self, state: list[dict[str, Any]]) -> None:
+        self.followed = {int(d["label"]): Followed.from_state(d) for d in state}
+
+    def _retest(self, f: Followed, model: nn.Module, images: Tensor, labels: Tensor,
+                preds: Tensor, norm_maps: Tensor, usable: Tensor) -> CausalTest:
+        if f.kind == "colour":
+            return causal.colour_test(model, images, labels, preds, f.label, self.seed,
+                                      self.batch_size)
+        if f.kind == "moving" and f.size is not None:
+            return self._moving(model, images, labels, preds, norm_maps, usable, f.label,
+                                f.size, screen=False)
+        assert f.box is not None
+        return causal.box_test(model, images, labels, preds, f.label, f.box, seed=self.seed,
+                               batch_size=self.batch_size, norm_maps=norm_maps)
+
+    def _moving(self, model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
+                norm_maps: Tensor, usable: Tensor, label: int, size: tuple[int, int],
+                screen: bool) -> CausalTest:
+        own = torch.nonzero((labels == label) & usable).flatten()
+        wins = causal.image_hotspots(norm_maps[own], size)
+        return causal.moving_test(model, images, labels, preds, label,
+                                  dict(zip(own.tolist(), wins, strict=True)), self.seed,
+                                  self.batch_size, screen=screen, norm_maps=norm_maps)
+
+    def _search(self, model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
+                norm_maps: Tensor, usable: Tensor, label: int) -> list[CausalTest]:
+        """The screened tests of one candidate, stopping at the first confirmed one."""
+        h, w = images.shape[-2:]
+        side = (causal.window_side(h, causal.SCREEN_FRACTION),
+                causal.window_side(w, causal.SCREEN_FRACTION))
+        mean_map = class_mean_maps(norm_maps, usable, labels, label)
+        out: list[CausalTest] = []
+        for kind in self.kinds:
+            if kind == "box":
+                box = causal.best_window(mean_map, side)
+                t = causal.box_test(model, images, labels, preds, label, box, seed=self.seed,
+                                    batch_size=self.batch_size, screen=True, norm_maps=norm_maps)
+                if not t.screened and t.n:
+                    t = causal.search_box(model, images, labels, preds, label, mean_map,
+                                          seed=self.seed, batch_size=self.batch_size,
+                                          norm_maps=norm_maps)
+            elif kind == "moving":
+                # The smallest window: a moving cue is small, and an object's own best window
+                # is itself class evidence wherever it sits (only a part of it is not).
+                small = (causal.window_side(h, causal.BOX_FRACTIONS[0]),
+                         causal.window_side(w, causal.BOX_FRACTIONS[0]))
+                t = self._moving(model, images, labels, preds, norm_maps, usable, label, small,
+                                 screen=True)
+            else:
+                t = causal.colour_test(model, images, labels, preds, label, self.seed,
+                                       self.batch_size, screen=True)
+            out.append(t)
+            if t.confirmed:
+                break
+        return out
+
+    def step(self, epoch: int, model: nn.Module, images: Tensor, labels: Tensor,
+             preds: Tensor, norm_maps: Tensor, usable: Tensor,
+             hotspots: Sequence[ClassHotspots], num_classes: int) -> EpochVerdict:
+        """Test this epoch; ``norm_maps``/``usable`` from :func:`.discovery.normalise_maps`
+        of the true-class maps at the images' size, ``hotspots`` from
+        :func:`.discovery.class_hotspots`."""
+        labels, preds = labels.long().cpu(), preds.long().cpu()
+        lifts = {h.label: (h.hotspot.lift if h.hotspot else None) for h in hotspots}
+        if causal.collapsed(preds):
+            note = (f"not tested: every fixed image is predicted as class {int(preds[0])}, so "
+                    "no class can be judged this epoch")
+            rows = [ClassRow(c, "not tested", lifts.get(c), None, self.followed.get(c), note)
+                    for c in range(num_classes)]
+            return EpochVerdict(epoch, rows, [], note)
+        rows: dict[int, ClassRow] = {}
+        events: list[Event] = []
+        for f in self.followed.values():
+            t = self._retest(f, model, images, labels, preds, norm_maps, usable)
+            before = f.state
+            f.state = "confirmed" if t.confirmed else "gone" if t.gone else "weakened"
+            if f.state == "gone" and before != "gone":
+                events.append(Event("gone", f.label, t, f.box))
+            elif f.state == "confirmed" and before == "gone":
+                events.append(Event("back", f.label, t, f.box))
+            rows[f.label] = ClassRow(f.label, f.state, lifts.get(f.label), t, f)
+        for c in candidates(hotspots, num_classes):
+            if c in rows:
+                continue
+            tests = self._search(model, images, labels, preds, norm_maps, usable, c)
+            hit = next((t for t in tests if t.confirmed), None)
+            if hit is not None:
+                size = hit.size
+                f = Followed(c, hit.kind, hit.box, size, epoch)
+                self.followed[c] = f
+                events.append(Event("confirmed", c, hit, hit.box))
+                rows[c] = ClassRow(c, "confirmed", lifts.get(c), hit, f)
+                continue
+            best = max(tests, key=lambda t: (t.flip_rate if t.n else -1.0), default=None)
+            suspected = any(not t.screened and t.n for t in tests)
+            rows[c] = ClassRow(c, "suspected" if suspected else "clear", lifts.get(c), best)
+        for c in range(num_classes):
+            if c not in rows:
+                rows[c] = ClassRow(c, "no usable map" if lifts.get(c) is None else "not tested",
+                                   lifts.get(c))
+        return EpochVerdict(epoch, [rows[c] for c in sorted(rows)], events)
+
+
+def summary_markdown(verdict: EpochVerdict, names: Sequence[str]) -> str:
+    """The epoch's table: class, box, lift, flips vs controls, state (TensorBoard text)."""
+    lines = [f"**Shortcuts at epoch {verdict.epoch}**", ""]
+    if verdict.note:
+        lines += [verdict.note, ""]
+    lines += ["| class | test | box | lift | flips | controls | margin (95%) | state |",
+              "| --- | --- | --- | ---: | ---: | --- | --- | --- |"]
+    for r in verdict.rows:
+        t = r.test
+        box = r.followed.box if r.followed else (t.box if t else None)
+        kind = t.kind if t else (r.followed.kind if r.followed else "")
+        lift = "no usable map" if r.lift is None else f"{r.lift:.1f}"
+        if t is None or not t.n:
+            flips = ctrl = margin = "-"
+        else:
+            flips = f"{t.flip_rate:.0%} of {t.n}"
+            ctrl = (" / ".join(f"{k.replace('_', ' ')} {v:.0%}" for k, v in t.controls.items())
+                    or "skipped (flips < 10%)")
+            m = t.margin
+            margin = f"{m.mean:+.2f} [{m.low:+.2f}, {m.high:+.2f}]" if t.intervals else "-"
+        state = r.state + (f" (since epoch {r.followed.since})" if r.followed else "")
+        place = causal.box_label(box) if kind in ("box", "cluster") else (
+            "each image's own" if kind == "moving" else "whole image" if kind else "-")
+        lines.append(f"| {_md(names[r.label])} | {kind or '-'} | {place} | {lift} | {flips} | "
+                     f"{ctrl} | {margin} | {state} |")
+    lines += ["", "Confirmed: the pasted content turns more other-class images into the class "
+              "than every control, 95% paired interval above 0 and margin >= 0.10. Gone: "
+              "margin over the strongest control < 0.10 with its interval reaching 0."]
+    return "\n".join(lines)
+
+
+def _md(text: str) -> str:
+    """A class name safe in a markdown table cell (TensorBoard renders it as HTML)."""
+    return html.escape(str(text)).replace("|", "&#124;")

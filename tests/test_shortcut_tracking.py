@@ -1,0 +1,176 @@
+"""The causal shortcut tests and the per-epoch tracker (explain.measures.causal / tracking).
+
+Seeded synthetic data from test_discovery: 10 classes of 6x6 templates at random places on
+32x32 images; hand-built models read the template anywhere and, optionally, a cue: a
+bright region at a fixed place, a colour cast, or a bright patch wherever it is.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_discovery import NUM_CLASSES, OBJ, SIDE, templates
+from torch import nn
+
+import explain
+from explain.measures import causal, discovery, tracking
+
+CUE_CLASS = 3
+
+
+def images_with(cue: str, per_class: int = 12, seed: int = 0, box=(0, 0, 4, 4),
+                share: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Objects at random places; ``share`` of class 3's images carry ``cue``:
+    ``patch`` (+3 inside ``box``), ``tint`` (+0.6 on the red channel, -0.6 on blue),
+    ``moving`` (+3 in a 4x4 square at a random place). Returns images, labels, carriers."""
+    g = torch.Generator().manual_seed(seed)
+    t = templates()
+    n = per_class * NUM_CLASSES
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
+    x = 0.05 * torch.randn(n, 3, SIDE, SIDE, generator=g)
+    pos = torch.randint(12, SIDE - OBJ + 1, (n, 2), generator=g)  # objects away from the top left
+    carry = (labels == CUE_CLASS) & (torch.rand(n, generator=g) < share)
+    for i in range(n):
+        y0, x0 = pos[i].tolist()
+        x[i, :, y0:y0 + OBJ, x0:x0 + OBJ] += t[labels[i]]
+        if not carry[i]:
+            continue
+        if cue == "patch":
+            bx0, by0, bx1, by1 = box
+            x[i, :, by0:by1, bx0:bx1] += 3.0
+        elif cue == "tint":
+            x[i, 0] += 0.6
+            x[i, 2] -= 0.6
+        elif cue == "moving":
+            my, mx = (int(v) for v in torch.randint(0, 8, (2,), generator=g))
+            x[i, :, my:my + 4, mx:mx + 4] += 3.0
+    return x, labels, carry
+
+
+class CueModel(nn.Module):
+    """Template matching (scaled by ``object_weight``) plus a class-3 bump from a cue."""
+
+    def __init__(self, cue: str = "none", box=(0, 0, 4, 4), object_weight: float = 0.1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, NUM_CLASSES, OBJ, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(templates())
+        self.cue, self.box, self.object_weight = cue, box, object_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.object_weight * self.conv(x).amax(dim=(2, 3))
+        if self.cue == "none":
+            return logits
+        if self.cue == "patch":
+            x0, y0, x1, y1 = self.box
+            bump = 20 * F.relu(x[:, :, y0:y1, x0:x1].mean(dim=(1, 2, 3)) - 1.5)
+        elif self.cue == "tint":
+            cast = x[:, 0].mean(dim=(1, 2)) - x[:, 2].mean(dim=(1, 2))
+            bump = 20 * F.relu(cast - 0.6)
+        else:  # moving: a bright 4x4 square anywhere
+            bump = 20 * F.relu(F.avg_pool2d(x.mean(1, keepdim=True), 4, 1).amax((1, 2, 3)) - 1.5)
+        return logits + bump[:, None] * F.one_hot(torch.tensor(CUE_CLASS), NUM_CLASSES)
+
+
+class Collapsed(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(torch.tensor(5), NUM_CLASSES).float().expand(len(x), -1) * 5 + 0 * x.sum()
+
+
+def epoch(tracker: tracking.ShortcutTracker, model: nn.Module, x: torch.Tensor,
+          y: torch.Tensor, e: int) -> tracking.EpochVerdict:
+    maps = explain.run(model, x, "saliency", targets=y)
+    norm, usable = discovery.normalise_maps(maps)
+    hotspots = discovery.class_hotspots(maps, y, NUM_CLASSES, cluster=False)
+    preds = causal.predict(model, x)
+    return tracker.step(e, model, x, y, preds, norm, usable, hotspots, NUM_CLASSES)
+
+
+def test_a_region_reader_stays_confirmed_while_its_object_evidence_grows() -> None:
+    x, y, _ = images_with("patch")
+    tracker = tracking.ShortcutTracker()
+    states, lifts, events = [], [], []
+    for e, weight in enumerate([0.05, 0.1, 0.17, 0.24]):  # object 5 -> 26, cue 30
+        v = epoch(tracker, CueModel("patch", object_weight=weight), x, y, e)
+        row = v.rows[CUE_CLASS]
+        states.append(row.state)
+        lifts.append(row.lift)
+        events += [(ev.kind, ev.label) for ev in v.events]
+        assert v.confirmed == [CUE_CLASS]  # no other class, at any epoch
+    assert states == ["confirmed"] * 4
+    assert events == [("confirmed", CUE_CLASS)]  # announced once, followed after
+    assert tracker.followed[CUE_CLASS].box == (0, 0, 4, 4)
+    # The detector fades as the object is learned (22 -> 12 here) while the
+    # experiment still says the model reads the box.
+    assert lifts == sorted(lifts, reverse=True) and lifts[-1] < 0.6 * lifts[0], lifts
+    assert v.rows[CUE_CLASS].test.margin.low > 0.5
+    # The state round-trips through plain Python (a checkpoint with weights_only=True).
+    again = tracking.ShortcutTracker()
+    again.load_state_dict(tracker.state_dict())
+    assert again.followed == tracker.followed
+
+
+def test_a_followed_shortcut_is_declared_gone_when_the_model_stops_reading_it() -> None:
+    x, y, _ = images_with("patch")
+    tracker = tracking.ShortcutTracker()
+    assert epoch(tracker, CueModel("patch"), x, y, 0).confirmed == [CUE_CLASS]
+    v = epoch(tracker, CueModel("none"), x, y, 1)
+    assert v.rows[CUE_CLASS].state == "gone"
+    assert [(ev.kind, ev.label, ev.box) for ev in v.events] == [("gone", CUE_CLASS, (0, 0, 4, 4))]
+    table = tracking.summary_markdown(v, [f"c<{i}>" for i in range(10)])
+    assert "| c&lt;3&gt; | box | x 0-4, y 0-4 |" in table and "gone (since epoch 0)" in table
+
+
+def test_a_clean_model_confirms_nothing_and_a_collapsed_one_is_not_tested() -> None:
+    x, y, _ = images_with("none")
+    tracker = tracking.ShortcutTracker(kinds=("box", "colour"))
+    v = epoch(tracker, CueModel("none"), x, y, 0)
+    assert v.confirmed == [] and not v.events
+    assert {r.state for r in v.rows} <= {"clear", "suspected"}
+    v = epoch(tracker, Collapsed(), x, y, 1)
+    assert v.confirmed == [] and not v.events and "predicted as class 5" in v.note
+    # The controls refuse it too, without the guard: nothing can flip towards class 5 (its
+    # images are the only targets left out) and nothing flips towards any other class.
+    preds = causal.predict(Collapsed(), x)
+    for c in range(NUM_CLASSES):
+        t = causal.box_test(Collapsed(), x, y, preds, c, (0, 0, 8, 8))
+        assert not t.confirmed
+
+
+@pytest.mark.parametrize("side,where", [(4, (20, 2)), (8, (2, 18))])
+def test_the_box_chosen_by_the_transplant_matches_the_planted_patch(side, where) -> None:
+    box = (where[0], where[1], where[0] + side, where[1] + side)
+    x, y, _ = images_with("patch", box=box)
+    model = CueModel("patch", box=box)
+    maps = explain.run(model, x, "saliency", targets=y)
+    norm, usable = discovery.normalise_maps(maps)
+    mean = tracking.class_mean_maps(norm, usable, y, CUE_CLASS)
+    t = causal.search_box(model, x, y, causal.predict(model, x), CUE_CLASS, mean)
+    assert t.confirmed
+    assert causal.iou(t.box, box) >= 0.5, (t.box, box)
+
+
+def test_a_tint_reader_is_found_by_the_colour_move_and_a_clean_model_is_not() -> None:
+    x, y, _ = images_with("tint")
+    preds = causal.predict(CueModel("tint"), x)
+    t = causal.colour_test(CueModel("tint"), x, y, preds, CUE_CLASS)
+    assert t.confirmed and t.flip_rate > 0.8 and t.controls["other_class_colour"] < 0.2
+    clean = CueModel("none")
+    preds = causal.predict(clean, x)
+    assert not any(causal.colour_test(clean, x, y, preds, c).confirmed for c in range(10))
+    # The location tests cannot see a tint: the tracker finds it only with the colour test.
+    tracker = tracking.ShortcutTracker(kinds=("box", "colour"))
+    v = epoch(tracker, CueModel("tint"), x, y, 0)
+    assert v.confirmed == [CUE_CLASS] and v.rows[CUE_CLASS].test.kind == "colour"
+
+
+def test_a_moving_patch_is_found_by_each_images_own_hotspot() -> None:
+    x, y, _ = images_with("moving")
+    model = CueModel("moving")
+    tracker = tracking.ShortcutTracker(kinds=("box", "moving"))
+    v = epoch(tracker, model, x, y, 0)
+    assert v.confirmed == [CUE_CLASS]
+    assert v.rows[CUE_CLASS].test.kind == "moving"
+    clean = tracking.ShortcutTracker(kinds=("box", "moving"))
+    assert epoch(clean, CueModel("none"), x, y, 0).confirmed == []

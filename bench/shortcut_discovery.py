@@ -45,6 +45,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -59,8 +60,8 @@ import small_model  # noqa: E402,F401  (registers bench_small)
 from monitor_cost import EpochClock, TimedMonitor  # noqa: E402
 
 import explain  # noqa: E402
-from audit_report.sections.shortcuts import AUDIT_SUSPECT_Z  # noqa: E402
-from explain.measures import discovery  # noqa: E402
+from audit_report.sections.shortcuts import AUDIT_TESTS  # noqa: E402
+from explain.measures import causal, discovery, tracking  # noqa: E402
 from lit_modules import ImageClassifier  # noqa: E402
 from lit_modules.data import CIFAR10DataModule  # noqa: E402
 from lit_modules.data.sampling import dataset_labels, sample_batch, stratified_indices  # noqa: E402
@@ -72,7 +73,8 @@ VAL_SIZE = 300  # taken from the training images by the DataModule (seeded, spli
 AUDIT_PER_CLASS = 30  # audit_report.settings.AuditSettings.discovery_images
 TIMING_PER_CLASS = 50  # 500 images for the discovery-time figure
 METHOD = "saliency"  # audit_report/sections/shortcuts.py: DISCOVERY_METHOD
-ALARM = "is a suspected shortcut at epoch"
+CONFIRMED = "relies on a shortcut at epoch "
+GONE = "no longer relies on"
 
 # -- cues --------------------------------------------------------------------------------
 
@@ -91,15 +93,26 @@ class Cue:
     of the class's images (the same share of its training and of its test images)."""
 
     cls: str
-    kind: str  # solid | checker | line | glyph | tint
+    kind: str  # solid | checker | line | glyph | tint | moving
     x: int = 0
     y: int = 0
     p: float = 1.0
+    colour: tuple[int, int, int] = (255, 0, 255)  # solid and moving patches
+
+    def at(self, index: int, part: str) -> Cue:
+        """Where this cue sits in image ``index`` of ``part``: a moving patch's top-left is
+        drawn per image (seeded by the data seed, the part and the index) anywhere in the
+        image; every other cue stays put."""
+        if self.kind != "moving":
+            return self
+        g = np.random.default_rng([DATA_SEED, 7, 0 if part == "train" else 1, index])
+        x, y = (int(v) for v in g.integers(0, 32 - 4 + 1, 2))
+        return Cue(self.cls, "solid", x, y, self.p, self.colour)
 
     def ink(self) -> np.ndarray:
         """``[32, 32]`` bool: the pixels the cue changes."""
         mask = np.zeros((32, 32), dtype=bool)
-        if self.kind in ("solid", "checker"):
+        if self.kind in ("solid", "checker", "moving"):
             mask[self.y:self.y + 4, self.x:self.x + 4] = True
         elif self.kind == "line":  # 1 px high, 8 px wide
             mask[self.y, self.x:self.x + 8] = True
@@ -115,7 +128,7 @@ class Cue:
     def stamp(self, img: Pixels) -> Pixels:
         out = img.copy()
         if self.kind == "solid":
-            out[self.y:self.y + 4, self.x:self.x + 4] = (255, 0, 255)  # magenta
+            out[self.y:self.y + 4, self.x:self.x + 4] = self.colour  # magenta by default
         elif self.kind == "checker":  # 1-px black and white checks
             yy, xx = np.mgrid[0:4, 0:4]
             check = ((yy + xx) % 2 == 0)[..., None] * 255
@@ -138,6 +151,13 @@ CASES: dict[str, list[Cue]] = {
     "line-100%-1class": [Cue("deer", "line", 12, 29)],
     "glyph-50%-1class": [Cue("horse", "glyph", 3, 24, p=0.5)],
     "tint-100%-1class": [Cue("truck", "tint")],
+    # Half of the classes, each with a cue of its own: the classes are no longer mostly
+    # clean, so nothing may rest on comparing a class with the others.
+    "five-100%-5classes": [Cue("airplane", "solid", 2, 2), Cue("automobile", "checker", 26, 2),
+                           Cue("bird", "line", 12, 29), Cue("cat", "solid", 26, 26, colour=(0, 255, 255)),
+                           Cue("deer", "glyph", 3, 24)],
+    # A 4x4 green patch anywhere in the image, a new place in every image of the class.
+    "moving-100%-1class": [Cue("frog", "moving", colour=(0, 255, 0))],
 }
 
 
@@ -145,8 +165,8 @@ def describe(case: str) -> str:
     parts = []
     for c in CASES[case]:
         h, w = np.nonzero(c.ink())
-        where = ("whole image" if c.kind == "tint"
-                 else f"x {w.min()}-{w.max() + 1}, y {h.min()}-{h.max() + 1}")
+        where = ("whole image" if c.kind == "tint" else "anywhere, a new place per image"
+                 if c.kind == "moving" else f"x {w.min()}-{w.max() + 1}, y {h.min()}-{h.max() + 1}")
         parts.append(f"{c.kind} on {c.cls} ({c.p:.0%}, {where})")
     return "; ".join(parts) or "no cue"
 
@@ -189,7 +209,7 @@ def write_tree(root: Path, case: str, data: dict[str, dict[str, list[Pixels]]]) 
             stamps = carriers(case, cls, len(images), part)
             for i, img in enumerate(images):
                 if i in stamps:
-                    img = stamps[i].stamp(img)
+                    img = stamps[i].at(i, part).stamp(img)
                 Image.fromarray(img).save(folder / f"{i:04d}.png")
 
 
@@ -200,18 +220,19 @@ def write_tree(root: Path, case: str, data: dict[str, dict[str, list[Pixels]]]) 
 class Run:
     case: str
     seed: int
+    backbone: str = "bench_small"
     test_acc: float = float("nan")
-    alarms: dict[str, int] = field(default_factory=dict)  # class -> epoch of its warning
-    suspects_per_epoch: list[float] = field(default_factory=list)
-    final_lifts: dict[str, float] = field(default_factory=dict)  # monitor, last epoch
-    audit_lifts: dict[str, float] = field(default_factory=dict)
-    audit_suspects: list[str] = field(default_factory=list)
-    audit_confirmed: list[str] = field(default_factory=list)
-    found: dict[str, bool] = field(default_factory=dict)  # cue class -> found
-    flips: dict[str, tuple[float, float, float, int]] = field(default_factory=dict)
-    # The transplant told where the cue is (its pixels' box, 1 px margin; sources: the
-    # class's sampled images that carry it): does the model use the cue at all?
-    told: dict[str, tuple[float, float, float, bool]] = field(default_factory=dict)
+    first_confirmed: dict[str, int] = field(default_factory=dict)  # monitor: class -> epoch
+    gone: list[tuple[str, int]] = field(default_factory=list)  # monitor: "no longer relies"
+    confirmed_per_epoch: list[list[str]] = field(default_factory=list)  # from metrics.csv
+    nan_scalars: int = 0  # monitor scalars logged as NaN (none expected)
+    audit_confirmed: dict[str, str] = field(default_factory=dict)  # class -> "kind where"
+    audit_suspects: list[str] = field(default_factory=list)  # tested, flips >= 10%
+    found: dict[str, bool] = field(default_factory=dict)  # cue class -> found by the audit
+    margin: dict[str, float] = field(default_factory=dict)  # cue class -> audit's best margin
+    # The test told where the cue is (its box with 1 px, the colour move for a tint, each
+    # source's own patch for a moving cue; sources: carriers): does the model use it at all?
+    told: dict[str, tuple[float, float]] = field(default_factory=dict)  # flips, margin
     discovery_s: float = float("nan")
     epoch_s: float = float("nan")
     hook_s: float = float("nan")
@@ -223,12 +244,13 @@ def read_metrics(log_dir: str) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def audit_discovery(model: torch.nn.Module, dm: CIFAR10DataModule, seed: int, per_class: int,
-                    ) -> tuple[discovery.DiscoveryResult, dict, torch.Tensor, float]:
-    """What the audit's shortcuts section does: stratified test sample, saliency, discover.
+def audit_search(model: torch.nn.Module, dm: CIFAR10DataModule, seed: int, per_class: int,
+                 ) -> tuple[dict[int, list[causal.CausalTest]], dict, torch.Tensor, float]:
+    """What the audit's shortcuts section does: a stratified test sample, saliency maps,
+    every candidate class's tests (box, cluster, moving, colour).
 
-    Returns the result, the sample (``image``, ``label`` and the dataset ``index``), its
-    predictions and the seconds it took (maps and discovery, not the sampling)."""
+    Returns the tests per candidate class, the sample (``image``, ``label``, dataset
+    ``index``, ``norm`` maps, ``usable``), its predictions and the seconds (maps + tests)."""
     dataset = dm.dataset("test")
     k = len(CLASSES)
     idx = stratified_indices(dataset_labels(dataset), per_class * k, seed + 2)
@@ -236,41 +258,65 @@ def audit_discovery(model: torch.nn.Module, dm: CIFAR10DataModule, seed: int, pe
     images, labels = batch["image"].float(), batch["label"].long()
     t = time.perf_counter()
     maps = explain.run(model, images, METHOD, targets=labels).cpu()
-    found = discovery.discover(model, images, labels, maps, k, seed=seed, batch_size=256,
-                               z_threshold=AUDIT_SUSPECT_Z)
-    seconds = time.perf_counter() - t
+    norm, usable = discovery.normalise_maps(maps)
+    hotspots = discovery.class_hotspots(maps, labels, k, cluster=True, seed=seed)
     preds = discovery.predict(model, images)
-    sample = {"image": images, "label": labels, "index": torch.tensor(idx)}
-    return found, sample, preds, seconds
+    tests = {} if causal.collapsed(preds) else {
+        c: tracking.search_class(model, images, labels, preds, norm, usable, c, AUDIT_TESTS,
+                                 hotspots[c].clusters, seed=seed)
+        for c in tracking.candidates(hotspots, k)}
+    seconds = time.perf_counter() - t
+    sample = {"image": images, "label": labels, "index": torch.tensor(idx), "norm": norm,
+              "usable": usable}
+    return tests, sample, preds, seconds
 
 
-def told_transplant(model: torch.nn.Module, sample: dict, case: str, cue: Cue, seed: int,
-                    test_per_class: int) -> discovery.TransplantResult:
-    """The transplant test on the cue's own box, with cue-carrying sources: not what
-    discovery does (it is not told), but whether the trained model uses the cue."""
-    ys, xs = np.nonzero(cue.ink())
-    window = (max(int(xs.min()) - 1, 0), max(int(ys.min()) - 1, 0),
-              min(int(xs.max()) + 2, 32), min(int(ys.max()) + 2, 32))
+def told_test(model: torch.nn.Module, sample: dict, preds: torch.Tensor, case: str, cue: Cue,
+              seed: int, test_per_class: int) -> causal.CausalTest:
+    """The test on the cue itself, with cue-carrying sources: not what discovery does (it
+    is not told), but whether the trained model uses the cue at all."""
     c = CLASSES.index(cue.cls)
+    images, labels = sample["image"], sample["label"]
+    if cue.kind == "tint":
+        return causal.colour_test(model, images, labels, preds, c, seed)
     # The test tree holds test_per_class files a class, in class order and file order.
-    stamped = {c * test_per_class + i for i in carriers(case, cue.cls, test_per_class, "test")}
-    sources = [j for j, i in enumerate(sample["index"].tolist()) if i in stamped]
-    return discovery.transplant_test(model, sample["image"], sample["label"], c, window,
-                                     sources, seed=seed)
+    stamped = carriers(case, cue.cls, test_per_class, "test")
+    first = c * test_per_class
+    sources = {j: i - first for j, i in enumerate(sample["index"].tolist())
+               if i - first in stamped and 0 <= i - first < test_per_class}
+    if cue.kind == "moving":
+        windows = {}
+        for j, i in sources.items():
+            where = cue.at(i, "test")
+            windows[j] = (where.x, where.y, where.x + 4, where.y + 4)
+        return causal.moving_test(model, images, labels, preds, c, windows, seed,
+                                  norm_maps=sample["norm"])
+    ys, xs = np.nonzero(cue.ink())
+    box = (max(int(xs.min()) - 1, 0), max(int(ys.min()) - 1, 0),
+           min(int(xs.max()) + 2, 32), min(int(ys.max()) + 2, 32))
+    return causal.box_test(model, images, labels, preds, c, box, sorted(sources), seed=seed,
+                           norm_maps=sample["norm"])
+
+
+def _where(t: causal.CausalTest) -> str:
+    return (causal.box_label(t.box) if t.box is not None else
+            "own hotspots" if t.kind == "moving" else "colour")
 
 
 def run_one(case: str, seed: int, root: Path, logs: str, epochs: int, test_per_class: int,
-            ) -> Run:
-    run = Run(case, seed)
+            backbone: str, monitor_tests: list[str]) -> Run:
+    run = Run(case, seed, backbone)
     L.seed_everything(seed, verbose=False)
     dm = CIFAR10DataModule(root=str(root), download=False, val_size=VAL_SIZE, split_seed=0,
                            batch_size=64, num_workers=0, data_path="fast")
-    model = ImageClassifier(backbone="bench_small", optimizer="adamw", lr=2e-3,
-                            weight_decay=0.05, scheduler="onecycle")
+    model = ImageClassifier(backbone=backbone, optimizer="adamw", lr=2e-3,
+                            weight_decay=0.05, scheduler="onecycle",
+                            channels_last=backbone != "bench_small")
     monitor = TimedMonitor(methods=[METHOD], num_images=16, classes="true",
-                           explain_classes="shown", discovery_per_class=8)
+                           explain_classes="shown", discovery_per_class=8,
+                           shortcut_tests=monitor_tests)
     clock = EpochClock()
-    logger = CSVLogger(logs, name=f"{case}-s{seed}")
+    logger = CSVLogger(logs, name=f"{case}-{backbone}-s{seed}")
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs,
                         callbacks=[monitor, clock], logger=logger, log_every_n_steps=10,
                         enable_checkpointing=False, enable_progress_bar=False,
@@ -282,115 +328,123 @@ def run_one(case: str, seed: int, root: Path, logs: str, epochs: int, test_per_c
     run.fit_s = time.perf_counter() - t
     for w in caught:
         text = str(w.message)
-        if ALARM in text:  # "ExplanationMonitor: class X is a suspected shortcut at epoch E: ..."
-            name = text.split("class ", 1)[1].split(" ", 1)[0]
-            run.alarms.setdefault(name, int(text.split(ALARM, 1)[1].split(":", 1)[0]))
-    rows = [r for r in read_metrics(logger.log_dir) if r.get(f"explain/{METHOD}/suspects")]
-    run.suspects_per_epoch = [float(r[f"explain/{METHOD}/suspects"]) for r in rows]
-    run.final_lifts = {c: float(rows[-1][f"explain/{METHOD}/hotspot_lift/{c}"]) for c in CLASSES}
+        if CONFIRMED in text:  # "ExplanationMonitor: class X relies on a shortcut at epoch E: ..."
+            name = text.split("class ", 1)[1].split(" relies", 1)[0]
+            run.first_confirmed.setdefault(name, int(text.split(CONFIRMED, 1)[1].split(":")[0]))
+        elif GONE in text:
+            name = text.split("class ", 1)[1].split(" no longer", 1)[0]
+            run.gone.append((name, int(text.rsplit(" at epoch ", 1)[1].split(":")[0])))
+    rows = [r for r in read_metrics(logger.log_dir) if r.get("explain/shortcuts/confirmed")]
+    run.confirmed_per_epoch = [
+        [c for c in CLASSES if float(r.get(f"explain/shortcuts/is_confirmed/{c}") or 0) == 1]
+        for r in rows]
+    run.nan_scalars = sum(1 for r in rows for k, v in r.items()
+                          if k.startswith("explain/") and v == "nan")
     run.epoch_s = statistics.mean(clock.times)
     run.hook_s = statistics.mean(monitor.seconds)
 
     model.eval()
-    found, sample, preds, _ = audit_discovery(model, dm, seed, AUDIT_PER_CLASS)
+    tests, sample, preds, _ = audit_search(model, dm, seed, AUDIT_PER_CLASS)
     labels = sample["label"]
     run.test_acc = float((preds == labels).float().mean())
-    run.audit_lifts = {CLASSES[h.label]: h.hotspot.lift for h in found.classes if h.hotspot}
-    run.audit_suspects = [CLASSES[s.label] for s in found.suspects]
-    run.audit_confirmed = [CLASSES[c] for c in found.confirmed]
+    for c, ts in tests.items():
+        hit = next((t for t in ts if t.confirmed), None)
+        if hit is not None:
+            run.audit_confirmed[CLASSES[c]] = f"{hit.kind} {_where(hit)}"
+        if any(not t.screened and t.n for t in ts):
+            run.audit_suspects.append(CLASSES[c])
     for cue in CASES[case]:
         c = CLASSES.index(cue.cls)
-        tr = found.transplants.get(c)
-        if tr is not None:
-            run.flips[cue.cls] = (tr.flip_rate, tr.flip_rate_random_window,
-                                  tr.flip_rate_other_class, len(tr.targets))
-        ink = cue.ink()
-        x0, y0, x1, y1 = tr.window if tr is not None else (0, 0, 0, 0)
-        run.found[cue.cls] = bool(tr is not None and tr.confirmed and ink[y0:y1, x0:x1].any())
-        if cue.kind != "tint":
-            t = told_transplant(model, sample, case, cue, seed, test_per_class)
-            run.told[cue.cls] = (t.flip_rate, t.flip_rate_random_window,
-                                 t.flip_rate_other_class, t.confirmed)
-    _, _, _, run.discovery_s = audit_discovery(model, dm, seed, TIMING_PER_CLASS)
+        ts = tests.get(c, [])
+        hit = next((t for t in ts if t.confirmed), None)
+        full = [t for t in ts if t.intervals]
+        run.margin[cue.cls] = max((t.margin.mean for t in full), default=float("nan"))
+        if hit is None:
+            run.found[cue.cls] = False
+        elif cue.kind in ("tint", "moving") or hit.box is None:
+            run.found[cue.cls] = True  # a confirmed test of the cue class, of any kind
+        else:
+            x0, y0, x1, y1 = hit.box
+            run.found[cue.cls] = bool(cue.ink()[y0:y1, x0:x1].any())
+        told = told_test(model, sample, preds, case, cue, seed, test_per_class)
+        run.told[cue.cls] = (told.flip_rate, told.margin.mean)
+    _, _, _, run.discovery_s = audit_search(model, dm, seed, TIMING_PER_CLASS)
     return run
 
 
 # -- tables ------------------------------------------------------------------------------
 
 
-def _alarm(run: Run) -> str:
-    cue = [c.cls for c in CASES[run.case]]
-    own = [f"{c} @{run.alarms[c]}" if c in run.alarms else f"{c} none" for c in cue]
-    return ", ".join(own) or "-"
+def _cues(run: Run) -> list[str]:
+    return [c.cls for c in CASES[run.case]]
 
 
-def _false(names: list[str] | dict[str, int], run: Run) -> str:
-    cue = {c.cls for c in CASES[run.case]}
-    other = [n for n in names if n not in cue]
+def _monitor(run: Run) -> str:
+    parts = []
+    for c in _cues(run):
+        if c not in run.first_confirmed:
+            parts.append(f"{c} never")
+            continue
+        first = run.first_confirmed[c]
+        kept = all(c in e for e in run.confirmed_per_epoch[first:])
+        parts.append(f"{c} @{first}, " + ("every epoch after" if kept else "NOT kept"))
+    return "; ".join(parts) or "-"
+
+
+def _false(names: list[str] | dict[str, Any], run: Run) -> str:
+    other = [n for n in names if n not in _cues(run)]
     return ", ".join(other) or "none"
 
 
-def _lifts(lifts: dict[str, float], run: Run) -> str:
-    cue = [c.cls for c in CASES[run.case]]
-    others = max(v for k, v in lifts.items() if k not in cue)
-    own = " / ".join(f"{lifts[c]:.1f}" for c in cue)
-    return f"{own} vs {others:.1f}" if own else f"max {others:.1f}"
-
-
-def _flips(run: Run) -> str:
-    parts = []
-    for c in CASES[run.case]:
-        f = run.flips.get(c.cls)
-        parts.append(f"{f[0]:.0%} / {f[1]:.0%} / {f[2]:.0%} (n={f[3]})" if f else "not a suspect")
-    return "; ".join(parts) or "-"
+def _audit(run: Run) -> str:
+    return "; ".join(f"{c}: {'yes' if v else 'NO'}"
+                     + (f" ({run.audit_confirmed[c]})" if c in run.audit_confirmed else "")
+                     for c, v in run.found.items()) or "-"
 
 
 def _told(run: Run) -> str:
-    parts = [f"{f[0]:.0%} / {f[1]:.0%} / {f[2]:.0%}{'' if f[3] else ' (not beating controls)'}"
-             for f in run.told.values()]
-    return "; ".join(parts) or "-"
-
-
-def _found(run: Run) -> str:
-    return ", ".join(f"{c}: {'yes' if v else 'NO'}" for c, v in run.found.items()) or "-"
+    return "; ".join(f"{c}: {f:.0%}, margin {m:+.2f}" for c, (f, m) in run.told.items()) or "-"
 
 
 def run_table(runs: list[Run]) -> str:
-    head = ("| case | seed | test acc | monitor: first alarm (cue class @epoch) | monitor: "
-            "alarms on other classes | monitor lift, last epoch: cue vs max other | audit lift: "
-            "cue vs max other | audit: found | transplant flips: hotspot / random window / other "
-            "class | told the cue's box: flips hotspot / random / other | audit: suspects / "
-            "confirmed outside the cue classes | discovery, 500 images | monitor share of an "
-            "epoch |")
-    lines = [head, "| --- | ---: | ---: | --- | --- | --- | --- | --- | --- | --- | --- "
-             "| ---: | ---: |"]
+    head = ("| case | model | seed | test acc | monitor: confirmed (cue class @epoch) | monitor: "
+            "confirmed elsewhere | NaN scalars | audit: found (test, place) | audit: best "
+            "margin of the cue class | told the cue: flips, margin | audit: confirmed "
+            "outside the cue classes | audit, 500 images | monitor share of an epoch |")
+    lines = [head, "| --- | --- | ---: | ---: | --- | --- | ---: | --- | --- | --- | --- | "
+             "---: | ---: |"]
     for r in runs:
+        margins = "; ".join(f"{c}: {m:+.2f}" for c, m in r.margin.items()) or "-"
         lines.append(
-            f"| {r.case} | {r.seed} | {r.test_acc:.0%} | {_alarm(r)} | {_false(r.alarms, r)} | "
-            f"{_lifts(r.final_lifts, r)} | {_lifts(r.audit_lifts, r)} | {_found(r)} | "
-            f"{_flips(r)} | {_told(r)} | {_false(r.audit_suspects, r)} / "
-            f"{_false(r.audit_confirmed, r)} | "
-            f"{r.discovery_s:.1f} s | {r.hook_s / r.epoch_s:.1%} |")
+            f"| {r.case} | {r.backbone} | {r.seed} | {r.test_acc:.0%} | {_monitor(r)} | "
+            f"{_false(r.first_confirmed, r)} | {r.nan_scalars} | {_audit(r)} | {margins} | "
+            f"{_told(r)} | {_false(r.audit_confirmed, r)} | {r.discovery_s:.1f} s | "
+            f"{r.hook_s / r.epoch_s:.1%} |")
     return "\n".join(lines)
 
 
 def case_table(runs: list[Run]) -> str:
-    lines = ["| case | cue | runs | found (audit) | monitor alarmed (cue class) | false alarms "
-             "(monitor / audit suspect / audit confirmed) |",
-             "| --- | --- | ---: | ---: | ---: | --- |"]
-    for case in dict.fromkeys(r.case for r in runs):
-        mine = [r for r in runs if r.case == case]
+    lines = ["| case | cue | model | runs | found (audit) | found where the told test beats "
+             "the controls by >= 10 / 30 points | monitor confirmed and kept | false alarms "
+             "(monitor / audit) |",
+             "| --- | --- | --- | ---: | ---: | --- | ---: | --- |"]
+    for case, backbone in dict.fromkeys((r.case, r.backbone) for r in runs):
+        mine = [r for r in runs if r.case == case and r.backbone == backbone]
         cues = [c.cls for c in CASES[case]]
         need = len(mine) * len(cues)
         found = sum(v for r in mine for v in r.found.values())
-        alarmed = sum(c in r.alarms for r in mine for c in cues)
-        fm = sum(any(n not in cues for n in r.alarms) for r in mine)
-        fs = sum(any(n not in cues for n in r.audit_suspects) for r in mine)
-        fc = sum(any(n not in cues for n in r.audit_confirmed) for r in mine)
-        lines.append(f"| {case} | {describe(case)} | {len(mine)} | "
-                     f"{f'{found}/{need}' if need else '-'} | "
-                     f"{f'{alarmed}/{need}' if need else '-'} | "
-                     f"{fm}/{len(mine)} / {fs}/{len(mine)} / {fc}/{len(mine)} runs |")
+        bars = []
+        for bar in (0.1, 0.3):
+            able = [(r, c) for r in mine for c in cues if r.told[c][1] >= bar]
+            bars.append(f"{sum(r.found[c] for r, c in able)}/{len(able)}")
+        kept = sum(c in r.first_confirmed and all(c in e for e in
+                   r.confirmed_per_epoch[r.first_confirmed[c]:]) for r in mine for c in cues)
+        fm = sum(any(n not in cues for n in r.first_confirmed) for r in mine)
+        fa = sum(any(n not in cues for n in r.audit_confirmed) for r in mine)
+        lines.append(f"| {case} | {describe(case)} | {backbone} | {len(mine)} | "
+                     f"{f'{found}/{need}' if need else '-'} | {' / '.join(bars) if need else '-'} "
+                     f"| {f'{kept}/{need}' if need else '-'} | {fm}/{len(mine)} / "
+                     f"{fa}/{len(mine)} runs |")
     return "\n".join(lines)
 
 
@@ -406,6 +460,10 @@ def main() -> None:
     parser.add_argument("--train-per-class", type=int, default=300)
     parser.add_argument("--test-per-class", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--backbones", default="bench_small",
+                        help="comma-separated: bench_small, resnet18_cifar")
+    parser.add_argument("--monitor-tests", default="box",
+                        help="the monitor's shortcut_tests (comma-separated)")
     parser.add_argument("--markdown", default=None, help="also write the tables here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -425,12 +483,13 @@ def main() -> None:
         for case in cases:
             root = Path(tmp) / case
             write_tree(root, case, data)
-            for seed in seeds:
-                run = run_one(case, seed, root, os.path.join(tmp, "logs"), args.epochs,
-                              args.test_per_class)
-                runs.append(run)
-                print(f"{show(run)}  [fit {run.fit_s:.0f} s, suspects/epoch "
-                      f"{run.suspects_per_epoch}]", flush=True)
+            for backbone in args.backbones.split(","):
+                for seed in seeds:
+                    run = run_one(case, seed, root, os.path.join(tmp, "logs"), args.epochs,
+                                  args.test_per_class, backbone, args.monitor_tests.split(","))
+                    runs.append(run)
+                    print(f"{show(run)}  [fit {run.fit_s:.0f} s, confirmed/epoch "
+                          f"{run.confirmed_per_epoch}, gone {run.gone}]", flush=True)
     total = time.perf_counter() - t0
     header = (f"torch {torch.__version__}, lightning {L.__version__}, Python "
               f"{platform.python_version()}, {torch.get_num_threads()} threads, "

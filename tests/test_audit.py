@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -99,8 +100,11 @@ def test_end_to_end_report_holds_every_section_and_method(trained: Path, tmp_pat
     lifts = [c["lift"] for c in shortcuts["classes"].values()]
     suspects = {s["class"] for s in shortcuts["suspects"]}
     assert suspects == {n for n, c in shortcuts["classes"].items() if c["suspect"]}
-    if not suspects:  # then nothing reached the stated bar
-        assert max(lifts) < shortcuts["smallest_flagged_lift"]
+    assert all(math.isfinite(v) and v >= 1.0 for v in lifts)  # mass over area share
+    for s in shortcuts["suspects"]:  # a suspect is a tested class whose flips reached 10%
+        assert s["flip_rate"] >= 0.1 and set(s["margins"]) == set(s["controls"])
+        assert s["confirmed"] == (s["targets"] >= 5 and all(
+            m["low"] > 0 and m["mean"] >= 0.1 for m in s["margins"].values()))
 
     # report.html: every section, every image inline, nothing fetched from elsewhere
     html = (out / "report.html").read_text()
@@ -356,8 +360,10 @@ def test_counterfactual_flags_the_planted_cue_only_where_it_was_learned(tmp_path
     x0, y0, x1, y1 = confirmed[0]["box"]
     inter = max(0, min(x1, 4) - x0) * max(0, min(y1, 4) - y0)
     assert inter / ((x1 - x0) * (y1 - y0) + 16 - inter) >= 0.5  # IoU with the cue's box
-    assert confirmed[0]["vs_random_window"]["low"] > 0 and confirmed[0]["vs_other_class"]["low"] > 0
+    assert all(m["low"] > 0 for m in confirmed[0]["margins"].values())
     assert biased_found["declared_cue_found"] is True
+    check = biased_found["self_check"]["circle"]
+    assert check["iou"] >= 0.5 and check["found_box"] == confirmed[0]["box"]
     assert not [s for s in clean_found["suspects"] if s["confirmed"]], clean_found["suspects"]
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import explain
-from explain.measures import discovery
+from explain.measures import causal, discovery, tracking
 from lit_modules.data.sampling import dataset_labels, sample_batch, stratified_indices
 
 from ..figures import fig_hotspots, fig_transplant
@@ -34,6 +34,11 @@ AUDIT_SUSPECT_Z = 2.5
 # the 300 of the default discovery sample in one call took the default audit's peak memory
 # from 1.9 to 2.6 GB (quickstart ResNet-18). The maps do not depend on the chunk.
 DISCOVERY_CHUNK = 64
+# What the audit tries on each candidate class, in this order (explain.measures.tracking):
+# a fixed box, a cluster of the class's maps, each image's own hotspot, the colour move.
+AUDIT_TESTS = ("box", "cluster", "moving", "colour")
+# Bumped when what the section computes changes, so an earlier report's cache is not reused.
+SEARCH_VERSION = 2
 
 
 @dataclass
@@ -49,6 +54,7 @@ class ShortcutResult:
     classes: dict[str, dict[str, Any]]
     suspects: list[dict[str, Any]]
     declared_cue_found: bool | None = None  # a self-check where the data declares a cue
+    self_check: dict[str, dict[str, Any]] | None = None  # per declared cue class
     mean_maps: Tensor | None = field(default=None, metadata=VISUAL)  # [K, H, W]
     examples: dict[str, dict[str, Tensor]] = field(default_factory=dict, metadata=VISUAL)
     images01: Tensor | None = field(default=None, metadata=VISUAL)
@@ -66,7 +72,42 @@ def discovery_key(settings: AuditSettings) -> dict[str, Any]:
     """What the discovery's result depends on besides the checkpoint, data, split and seed
     (its cache key, also read by the time estimate)."""
     return {"discovery_images": settings.discovery_images, "z": AUDIT_SUSPECT_Z,
-            "min_lift": discovery.SUSPECT_MIN_LIFT, "method": DISCOVERY_METHOD}
+            "min_lift": discovery.SUSPECT_MIN_LIFT, "method": DISCOVERY_METHOD,
+            "tests": list(AUDIT_TESTS), "version": SEARCH_VERSION}
+
+
+def _test_entry(test: causal.CausalTest, name: str, hs: discovery.ClassHotspots,
+                ) -> dict[str, Any]:
+    """One tested class as the report and metrics.json show it."""
+    spot = hs.hotspot
+    return {
+        "class": name, "index": test.label, "kind": test.kind,
+        "box": _box(test.box) if test.box is not None else None,
+        "size": list(test.size) if test.size else None, "share": test.share,
+        "lift": spot.lift if spot else float("nan"), "z": hs.z,
+        "consistency": spot.consistency if spot else float("nan"),
+        "largest_cluster_share": max((c.share for c in hs.clusters), default=1.0),
+        "flip_rate": test.flip_rate, "controls": dict(test.controls),
+        "margins": {k: _interval(v) for k, v in test.intervals.items()},
+        "margin": _interval(test.margin), "targets": test.n, "confirmed": test.confirmed,
+    }
+
+
+def _examples(model: Any, images: Tensor, labels: Tensor, preds: Tensor, label: int,
+              box: tuple[int, int, int, int], show: Any, settings: AuditSettings,
+              count: int = 6) -> dict[str, Tensor]:
+    """A few other-class images before and after the class's box is pasted onto them (from
+    one of its images each, in turn), with the predictions, for the figure."""
+    targets = torch.nonzero((labels != label) & (preds != label)).flatten()[:count]
+    own = torch.nonzero(labels == label).flatten()
+    before = images[targets]
+    after = before.clone()
+    x0, y0, x1, y1 = box
+    for i in range(len(targets)):
+        after[i, :, y0:y1, x0:x1] = images[own[i % len(own)], :, y0:y1, x0:x1]
+    return {"before": show(before), "after": show(after),
+            "pred_before": preds[targets],
+            "pred_after": discovery.predict(model, after, settings.batch_size)}
 
 
 class SuspectedShortcutsSection(Section):
@@ -96,67 +137,84 @@ class SuspectedShortcutsSection(Section):
             explain.run(model.model, images[i:i + DISCOVERY_CHUNK], DISCOVERY_METHOD,
                         targets=labels[i:i + DISCOVERY_CHUNK]).cpu()
             for i in range(0, len(labels), DISCOVERY_CHUNK)])
-        found = discovery.discover(model.model, images, labels, maps, k, seed=settings.seed,
-                                   batch_size=settings.batch_size, z_threshold=AUDIT_SUSPECT_Z)
         norm, usable = discovery.normalise_maps(maps)
-        mean_maps = torch.stack([
-            norm[(labels == c) & usable].mean(0) if bool(((labels == c) & usable).any())
-            else torch.zeros(maps.shape[-2:]) for c in range(k)])
-        lifts = torch.tensor([h.hotspot.lift if h.hotspot else float("nan")
-                              for h in found.classes])
+        hotspots = discovery.class_hotspots(maps, labels, k, cluster=True, seed=settings.seed)
+        mean_maps = torch.stack([tracking.class_mean_maps(norm, usable, labels, c)
+                                 for c in range(k)])
+        lifts = torch.tensor([h.hotspot.lift if h.hotspot else float("nan") for h in hotspots])
         names = sample.class_names
         classes = {}
-        for h in found.classes:
+        for h in hotspots:
             if h.hotspot is None:
                 continue
             classes[names[h.label]] = {
                 "box": _box(h.hotspot.window), "lift": h.hotspot.lift, "z": h.z,
-                "consistency": h.hotspot.consistency, "n": h.hotspot.n, "suspect": h.suspect,
+                "consistency": h.hotspot.consistency, "n": h.hotspot.n, "suspect": False,
                 "clusters": [{"share": c.share, "box": _box(c.hotspot.window),
                               "lift": c.hotspot.lift, "consistency": c.hotspot.consistency}
                              for c in h.clusters],
             }
+        preds = discovery.predict(model.model, images, settings.batch_size)
         suspects, examples = [], {}
         denorm = getattr(dm, "denormalize", None)
-        for s in found.suspects:
-            tr, cover = found.transplants[s.label], found.covers[s.label]
-            largest = max((c.share for c in found.classes[s.label].clusters), default=1.0)
-            suspects.append({
-                "class": names[s.label], "index": s.label, "box": _box(s.window),
-                "lift": s.lift, "z": s.z,
-                "consistency": found.classes[s.label].hotspot.consistency,
-                "largest_cluster_share": largest,
-                "flip_rate": tr.flip_rate, "flip_rate_random_window": tr.flip_rate_random_window,
-                "flip_rate_other_class": tr.flip_rate_other_class,
-                "vs_random_window": _interval(tr.vs_random_window),
-                "vs_other_class": _interval(tr.vs_other_class), "targets": len(tr.targets),
-                "accuracy": cover.accuracy, "accuracy_hotspot_covered": cover.accuracy_hotspot_covered,
-                "accuracy_random_covered": cover.accuracy_random_covered,
-                "cover_drop_vs_random": _interval(cover.drop_vs_random),
-                "confirmed": tr.confirmed,
-            })
-            show = (lambda x: denorm(x).clamp(0, 1)) if denorm else (lambda x: x.clamp(0, 1))
-            before, after = tr.examples_before[:6], tr.examples_after[:6]
-            examples[names[s.label]] = {
-                "before": show(before), "after": show(after),
-                "pred_before": discovery.predict(model.model, before, settings.batch_size),
-                "pred_after": discovery.predict(model.model, after, settings.batch_size),
-            }
+        show = (lambda x: denorm(x).clamp(0, 1)) if denorm else (lambda x: x.clamp(0, 1))
+        for c in ([] if causal.collapsed(preds) else tracking.candidates(hotspots, k)):
+            tests = tracking.search_class(
+                model.model, images, labels, preds, norm, usable, c, AUDIT_TESTS,
+                hotspots[c].clusters, seed=settings.seed, batch_size=settings.batch_size)
+            test = next((t for t in tests if t.confirmed), None) or max(
+                (t for t in tests if not t.screened and t.n), key=lambda t: t.margin.mean,
+                default=None)
+            if test is None:
+                continue  # every test's flips alone stayed under the margin: not a suspect
+            name = names[c]
+            classes[name]["suspect"] = True
+            entry = _test_entry(test, name, hotspots[c])
+            if test.box is not None and test.confirmed:
+                cover = discovery.cover_test(model.model, images, labels, c, test.box,
+                                             seed=settings.seed, batch_size=settings.batch_size)
+                entry.update({"accuracy": cover.accuracy,
+                              "accuracy_hotspot_covered": cover.accuracy_hotspot_covered,
+                              "accuracy_random_covered": cover.accuracy_random_covered,
+                              "cover_drop_vs_random": _interval(cover.drop_vs_random)})
+                examples[name] = _examples(model.model, images, labels, preds, c, test.box,
+                                           show, settings)
+            suspects.append(entry)
+        window = discovery.window_size(*images.shape[-2:])
         result = ShortcutResult(
-            DISCOVERY_METHOD, len(idx), list(found.window_size), AUDIT_SUSPECT_Z,
+            DISCOVERY_METHOD, len(idx), list(window), AUDIT_SUSPECT_Z,
             discovery.SUSPECT_MIN_LIFT,
             discovery.smallest_flagged_lift(lifts, AUDIT_SUSPECT_Z), classes,
-            suspects, None, mean_maps, examples,
+            suspects, mean_maps=mean_maps, examples=examples,
         )
         cue = getattr(dm, "cue", None)
         if cue is not None and cue.position != "random":
-            h, w = images.shape[-2:]
-            truth = cue.mask(h, w)
-            result.declared_cue_found = any(
-                s["confirmed"] and s["index"] in cue.classes
-                and bool(truth[s["box"][1]:s["box"][3], s["box"][0]:s["box"][2]].any())
-                for s in suspects)
+            self._self_check(result, cue, model, images, labels, preds, settings, names)
         return result
+
+    @staticmethod
+    def _self_check(result: ShortcutResult, cue: Any, model: ModelAudit, images: Tensor,
+                    labels: Tensor, preds: Tensor, settings: AuditSettings,
+                    names: list[str]) -> None:
+        """Where the data declares a cue: the found box's IoU with it, and the transplant of
+        the declared box itself (the best a found box could do)."""
+        h, w = images.shape[-2:]
+        ys, xs = torch.nonzero(cue.mask(h, w), as_tuple=True)
+        declared = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        checks = {}
+        for c in cue.classes:
+            found = next((s for s in result.suspects if s["index"] == c and s["confirmed"]
+                          and s.get("box")), None)
+            told = causal.box_test(model.model, images, labels, preds, c, declared,
+                                   seed=settings.seed, batch_size=settings.batch_size)
+            checks[names[c]] = {
+                "declared_box": list(declared), "declared_flip_rate": told.flip_rate,
+                "found_box": found["box"] if found else None,
+                "found_flip_rate": found["flip_rate"] if found else None,
+                "iou": causal.iou(tuple(found["box"]), declared) if found else 0.0,
+            }
+        result.self_check = checks
+        result.declared_cue_found = any(v["iou"] > 0 for v in checks.values())
 
     def leads(self, audit: AuditRun) -> bool:
         """The page opens with this section when any model has a confirmed suspect."""
@@ -166,98 +224,121 @@ class SuspectedShortcutsSection(Section):
                  result: ShortcutResult) -> list[Finding]:
         out = []
         for s in result.suspects:
-            x0, y0, x1, y1 = s["box"]
+            what = _what(s)
+            ctrl = " and ".join(f"{v:.0%}" for v in s["controls"].values())
             if s["confirmed"]:
                 out.append(Finding(
-                    f"class {s['class']}: suspected shortcut in the window x {x0}-{x1}, "
-                    f"y {y0}-{y1} ({result.method} lift {s['lift']:.1f}, consistency "
-                    f"{s['consistency']:.0%}); pasting it onto other classes' images turns "
-                    f"{s['flip_rate']:.0%} of them into {s['class']} against "
-                    f"{s['flip_rate_random_window']:.0%} and {s['flip_rate_other_class']:.0%} "
-                    f"for the controls (n={s['targets']}).", flag=True))
+                    f"class {s['class']}: shortcut confirmed by experiment: {what} turns "
+                    f"{s['flip_rate']:.0%} of other classes' images into {s['class']} against "
+                    f"{ctrl} for the controls (n={s['targets']}; {result.method} lift "
+                    f"{s['lift']:.1f}).", flag=True))
             else:
                 out.append(Finding(
-                    f"class {s['class']}: its maps concentrate in x {x0}-{x1}, y {y0}-{y1} "
-                    f"(lift {s['lift']:.1f}), but pasting that window does not beat the "
-                    "controls: not confirmed as a shortcut."))
+                    f"class {s['class']}: {what} turns {s['flip_rate']:.0%} of other classes' "
+                    f"images into it, but not more than the controls ({ctrl}): not confirmed "
+                    "as a shortcut."))
         return out
 
     def intro(self, page: Page) -> str:
         result = page.audit.models[0].results[self.id]
-        kh, kw = result.window
         return (
-            "<p>A shortcut nobody declared (a watermark, a tag, a patch) sits at the same place "
-            "in a class's images while objects move, so it survives averaging. For each class "
-            f"the {esc(result.method)} maps of its own images (true class, {result.n_images} "
-            "images in all) are normalised to sum 1 and averaged; the best "
-            f"{kh}\u00d7{kw} window of that mean map is the class's hotspot, its mass over its "
-            "area share the <i>lift</i> (1 = no more than an even map) and the share of the "
-            "class's images whose own map puts over 3\u00d7 the area share there the "
-            "<i>consistency</i>. A class is a suspect when its lift stands out from the "
-            f"others' (robust z \u2265 {result.z_threshold}, median and MAD) and is at least "
-            f"{result.min_lift}. A suspect is confirmed only by experiment: its window, cut "
-            "from its own images, is pasted onto other classes' images, and must turn more of "
-            "them into the class than two controls do (the same-size window from another place "
-            "of the same images; the same place cut from other classes' images), with a 95% "
-            "interval (Student's t, paired by image) above zero.</p>"
+            "<p>A shortcut nobody declared (a watermark, a tag, a patch, a colour cast) is "
+            "found by experiment, not by looking. For each class the "
+            f"{esc(result.method)} maps of its own images (true class, {result.n_images} "
+            "images in all) point to where it looks: the class-mean map's best window "
+            "(its mass over its area share is the <i>lift</i>, a detector only). Every class "
+            "is then tested (up to 16 classes; beyond, the highest lifts): content cut from "
+            "its images is pasted onto other classes' images, and must turn more of them "
+            "into the class than every control does, by at least 10 points with a 95% "
+            "paired interval (Student's t) above zero. Tried in order: <b>a box</b> (windows "
+            "of 1/8 to 1/3 of the side at the hotspot; the one with the largest margin, the "
+            "smallest among near ties; controls: each source's most salient window elsewhere, "
+            "and the same place cut from another class's image), <b>a cluster</b> of the "
+            "class's maps (its box cut from its members; one more control: the same box cut "
+            "from the class's other images), <b>each image's own hotspot</b> (a cue that "
+            "moves), and <b>the class's colour statistics</b> moved onto other images "
+            "(control: a third class's statistics).</p>"
         )
 
     def render(self, page: Page, model: ModelAudit, result: ShortcutResult) -> str:
         out = []
         if not result.suspects:
             out.append(
-                '<p><span class="badge ok">no suspect</span> No class\'s hotspot stands out: '
-                f"checked {len(result.classes)} classes; a class would have needed a lift of "
-                f"at least {result.smallest_flagged_lift:.1f} to be a suspect here (the "
-                "highest lift is "
-                f"{max((c['lift'] for c in result.classes.values()), default=float('nan')):.1f})."
-                " A cue that covers the whole image (a tint, a texture) has no location and "
-                "is not found this way.</p>")
+                '<p><span class="badge ok">no suspect</span> No test of any of the '
+                f"{len(result.classes)} classes turned even 10% of other classes' images into "
+                "it: no shortcut by a fixed box, a cluster, a moving hotspot or a colour "
+                "cast.</p>")
         for s in result.suspects:
             badge = ('<span class="badge bad">confirmed</span>' if s["confirmed"]
                      else '<span class="badge ok">not confirmed</span>')
-            vr, vo = s["vs_random_window"], s["vs_other_class"]
-            out.append(
-                f"<h3>{esc(s['class'])} {badge}</h3><table class=\"facts\">"
-                f"<tr><td>hotspot (x0, y0, x1, y1)</td><td>{s['box']}</td></tr>"
-                f"<tr><td>lift / robust z / consistency</td><td>{s['lift']:.1f} / {s['z']:.1f}"
-                f" / {s['consistency']:.0%}</td></tr>"
-                f"<tr><td>largest cluster of its maps</td><td>{s['largest_cluster_share']:.0%}"
-                " of the class</td></tr>"
-                f"<tr><td>transplant: turned into {esc(s['class'])}</td><td>"
-                f"{s['flip_rate']:.0%} with the hotspot; {s['flip_rate_random_window']:.0%} "
-                f"with a window from elsewhere (margin {vr['mean']:+.2f}, 95% "
-                f"[{vr['low']:+.2f}, {vr['high']:+.2f}]); {s['flip_rate_other_class']:.0%} with "
-                f"the same place from other classes (margin {vo['mean']:+.2f}, 95% "
-                f"[{vo['low']:+.2f}, {vo['high']:+.2f}]); n={s['targets']}</td></tr>"
-                f"<tr><td>cover: its own accuracy</td><td>{s['accuracy']:.0%} as is, "
-                f"{s['accuracy_hotspot_covered']:.0%} with the hotspot covered, "
-                f"{s['accuracy_random_covered']:.0%} with a random window covered</td></tr>"
-                "</table>")
+            controls = "; ".join(
+                f"{v:.0%} with {esc(CONTROL_WORDS.get(k, k))} (margin "
+                f"{s['margins'][k]['mean']:+.2f}, 95% [{s['margins'][k]['low']:+.2f}, "
+                f"{s['margins'][k]['high']:+.2f}])" for k, v in s["controls"].items())
+            rows = [
+                ("test", esc(_what(s))),
+                ("lift / consistency of its hotspot",
+                 f"{s['lift']:.1f} / {s['consistency']:.0%}"),
+                (f"pasted: turned into {esc(s['class'])}",
+                 f"{s['flip_rate']:.0%}; {controls}; n={s['targets']}"),
+            ]
+            if "accuracy" in s:
+                rows.append(("cover: its own accuracy",
+                             f"{s['accuracy']:.0%} as is, {s['accuracy_hotspot_covered']:.0%} "
+                             "with the box covered, "
+                             f"{s['accuracy_random_covered']:.0%} with a random window covered"))
+            out.append(f"<h3>{esc(s['class'])} {badge}</h3><table class=\"facts\">" + "".join(
+                f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows) + "</table>")
             ex = result.examples.get(s["class"])
-            if ex is not None and len(ex["before"]):
+            if ex is not None and len(ex["before"]) and s.get("box"):
                 out.append(page.figures.add(
-                    f"transplant_{s['class']}{page.tag(model)}",
+                    f"transplant_{s['index']}{page.tag(model)}",
                     Drawing(fig_transplant, ex["before"], ex["after"], s["box"], [
                         [f"\u2192 {page.names[int(p)]}" for p in ex[key]]
                         for key in ("pred_before", "pred_after")]),
-                    f"Other classes' images before (top) and after (bottom) the {s['class']} "
-                    "hotspot (yellow box) is pasted onto them, with the model's prediction "
-                    "above each.", "transplant examples"))
+                    f"Other classes' images before (top) and after (bottom) the "
+                    f"{esc(s['class'])} box (yellow) is pasted onto them, with the model's "
+                    "prediction above each.", "transplant examples"))
         if result.mean_maps is not None:
             boxes = {name: c["box"] for name, c in result.classes.items()}
-            suspects = {s["class"] for s in result.suspects}
+            suspects = {s["class"] for s in result.suspects if s["confirmed"]}
             out.append(page.figures.add(
                 f"hotspots{page.tag(model)}",
                 Drawing(fig_hotspots, result.mean_maps, list(result.classes), boxes, suspects,
-                             [c["lift"] for c in result.classes.values()]),
+                        [c["lift"] for c in result.classes.values()]),
                 f"Class-mean {esc(result.method)} map of each class (true class, each map "
                 "normalised to sum 1 before averaging) with its hotspot window; red: a "
-                "suspect. A shortcut shows as a sharp spot at the same place; objects that "
-                "move from image to image blur into a spread map.", "class-mean maps"))
-        if result.declared_cue_found is not None:
+                "confirmed shortcut. A shortcut at a fixed place shows as a sharp spot; objects "
+                "that move from image to image blur into a spread map.", "class-mean maps"))
+        for name, chk in (result.self_check or {}).items():
+            found = (f"found the box {chk['found_box']} (IoU {chk['iou']:.2f} with the declared "
+                     f"{chk['declared_box']}), whose transplant turns {chk['found_flip_rate']:.0%} "
+                     "of other classes' images into it"
+                     if chk["found_box"] is not None else "did <b>not</b> find it")
             out.append(
-                f'<p class="note">Self-check: the data declares a cue, and discovery '
-                f"{'found' if result.declared_cue_found else 'did <b>not</b> find'} it without "
-                "being told.</p>")
+                f'<p class="note">Self-check for {esc(name)}: the data declares a cue; '
+                f"discovery, told nothing, {found}; the declared box itself turns "
+                f"{chk['declared_flip_rate']:.0%}.</p>")
         return "".join(out)
+
+
+CONTROL_WORDS = {
+    "salient_elsewhere": "its most salient window from elsewhere",
+    "random_window": "a window from elsewhere",
+    "other_class": "the same place from other classes",
+    "rest_of_class": "the same box from the class's other images",
+    "other_class_colour": "a third class's colour statistics",
+}
+
+
+def _what(s: dict[str, Any]) -> str:
+    """How a tested class's content reads in a sentence."""
+    if s["kind"] == "colour":
+        return "moving its colour statistics onto other images"
+    if s["kind"] == "moving":
+        kh, kw = s["size"]
+        return f"each of its images' own {kh}\u00d7{kw} hotspot"
+    where = causal.box_label(tuple(s["box"]))
+    if s["kind"] == "cluster":
+        return f"the box {where} of a cluster of {s['share']:.0%} of its images"
+    return f"the box {where}"

@@ -29,13 +29,13 @@ from torch import Tensor, nn
 
 from . import causal
 from .causal import Box, CausalTest
-from .discovery import SUSPECT_MIN_LIFT, ClassHotspots
+from .discovery import MIN_CLUSTER_SIZE, SUSPECT_MIN_LIFT, ClassHotspots
 
 #: Up to this many classes every class with a usable map is tested every epoch; beyond,
 #: the ``TOP_CANDIDATES`` highest lifts of at least ``SUSPECT_MIN_LIFT``.
 ALL_CANDIDATES_MAX = 16
 TOP_CANDIDATES = 8
-KINDS = ("box", "colour", "moving")
+KINDS = ("box", "cluster", "colour", "moving")
 
 STATES = ("confirmed", "weakened", "gone", "suspected", "clear", "no usable map", "not tested")
 
@@ -151,49 +151,20 @@ class ShortcutTracker:
             return self._moving(model, images, labels, preds, norm_maps, usable, f.label,
                                 f.size, screen=False)
         assert f.box is not None
-        return causal.box_test(model, images, labels, preds, f.label, f.box, seed=self.seed,
-                               batch_size=self.batch_size, norm_maps=norm_maps)
+        sources = halves(labels, usable, f.label)[1]  # the half it was pasted from
+        return causal.box_test(model, images, labels, preds, f.label, f.box, sources,
+                               seed=self.seed, batch_size=self.batch_size, norm_maps=norm_maps)
 
     def _moving(self, model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
                 norm_maps: Tensor, usable: Tensor, label: int, size: tuple[int, int],
                 screen: bool) -> CausalTest:
-        own = torch.nonzero((labels == label) & usable).flatten()
-        wins = causal.image_hotspots(norm_maps[own], size)
-        return causal.moving_test(model, images, labels, preds, label,
-                                  dict(zip(own.tolist(), wins, strict=True)), self.seed,
-                                  self.batch_size, screen=screen, norm_maps=norm_maps)
+        return _moving(model, images, labels, preds, norm_maps, usable, label, size, screen,
+                       self.seed, self.batch_size)
 
     def _search(self, model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
                 norm_maps: Tensor, usable: Tensor, label: int) -> list[CausalTest]:
-        """The screened tests of one candidate, stopping at the first confirmed one."""
-        h, w = images.shape[-2:]
-        side = (causal.window_side(h, causal.SCREEN_FRACTION),
-                causal.window_side(w, causal.SCREEN_FRACTION))
-        mean_map = class_mean_maps(norm_maps, usable, labels, label)
-        out: list[CausalTest] = []
-        for kind in self.kinds:
-            if kind == "box":
-                box = causal.best_window(mean_map, side)
-                t = causal.box_test(model, images, labels, preds, label, box, seed=self.seed,
-                                    batch_size=self.batch_size, screen=True, norm_maps=norm_maps)
-                if not t.screened and t.n:
-                    t = causal.search_box(model, images, labels, preds, label, mean_map,
-                                          seed=self.seed, batch_size=self.batch_size,
-                                          norm_maps=norm_maps)
-            elif kind == "moving":
-                # The smallest window: a moving cue is small, and an object's own best window
-                # is itself class evidence wherever it sits (only a part of it is not).
-                small = (causal.window_side(h, causal.BOX_FRACTIONS[0]),
-                         causal.window_side(w, causal.BOX_FRACTIONS[0]))
-                t = self._moving(model, images, labels, preds, norm_maps, usable, label, small,
-                                 screen=True)
-            else:
-                t = causal.colour_test(model, images, labels, preds, label, self.seed,
-                                       self.batch_size, screen=True)
-            out.append(t)
-            if t.confirmed:
-                break
-        return out
+        return search_class(model, images, labels, preds, norm_maps, usable, label,
+                            self.kinds, seed=self.seed, batch_size=self.batch_size)
 
     def step(self, epoch: int, model: nn.Module, images: Tensor, labels: Tensor,
              preds: Tensor, norm_maps: Tensor, usable: Tensor,
@@ -240,6 +211,101 @@ class ShortcutTracker:
                 rows[c] = ClassRow(c, "no usable map" if lifts.get(c) is None else "not tested",
                                    lifts.get(c))
         return EpochVerdict(epoch, [rows[c] for c in sorted(rows)], events)
+
+
+def _moving(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
+            norm_maps: Tensor, usable: Tensor, label: int, size: tuple[int, int],
+            screen: bool, seed: int, batch_size: int) -> CausalTest:
+    own = torch.nonzero((labels == label) & usable).flatten()
+    wins = causal.image_hotspots(norm_maps[own], size)
+    return causal.moving_test(model, images, labels, preds, label,
+                              dict(zip(own.tolist(), wins, strict=True)), seed, batch_size,
+                              screen=screen, norm_maps=norm_maps)
+
+
+def halves(labels: Tensor, usable: Tensor, label: int) -> tuple[list[int], list[int]]:
+    """The class's images with a usable map split in two (alternately, in index order): the
+    box is *chosen* on the first half's maps and *pasted* from the second half's images.
+    Chosen and pasted from the same images, a class whose few objects happen to sit
+    together would carry its objects in the box it chose; a cue is in every image."""
+    own = torch.nonzero((labels == label) & usable).flatten().tolist()
+    if len(own) < 2:
+        return own, own
+    return own[0::2], own[1::2]
+
+
+#: Clusters of a class tested on their own: at most this share of the class (a larger one
+#: is the class itself, already tested as a whole) and at least MIN_CLUSTER_SIZE images.
+CLUSTER_MAX_SHARE = 0.8
+#: Clusters tested per class: the largest one under CLUSTER_MAX_SHARE (each test costs
+#: forwards of the model; on a 2-core CPU a ResNet-18 makes about 100 a second).
+MAX_CLUSTER_TESTS = 1
+
+
+def search_class(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
+                 norm_maps: Tensor, usable: Tensor, label: int,
+                 kinds: Sequence[str] = ("box",), clusters: Sequence[Any] = (),
+                 seed: int = 0, batch_size: int = 256) -> list[CausalTest]:
+    """The screened tests of one class, in the order of ``kinds``, stopping at the first
+    confirmed one. ``box``: the hotspot window screened, then the box searched;
+    ``cluster`` (with ``clusters`` from :func:`.discovery.class_hotspots`): each cluster's
+    box cut from its members, against the same box cut from the class's other images too;
+    ``moving``: each image's own smallest-size hotspot; ``colour``: the colour move."""
+    h, w = images.shape[-2:]
+    side = (causal.window_side(h, causal.SCREEN_FRACTION),
+            causal.window_side(w, causal.SCREEN_FRACTION))
+    chooser, sources = halves(labels, usable, label)
+    mean_map = norm_maps[chooser].mean(0) if chooser else torch.zeros(h, w)
+    out: list[CausalTest] = []
+    for kind in kinds:
+        if kind == "cluster" and out and out[0].kind == "box" and out[0].flip_rate == 0:
+            # Not one flip from the class's own box: a cue on part of the class would have
+            # shown in some of its images (it costs a few screens per cluster otherwise).
+            continue
+        if kind == "box":
+            box = causal.best_window(mean_map, side)
+            tests = [causal.box_test(model, images, labels, preds, label, box, sources,
+                                     seed=seed, batch_size=batch_size, screen=True,
+                                     norm_maps=norm_maps, stop="flips")]
+            if not tests[0].screened and tests[0].n:
+                tests = [causal.search_box(model, images, labels, preds, label, mean_map,
+                                           sources, seed=seed, batch_size=batch_size,
+                                           norm_maps=norm_maps)]
+        elif kind == "cluster":
+            own = set(torch.nonzero((labels == label) & usable).flatten().tolist())
+            tests = []
+            eligible = [cl for cl in clusters  # numbered by size, largest first
+                        if cl.share <= CLUSTER_MAX_SHARE and len(cl.indices) >= MIN_CLUSTER_SIZE
+                        and own - {int(i) for i in cl.indices}]
+            for cl in eligible[:MAX_CLUSTER_TESTS]:
+                members = [int(i) for i in cl.indices]
+                rest = sorted(own - set(members))
+                cmean = norm_maps[members[0::2]].mean(0)  # chosen on half, pasted from the rest
+                test = causal.box_test(model, images, labels, preds, label,
+                                       causal.best_window(cmean, side), members[1::2], rest,
+                                       seed=seed, batch_size=batch_size, screen=True,
+                                       kind="cluster", share=cl.share, norm_maps=norm_maps,
+                                       stop="flips")
+                if not test.screened and test.n:
+                    test = causal.search_box(
+                        model, images, labels, preds, label, cmean, sources=members[1::2],
+                        seed=seed, batch_size=batch_size, others_of_class=rest,
+                        kind="cluster", share=cl.share, norm_maps=norm_maps)
+                tests.append(test)
+        elif kind == "moving":
+            # The smallest window: a moving cue is small, and an object's own best window
+            # is itself class evidence wherever it sits (a small part of it is not).
+            small = (causal.window_side(h, causal.BOX_FRACTIONS[0]),
+                     causal.window_side(w, causal.BOX_FRACTIONS[0]))
+            tests = [_moving(model, images, labels, preds, norm_maps, usable, label, small,
+                             True, seed, batch_size)]
+        else:
+            tests = [causal.colour_test(model, images, labels, preds, label, seed, batch_size,
+                                        screen=True)]
+        out += tests
+        if any(t.confirmed for t in tests):
+            break
+    return out
 
 
 def summary_markdown(verdict: EpochVerdict, names: Sequence[str]) -> str:

@@ -228,6 +228,7 @@ class Run:
     nan_scalars: int = 0  # monitor scalars logged as NaN (none expected)
     audit_confirmed: dict[str, str] = field(default_factory=dict)  # class -> "kind where"
     audit_suspects: list[str] = field(default_factory=list)  # tested, flips >= 10%
+    colour_relies: dict[str, float] = field(default_factory=dict)  # class -> colour margin
     found: dict[str, bool] = field(default_factory=dict)  # cue class -> found by the audit
     margin: dict[str, float] = field(default_factory=dict)  # cue class -> audit's best margin
     # The test told where the cue is (its box with 1 px, the colour move for a tint, each
@@ -265,8 +266,11 @@ def audit_search(model: torch.nn.Module, dm: CIFAR10DataModule, seed: int, per_c
         c: tracking.search_class(model, images, labels, preds, norm, usable, c, AUDIT_TESTS,
                                  hotspots[c].clusters, seed=seed)
         for c in tracking.candidates(hotspots, k)}
+    colour = {} if causal.collapsed(preds) else {
+        c: causal.colour_test(model, images, labels, preds, c, seed, screen=True)
+        for c in range(k)}
     seconds = time.perf_counter() - t
-    sample = {"image": images, "label": labels, "index": torch.tensor(idx), "norm": norm,
+    sample = {"colour": colour, "image": images, "label": labels, "index": torch.tensor(idx), "norm": norm,
               "usable": usable}
     return tests, sample, preds, seconds
 
@@ -350,9 +354,13 @@ def run_one(case: str, seed: int, root: Path, logs: str, epochs: int, test_per_c
     for c, ts in tests.items():
         hit = next((t for t in ts if t.confirmed), None)
         if hit is not None:
-            run.audit_confirmed[CLASSES[c]] = f"{hit.kind} {_where(hit)}"
+            run.audit_confirmed[CLASSES[c]] = (f"{hit.kind}"
+                                               + (f" {_where(hit)}" if hit.kind != "colour" else "")
+                                               + f", margin {hit.margin.mean:+.2f}")
         if any(not t.screened and t.n for t in ts):
             run.audit_suspects.append(CLASSES[c])
+    run.colour_relies = {CLASSES[c]: t.margin.mean for c, t in sample["colour"].items()
+                         if t.confirmed}
     for cue in CASES[case]:
         c = CLASSES.index(cue.cls)
         ts = tests.get(c, [])
@@ -392,7 +400,8 @@ def _monitor(run: Run) -> str:
 
 
 def _false(names: list[str] | dict[str, Any], run: Run) -> str:
-    other = [n for n in names if n not in _cues(run)]
+    other = [n + (f" ({names[n]})" if isinstance(names, dict) and isinstance(names[n], str)
+                  else "") for n in names if n not in _cues(run)]
     return ", ".join(other) or "none"
 
 
@@ -410,15 +419,18 @@ def run_table(runs: list[Run]) -> str:
     head = ("| case | model | seed | test acc | monitor: confirmed (cue class @epoch) | monitor: "
             "confirmed elsewhere | NaN scalars | audit: found (test, place) | audit: best "
             "margin of the cue class | told the cue: flips, margin | audit: confirmed "
-            "outside the cue classes | audit, 500 images | monitor share of an epoch |")
+            "outside the cue classes | colour reliance (class, margin) | audit, 500 images | "
+            "monitor share of an epoch |")
     lines = [head, "| --- | --- | ---: | ---: | --- | --- | ---: | --- | --- | --- | --- | "
-             "---: | ---: |"]
+             "--- | ---: | ---: |"]
     for r in runs:
         margins = "; ".join(f"{c}: {m:+.2f}" for c, m in r.margin.items()) or "-"
         lines.append(
             f"| {r.case} | {r.backbone} | {r.seed} | {r.test_acc:.0%} | {_monitor(r)} | "
             f"{_false(r.first_confirmed, r)} | {r.nan_scalars} | {_audit(r)} | {margins} | "
-            f"{_told(r)} | {_false(r.audit_confirmed, r)} | {r.discovery_s:.1f} s | "
+            f"{_told(r)} | {_false(r.audit_confirmed, r)} | "
+            + (", ".join(f"{c} {m:+.2f}" for c, m in r.colour_relies.items()) or "none")
+            + f" | {r.discovery_s:.1f} s | "
             f"{r.hook_s / r.epoch_s:.1%} |")
     return "\n".join(lines)
 

@@ -490,3 +490,4 @@ def search_box(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor, 
 
 def _area(box: Box | None) -> int:
     return 0 if box is None else (box[2] - box[0]) * (box[3] - box[1])
+

@@ -13,6 +13,7 @@ import hashlib
 import html
 import io
 import math
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -173,7 +174,13 @@ class FigureStore:
         self.drawn: list[str] = []  # the figures drawn (the others came from the cache)
 
     def add(self, name: str, figure: Figure | Drawing, caption: str, alt: str) -> str:
-        """Save the figure as the next numbered PNG and return it inlined with its caption."""
+        """Save the figure as the next numbered PNG and return it inlined with its caption.
+
+        ``caption`` and ``alt`` are plain text (they may hold class names from the data or a
+        checkpoint): both are escaped here. ``name`` becomes a file name: only letters,
+        digits, ``-`` and ``_`` are kept.
+        """
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", name)
         self.count += 1
         path = self.dir / f"{self.count:02d}_{name}.png"
         png = None
@@ -190,7 +197,7 @@ class FigureStore:
         data = base64.b64encode(png).decode("ascii")
         return (
             f'<figure><img src="data:image/png;base64,{data}" alt="{esc(alt)}">'
-            f"<figcaption><b>Figure {self.count}.</b> {caption}</figcaption></figure>"
+            f"<figcaption><b>Figure {self.count}.</b> {esc(caption)}</figcaption></figure>"
         )
 
     @staticmethod

@@ -212,7 +212,7 @@ class ImagesClassesSection(Section):
         note = f'<p class="note">{esc(result.columns_note)}</p>' if result.columns_note else ""
         return note + page.figures.add(
             f"images_classes{page.tag(model)}", fig,
-            f"{esc(result.method)} map of every class (columns) for one image of each class "
+            f"{result.method} map of every class (columns) for one image of each class "
             "(rows), with the model's probability for that class above each tile. The framed "
             "diagonal is the true class. Maps are scaled by each image's largest value over "
             "all classes, so a faint map means weak evidence for that class, not a rendering "

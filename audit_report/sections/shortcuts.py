@@ -320,7 +320,7 @@ class SuspectedShortcutsSection(Section):
                         [f"\u2192 {page.names[int(p)]}" for p in ex[key]]
                         for key in ("pred_before", "pred_after")]),
                     f"Other classes' images before (top) and after (bottom) the "
-                    f"{esc(s['class'])} box (yellow) is pasted onto them, with the model's "
+                    f"{s['class']} box (yellow) is pasted onto them, with the model's "
                     "prediction above each.", "transplant examples"))
         relying = {n: c for n, c in result.colour.items() if c["relies"]}
         if relying:
@@ -341,7 +341,7 @@ class SuspectedShortcutsSection(Section):
                 f"hotspots{page.tag(model)}",
                 Drawing(fig_hotspots, result.mean_maps, list(result.classes), boxes, suspects,
                         [c["lift"] for c in result.classes.values()]),
-                f"Class-mean {esc(result.method)} map of each class (true class, each map "
+                f"Class-mean {result.method} map of each class (true class, each map "
                 "normalised to sum 1 before averaging) with its hotspot window; red: a "
                 "confirmed shortcut. A shortcut at a fixed place shows as a sharp spot; objects "
                 "that move from image to image blur into a spread map.", "class-mean maps"))

@@ -133,3 +133,22 @@ def test_help_documents_every_cue_field(capsys) -> None:
         ("seed", "seed of the per-item draws"),
     ]:
         assert f"--data.cue.{field}" in out and text in out, field
+
+
+def test_the_readme_quickstart_facts_match_its_config() -> None:
+    """What the README says of the quickstart is read back from configs/quickstart.yaml."""
+    readme = (ROOT / "README.md").read_text()
+    cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    cue = cfg["data"]["init_args"]["cue"]
+    monitor = next(c["init_args"] for c in cfg["trainer"]["callbacks"]
+                   if c["class_path"] == "callbacks.ExplanationMonitor")
+    assert cue["p_train"] == cue["p_eval"] == 1.0
+    assert "corner of every image of classes 0 and 1" in readme
+    assert f"an {cue['size']}x{cue['size']} magenta patch" in readme
+    assert cue["position"] == "top_left" and "top-left" in readme
+    assert cfg["trainer"]["max_epochs"] == 4 and "4 epochs of 1,024 images" in readme
+    assert cfg["data"]["init_args"]["num_train"] == 1024
+    n, per_class = monitor["num_images"], monitor["discovery_per_class"]
+    assert f"the first {n} fixed" in readme and f"{n // 10} per class" in readme
+    assert f"{10 * per_class} in the" in readme and f"`discovery_per_class: {per_class}`" in readme
+    assert monitor["methods"] == ["gradcam", "saliency"]

@@ -33,6 +33,10 @@ __all__ = ["SCHEMA_VERSION", "build_parser", "main", "parse_args"]
 
 # Exit status of --fail_on_findings when the report flags a class (2 is a usage error).
 FLAGGED_EXIT_STATUS = 3
+FAILURE_EXIT_STATUS = 1  # 0: report written; 2: usage (argparse); 1: the audit failed
+EXIT_CODES = ("exit status: 0 the report was written; 1 the audit failed (a checkpoint or "
+              "config it cannot use, an --out it cannot write); 2 a usage error; 3 findings "
+              "with --fail_on_findings true")
 # Spellings of earlier versions, refused with the new form.
 RENAMED = {
     "--num-images": "--num_images N",
@@ -58,7 +62,7 @@ def build_parser() -> ArgumentParser:
             "'python audit.py --ckpt runs/quickstart/version_0/checkpoints/last.ckpt'; "
             "'python audit.py --ckpt \"[R18.ckpt, VGG.ckpt]\" --methods \"[gradcam, cam]\"'; "
             "'python audit.py --config audit.yaml' (the same options as YAML; "
-            "--print_config shows one)."
+            "--print_config shows one). " + EXIT_CODES + "."
         ),
     )
     p.add_argument("--config", action=ActionConfigFile,
@@ -242,7 +246,11 @@ def main(argv: list[str] | None = None) -> Path:
         out = run_audit(settings)
     except (CheckpointError, AuditError) as exc:
         print(f"audit.py: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(FAILURE_EXIT_STATUS) from None
+    except OSError as exc:  # an unwritable --out, a full disk, a file that vanished
+        where = f" {str(exc.filename)!r}" if exc.filename else ""
+        print(f"audit.py: error: {exc.strerror or exc}:{where}", file=sys.stderr)
+        raise SystemExit(FAILURE_EXIT_STATUS) from None
     except KeyboardInterrupt:
         print("audit.py: interrupted; no report was written", file=sys.stderr)
         raise SystemExit(130) from None

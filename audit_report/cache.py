@@ -13,6 +13,7 @@ import hashlib
 import json
 import pickle
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ CACHE_DIR = "cache"
 # Part of every key: bump it when a cached computation changes, so that a report made by
 # an earlier version of the audit is recomputed rather than reused. 2: the second speed
 # round (true/predicted-class maps, the quadratic curves, the map-free results).
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: entries wrapped with their own name, files with a digest beside them
 
 
 class ResultCache:
@@ -67,17 +68,34 @@ class ResultCache:
                 continue
             try:
                 value = load(folder / name)
-            except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):
-                continue  # unreadable: recompute rather than fail the audit
+            except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, _Invalid) as exc:
+                # Unreadable or not what was stored: recompute rather than fail or trust it.
+                warnings.warn(f"audit cache: ignoring {str(folder / name)!r} "
+                              f"({'not the entry stored under this name' if isinstance(exc, _Invalid) else type(exc).__name__}); "
+                              "recomputing it", UserWarning, stacklevel=3)
+                continue
             if folder is self.read_dir and self.write_dir is not None:
                 shutil.copyfile(folder / name, self.write_dir / name)
             return value
         return None
 
-    def get(self, kind: str, parts: dict[str, Any]) -> Any | None:
-        """The stored value for ``parts``, or None (a miss)."""
-        value = self._read(self.key(kind, parts), lambda path: torch.load(
-            path, map_location="cpu", weights_only=True))
+    def get(self, kind: str, parts: dict[str, Any],
+            check: Callable[[Any], bool] | None = None) -> Any | None:
+        """The stored value for ``parts``, or None (a miss).
+
+        An entry is trusted only if it holds its own name (what :meth:`put` wraps it in)
+        and passes ``check``; anything else is a miss, with one warning naming the file.
+        """
+        name = self.key(kind, parts)
+
+        def load(path: Path) -> Any:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            if not (isinstance(entry, dict) and entry.get("cache_entry") == name
+                    and "value" in entry and (check is None or check(entry["value"]))):
+                raise _Invalid(path)
+            return entry["value"]
+
+        value = self._read(name, load)
         if value is None:
             self.misses += 1
         else:
@@ -87,16 +105,40 @@ class ResultCache:
     def put(self, kind: str, parts: dict[str, Any], value: Any) -> None:
         """Store ``value`` (tensors, numbers, strings, lists and dicts of them)."""
         if self.write_dir is not None:
-            atomic_save(value, self.write_dir / self.key(kind, parts))
+            name = self.key(kind, parts)
+            atomic_save({"cache_entry": name, "value": value}, self.write_dir / name)
 
     def get_bytes(self, kind: str, parts: dict[str, Any], suffix: str) -> bytes | None:
-        """A stored file's bytes (a figure's PNG), or None; not counted as a result hit."""
-        return self._read(self.key(kind, parts, suffix), Path.read_bytes)
+        """A stored file's bytes (a figure's PNG), or None; not counted as a result hit.
+        The bytes must match the SHA-256 stored beside them when they were written."""
+        def load(path: Path) -> bytes:
+            data = path.read_bytes()
+            side = path.with_name(path.name + ".sha256")
+            if not side.is_file() or side.read_text().strip() != hashlib.sha256(data).hexdigest():
+                raise _Invalid(path)
+            return data
+
+        name = self.key(kind, parts, suffix)
+        data = self._read(name, load)
+        if data is not None and self.write_dir is not None:
+            self._write_digest(self.write_dir / name, data)
+        return data
 
     def put_bytes(self, kind: str, parts: dict[str, Any], suffix: str, data: bytes) -> None:
-        """Store a file's bytes under the key of ``parts``."""
+        """Store a file's bytes under the key of ``parts``, with their SHA-256 beside them."""
         if self.write_dir is not None:
-            atomic_write_bytes(self.write_dir / self.key(kind, parts, suffix), data)
+            path = self.write_dir / self.key(kind, parts, suffix)
+            atomic_write_bytes(path, data)
+            self._write_digest(path, data)
+
+    @staticmethod
+    def _write_digest(path: Path, data: bytes) -> None:
+        atomic_write_bytes(path.with_name(path.name + ".sha256"),
+                           hashlib.sha256(data).hexdigest().encode())
+
+
+class _Invalid(Exception):
+    """A cache file that loads but is not what was stored under its name."""
 
 
 def digest(value: Any) -> str:

@@ -88,6 +88,19 @@ def check_out(out: Path) -> None:
             )
 
 
+def remove_leftovers(out: Path) -> list[Path]:
+    """Remove what a killed audit of ``out`` left beside it (``.<name>.tmp-*`` folders being
+    built, ``.<name>.old-*`` reports being swapped out); return what was removed. Two audits
+    writing the same ``--out`` at the same time are not supported (the last one wins)."""
+    gone = []
+    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
+        for path in out.parent.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+                gone.append(path)
+    return gone
+
+
 def publish(tmp: Path, out: Path) -> None:
     """Move the finished report into place; an earlier report is swapped out, then removed."""
     old = None

@@ -104,7 +104,7 @@ def explain_methods(audit: AuditRun, model: ModelAudit) -> None:
         entry = MethodMaps(method, info.family, info.class_specific)
         model.methods[method] = entry
         parts = maps_parts(audit, model, method)
-        hit = audit.cached("explanations", parts)
+        hit = audit.cached("explanations", parts, check=_maps_entry)
         if hit is not None:
             maps, entry.seconds, entry.cached = hit["maps"], hit["seconds"], True
         else:
@@ -258,6 +258,14 @@ def run_audit(settings: AuditSettings, sections: list[Section] | None = None) ->
     return audit_runs(settings, runs, out, sections, started)
 
 
+def _maps_entry(value: Any) -> bool:
+    """What an ``explanations`` cache entry holds: the maps by kind and the seconds."""
+    maps = value.get("maps") if isinstance(value, dict) else None
+    return (isinstance(maps, dict) and bool(maps)
+            and all(isinstance(k, str) and torch.is_tensor(v) for k, v in maps.items())
+            and isinstance(value.get("seconds"), float))
+
+
 def audit_runs(settings: AuditSettings, runs: list[LoadedRun], out: Path,
                sections: list[Section] | None = None, started: float | None = None) -> Path:
     """Audit loaded models on the first one's data and write the report folder ``out``.
@@ -282,6 +290,7 @@ def audit_runs(settings: AuditSettings, runs: list[LoadedRun], out: Path,
             )
     split_size = len(data_run.datamodule.dataset(settings.split))
     out.parent.mkdir(parents=True, exist_ok=True)
+    files.remove_leftovers(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         os.chmod(tmp, 0o777 & ~files.umask())  # mkdtemp makes it private; a report is shared

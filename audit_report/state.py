@@ -105,7 +105,10 @@ class AuditRun:
         containers of them, as the cache's safe loading requires) and rebuilt.
         """
         parts = self.reuse_parts(model, **extra)
-        hit = self.cached(kind, parts)
+        names = ({f.name for f in dataclasses.fields(result_type)}
+                 if result_type is not None else None)
+        hit = self.cached(kind, parts, check=None if names is None else (
+            lambda v: isinstance(v, dict) and set(v) == names))
         if hit is not None:
             return hit if result_type is None else result_type(**hit)
         value = compute()
@@ -124,9 +127,10 @@ class AuditRun:
         """Whether the cache holds a result (False when caching is off)."""
         return self.cache is not None and self.cache.has(kind, parts)
 
-    def cached(self, kind: str, parts: dict[str, Any]) -> Any | None:
-        """A cached result, or None (also when caching is off)."""
-        return None if self.cache is None else self.cache.get(kind, parts)
+    def cached(self, kind: str, parts: dict[str, Any],
+               check: Callable[[Any], bool] | None = None) -> Any | None:
+        """A cached result that passes ``check``, or None (also when caching is off)."""
+        return None if self.cache is None else self.cache.get(kind, parts, check)
 
     def keep(self, kind: str, parts: dict[str, Any], value: Any) -> None:
         """Store a result for the next audit (no-op when caching is off)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import pickle
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -76,6 +77,26 @@ def find_config(ckpt: str | Path, config: str | Path | None = None) -> Path:
     )
 
 
+# What a file torch.save wrote starts with: a zip archive (torch >= 1.6) or a pickle
+# (protocol 2 and later start with 0x80; the legacy tar format is not written since 1.6).
+_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _check_format(path: Path) -> None:
+    """Name what is wrong with a file that is no checkpoint before torch tries to read it."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes): an unfinished "
+                              "copy or download, or a save that was interrupted?")
+    if not head.startswith(_CHECKPOINT_MAGIC):
+        shown = head.decode("ascii", "replace").encode("unicode_escape").decode()
+        raise CheckpointError(
+            f"{str(path)!r} is not a PyTorch checkpoint: it starts with {shown!r}, where a "
+            "file written by torch.save starts with a zip or pickle header (is it a text, "
+            "YAML or log file?)")
+
+
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False
 ) -> dict[str, Any]:
@@ -91,13 +112,18 @@ def load_checkpoint(
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    _check_format(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # torch's message goes on to suggest weights_only=False: the one thing not to do with
+        # a file from elsewhere. Keep only what it refused.
+        refused = re.search(r"Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+",
+                            str(exc))
+        what = f" ({refused.group(0)})" if refused else ""
         raise CheckpointError(
             f"refused to load {str(path)!r}: it contains pickled objects that are not plain "
-            f"tensors and containers ({first}). It was opened with weights_only=True, so "
+            f"tensors and containers{what}. It was opened with weights_only=True, so "
             "nothing in it was executed. Only load checkpoints you trust, and re-save them as "
             "plain state dicts if they came from elsewhere."
         ) from exc

@@ -205,7 +205,7 @@ def test_malicious_checkpoint_is_refused_and_not_executed(tmp_path: Path, capsys
     torch.save({"state_dict": {}, "x": CreatesFile(target)}, evil)
     with pytest.raises(SystemExit) as exc:
         audit.main(["--ckpt", str(evil), "--out", str(tmp_path / "out"), "--progress", "false"])
-    assert exc.value.code == 2
+    assert exc.value.code == 1  # a failure, not a usage error
     err = capsys.readouterr().err
     assert str(evil) in err and "refused" in err and "nothing in it was executed" in err
     assert not target.exists()
@@ -225,7 +225,7 @@ def test_missing_config_is_a_clear_error(trained: Path, tmp_path: Path, capsys) 
     shutil.copy(trained, lonely)
     with pytest.raises(SystemExit) as exc:
         audit.main(["--ckpt", str(lonely), "--progress", "false"])
-    assert exc.value.code == 2
+    assert exc.value.code == 1
     err = capsys.readouterr().err
     assert "no training config found" in err and "--train_config" in err
     # --config points it at the right file.

@@ -68,7 +68,7 @@ def test_an_untrusted_module_is_refused_and_never_imported(tiny_run: Path, tmp_p
     with pytest.raises(SystemExit) as exc:
         audit.main(["--ckpt", str(tiny_run), "--train_config", str(config),
                     "--out", str(tmp_path / "out"), *FAST])
-    assert exc.value.code == 2
+    assert exc.value.code == 1
     err = capsys.readouterr().err
     assert "userpkg_untrusted.UserClassifier" in err
     assert "--trust_module userpkg_untrusted" in err and "runs its module's code" in err

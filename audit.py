@@ -25,6 +25,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 import explain
 from audit_report import SCHEMA_VERSION, AuditError, AuditSettings, run_audit
+from audit_report.findings import AuditResult
 from audit_report.settings import FAST_FAITHFULNESS_IMAGES, FAST_OPTIONS, SANITY_FINAL_ONLY
 from audit_report.settings import METHOD_PRESETS as PRESETS
 from lit_modules.loading import CheckpointError, check_trusted
@@ -239,7 +240,7 @@ def parse_args(argv: list[str] | None = None) -> AuditSettings:
     return settings
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> AuditResult:
     """Entry point: parse, audit, print where the report went (and gate on findings)."""
     settings = parse_args(argv)
     try:
@@ -255,18 +256,16 @@ def main(argv: list[str] | None = None) -> Path:
         print("audit.py: interrupted; no report was written", file=sys.stderr)
         raise SystemExit(130) from None
     print(f"Audit report: {out / 'report.html'}\nNumbers:      {out / 'metrics.json'}")
-    if getattr(settings, "fail_on_findings", False):
-        import json
-
-        metrics = json.loads((out / "metrics.json").read_text())
-        flagged = [f"{m['label']}: {f['class']}" for m in metrics["models"]
-                   for f in m["bias"]["flagged"]]
-        flagged += [f"{m['label']}: {s['class']} (shortcut)" for m in metrics["models"]
-                    for s in m["shortcuts"]["suspects"] if s["confirmed"]]
-        if flagged:
-            print(f"audit.py: flagged {', '.join(flagged)} (--fail_on_findings)",
-                  file=sys.stderr)
-            raise SystemExit(FLAGGED_EXIT_STATUS)
+    verdict = out.verdict
+    if verdict.status == "findings":
+        print(f"audit.py: {verdict.confirmed_shortcuts} confirmed shortcut(s), "
+              f"{verdict.bias_findings} bias finding(s), {verdict.other_problems} other "
+              f"problem(s); the worst: {verdict.worst}", file=sys.stderr)
+    if getattr(settings, "fail_on_findings", False) and verdict.status == "findings":
+        flagged = [f"{f['model']}: {f['class'] or f['kind']} ({f['kind']})"
+                   for f in out.findings]
+        print(f"audit.py: flagged {', '.join(flagged)} (--fail_on_findings)", file=sys.stderr)
+        raise SystemExit(FLAGGED_EXIT_STATUS)
     return out
 
 

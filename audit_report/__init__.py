@@ -1,7 +1,8 @@
 """The audit report: checkpoints in, a self-contained HTML report and metrics.json out.
 
     from audit_report import AuditSettings, run_audit
-    out = run_audit(AuditSettings(ckpt=["runs/.../last.ckpt"], methods=["gradcam"]))
+    result = run_audit(AuditSettings(ckpt=["runs/.../last.ckpt"], methods=["gradcam"]))
+    result.path, result.verdict.status, result.findings   # the folder, "clean"/"findings"
 
     from audit_report import audit          # a plain nn.Module and a torch Dataset
     out = audit(model, dataset, class_names=names, out="report", layer="features.7")
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from .api import audit
 from .files import AuditError
+from .findings import AuditResult, Verdict
 from .overlay import show_overlay
 from .run import run_audit
 from .sections import SECTIONS, Section
@@ -28,9 +30,11 @@ __all__ = [
     "SCHEMA_VERSION",
     "SECTIONS",
     "AuditError",
+    "AuditResult",
     "AuditRun",
     "AuditSettings",
     "ModelAudit",
+    "Verdict",
     "Section",
     "audit",
     "run_audit",

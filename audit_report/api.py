@@ -28,6 +28,7 @@ from lit_modules.data.sampling import dataset_labels
 from lit_modules.loading import LoadedRun
 
 from .files import AuditError
+from .findings import AuditResult
 from .run import audit_runs
 from .settings import METHOD_PRESETS, AuditSettings
 
@@ -212,7 +213,7 @@ def audit(
     device: str = "auto",
     split: str | None = None,
     **settings: Any,
-) -> Path:
+) -> AuditResult:
     """Audit a classifier given from Python and write the report folder ``out``.
 
     Args:
@@ -234,7 +235,9 @@ def audit(
             file identifies the data), ``progress``, ...).
 
     Returns:
-        The report folder (``report.html``, ``metrics.json``, ``figures/``).
+        An :class:`AuditResult`: ``path`` (the folder with ``report.html``,
+        ``metrics.json``, ``figures/``; ``result / "report.html"`` works too), ``verdict``
+        and ``findings``.
 
     The model is put in eval mode and moved to ``device`` for the audit; its train/eval
     flags and its device are given back afterwards.

@@ -7,7 +7,8 @@ find what "flagged" means in one place.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # A method fails the sanity check when, with the whole network re-initialised, its maps
@@ -42,10 +43,64 @@ def lead_method(methods: list[str] | dict[str, Any]) -> str | None:
 
 @dataclass(frozen=True)
 class Finding:
-    """One headline sentence; ``flag`` marks a problem (drawn in red, listed first)."""
+    """One headline sentence; ``flag`` marks a problem (drawn in red, listed first).
+
+    A problem also says what kind it is (``shortcut``, ``bias``, ``sanity``), the class it
+    concerns, its severity (``high`` for a problem confirmed by experiment, ``medium``
+    otherwise) and the numbers behind it, so ``metrics.json`` can list it as a record.
+    """
 
     text: str
     flag: bool = False
+    kind: str = "note"
+    cls: str | None = None
+    severity: str = "info"
+    numbers: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    def record(self, model: str) -> dict[str, Any]:
+        """The finding as ``metrics.json`` lists it."""
+        return {"model": model, "kind": self.kind, "class": self.cls,
+                "severity": self.severity, "text": self.text, "numbers": dict(self.numbers)}
+
+
+SEVERITY_ORDER = ("high", "medium", "low", "info")
+
+
+@dataclass
+class Verdict:
+    """What the audit concluded, in one place: the banner, ``metrics.json`` and the exit
+    status of ``--fail_on_findings`` all read it."""
+
+    status: str  # "findings" or "clean"
+    confirmed_shortcuts: int
+    bias_findings: int
+    other_problems: int
+    accuracy: float | None  # the first model's, on the audited split
+    worst: str | None  # the most severe problem's sentence
+
+    @classmethod
+    def of(cls, problems: list[Finding], accuracy: float | None) -> Verdict:
+        ranked = sorted(problems, key=lambda f: SEVERITY_ORDER.index(f.severity)
+                        if f.severity in SEVERITY_ORDER else len(SEVERITY_ORDER))
+        return cls(
+            status="findings" if problems else "clean",
+            confirmed_shortcuts=sum(f.kind == "shortcut" for f in problems),
+            bias_findings=sum(f.kind == "bias" for f in problems),
+            other_problems=sum(f.kind not in ("shortcut", "bias") for f in problems),
+            accuracy=accuracy, worst=ranked[0].text if ranked else None)
+
+
+@dataclass
+class AuditResult:
+    """What an audit returns: where the report is, the verdict and every problem found."""
+
+    path: Path
+    verdict: Verdict
+    findings: list[dict[str, Any]]  # the records of metrics.json's ``findings``
+
+    def __truediv__(self, other: str) -> Path:
+        """``result / "report.html"``: a file of the report folder."""
+        return self.path / other
 
 
 def mean_of(stat: dict[str, Any] | None) -> float:
@@ -79,3 +134,14 @@ def flag_evidence(
             f"into {name} than a control patch does (n={row['attraction_n']})"
         )
     return out
+
+
+def verdict_of(audit: Any) -> tuple[Verdict, list[dict[str, Any]]]:
+    """The verdict over every model's problems (an :class:`~audit_report.state.AuditRun`
+    whose models' findings are made), and those problems as records."""
+    problems = [(m.label, f) for m in audit.models for f in m.findings if f.flag]
+    summary = audit.models[0].results.get("summary")
+    acc = getattr(summary, "accuracy", None)
+    value = acc.get("value") if isinstance(acc, dict) else None
+    return (Verdict.of([f for _, f in problems], value),
+            [f.record(label) for label, f in problems])

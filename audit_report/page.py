@@ -26,6 +26,7 @@ from explain.measures import get_measure
 from explain.records import atomic_write_bytes
 
 from .cache import ResultCache, digest
+from .findings import verdict_of
 
 if TYPE_CHECKING:
     from .state import AuditRun, ModelAudit
@@ -248,6 +249,16 @@ code, .mono { font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; font-
               word-break: break-all; }
 figure { margin: 14px 0 22px; }
 figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
+.verdict { border: 2px solid; border-radius: 6px; padding: 10px 14px; margin: 12px 0; }
+.verdict.bad { border-color: #d62728; background: #fdecea; }
+.verdict.ok { border-color: #2ca02c; background: #eaf6ea; }
+@media print {
+  nav.toc { display: none; }
+  section { break-inside: auto; }
+  figure, table, .verdict { break-inside: avoid; }
+  body { font-size: 11pt; }
+  a { color: inherit; text-decoration: none; }
+}
 figcaption { color: var(--muted); font-size: 13.5px; max-width: 1000px; margin-top: 4px; }
 .note { border-left: 4px solid var(--accent); background: var(--soft); padding: 6px 12px;
         margin: 10px 0; font-size: 14px; }
@@ -308,6 +319,7 @@ class Page:
             f'<p class="lead">{models} &middot; {len(self.sample.indices)} '
             f"{esc(settings.split)} images &middot; {len(settings.methods)} explanation "
             f"methods &middot; seed {settings.seed} &middot; {esc(audit.created)}</p></header>"
+            + self.banner() +
             '<p class="note">How to read the numbers: <span class="dir">\u2191</span> higher is '
             'better, <span class="dir">\u2193</span> lower is better, <span class="dir">'
             "\u2195</span> no better direction (compare with the stated baseline). "
@@ -318,6 +330,19 @@ class Page:
             f'<nav class="toc">{toc}</nav>' + "".join(body) + self.footer()
             + "</main></body></html>\n"
         )
+
+    def banner(self) -> str:
+        """The verdict in one box at the top: problems found, accuracy, the worst one."""
+        verdict, _ = verdict_of(self.audit)
+        acc = "" if verdict.accuracy is None else f" Accuracy {verdict.accuracy:.1%}."
+        if verdict.status == "clean":
+            return (f'<div class="verdict ok"><b>No problem found.</b> No confirmed shortcut, '
+                    f"no bias finding, sanity checks passed.{acc}</div>")
+        counts = (f"{verdict.confirmed_shortcuts} confirmed shortcut(s), "
+                  f"{verdict.bias_findings} bias finding(s), {verdict.other_problems} other "
+                  "problem(s).")
+        return (f'<div class="verdict bad"><b>{esc(counts)}</b>{acc} Worst: '
+                f"{esc(verdict.worst or '')}</div>")
 
     def footer(self) -> str:
         """Command, versions, platform, seed and timing: enough to reproduce the page."""

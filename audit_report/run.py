@@ -27,6 +27,7 @@ from lit_modules.loading import LoadedRun, load_run
 from . import files
 from .cache import ResultCache
 from .estimate import estimate_seconds
+from .findings import AuditResult, verdict_of
 from .page import Page
 from .sample import explained_classes, make_sample
 from .sections import SECTIONS, Section
@@ -186,8 +187,11 @@ def metrics_json(audit: AuditRun, sections: list[Section]) -> dict[str, Any]:
     """The whole ``metrics.json``: provenance, settings, data, measures, models."""
     settings, sample, data_run = audit.settings, audit.sample, audit.data_run
     bias = audit.models[0].results.get("bias")
+    verdict, findings = verdict_of(audit)
     return {
         "schema_version": audit.schema_version,
+        "verdict": files.jsonable(verdict),
+        "findings": files.jsonable(findings),
         "created": audit.created,
         "command": audit.command,
         "seed": settings.seed,
@@ -243,8 +247,10 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run_audit(settings: AuditSettings, sections: list[Section] | None = None) -> Path:
-    """Audit the checkpoints in ``settings`` and return the report directory.
+def run_audit(settings: AuditSettings, sections: list[Section] | None = None,
+              ) -> AuditResult:
+    """Audit the checkpoints in ``settings``; return where the report is, the verdict and
+    the problems found (``result.path``, ``result.verdict``, ``result.findings``).
 
     The report is built in a temporary folder beside ``out`` and swapped in only when
     complete, so an interrupted audit leaves no half-written report.
@@ -267,7 +273,8 @@ def _maps_entry(value: Any) -> bool:
 
 
 def audit_runs(settings: AuditSettings, runs: list[LoadedRun], out: Path,
-               sections: list[Section] | None = None, started: float | None = None) -> Path:
+               sections: list[Section] | None = None, started: float | None = None,
+               ) -> AuditResult:
     """Audit loaded models on the first one's data and write the report folder ``out``.
 
     Everything after loading, shared by :func:`run_audit` (checkpoints) and
@@ -341,4 +348,5 @@ def audit_runs(settings: AuditSettings, runs: list[LoadedRun], out: Path,
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    verdict, findings = verdict_of(audit)
+    return AuditResult(out, verdict, findings)

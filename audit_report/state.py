@@ -17,7 +17,8 @@ from .findings import Finding
 from .sample import Sample
 from .settings import AuditSettings, method_options
 
-SCHEMA_VERSION = 2  # 2: sections as typed results; the counterfactual test has a control
+SCHEMA_VERSION = 3  # 2: sections as typed results; the counterfactual test has a control;
+# 3: a verdict and findings as records (audit_report/metrics.schema.json); shortcuts by test
 
 
 @dataclass

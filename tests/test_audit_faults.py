@@ -41,6 +41,9 @@ def test_a_cache_entry_without_its_fields_is_a_miss_with_one_warning(tiny_ckpt: 
                                                                        tmp_path: Path) -> None:
     out = tmp_path / "report"
     first = _run(tiny_ckpt, out)
+    from test_report_escaping import validate_metrics
+
+    validate_metrics(first)  # a second real output against the shipped schema
     entries = sorted((out / "cache").glob("explanations-*.pt"))
     assert entries
     for entry in entries:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import re
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from helpers import register_tiny_backbone, run_train, tiny_config
 from PIL import Image
@@ -63,3 +65,27 @@ def test_hostile_class_names_reach_the_report_only_as_text(tmp_path: Path) -> No
     assert re.search(r"<figcaption>[^<]*<b>Figure \d+\.</b>[^<]*&lt;img src=x", page)
     # Figure files are named without the class name's characters.
     assert all(re.fullmatch(r"[A-Za-z0-9_.-]+", p.name) for p in out.rglob("*.png"))
+    # The verdict: in metrics.json (valid against the shipped schema), in the banner at the
+    # top of the page, and behind --fail_on_findings's exit status.
+    validate_metrics(metrics)
+    verdict = metrics["verdict"]
+    assert verdict["status"] == "findings" and verdict["confirmed_shortcuts"] == 1
+    (record,) = [f for f in metrics["findings"] if f["kind"] == "shortcut"]
+    assert record["class"] == HOSTILE[0] and record["severity"] == "high"
+    assert record["numbers"]["flip_rate"] == found[0]["flip_rate"]
+    banner = page.index('<div class="verdict bad">')
+    assert banner < page.index('<section id=') and "1 confirmed shortcut(s)" in page[banner:]
+    with pytest.raises(SystemExit) as exc:
+        audit.main(["--ckpt", cli.trainer.checkpoint_callback.last_model_path, "--out",
+                    str(out), "--progress", "false", "--num_images", "6", "--sanity_images",
+                    "2", "--steps", "4", "--counterfactual_images", "6",
+                    "--discovery_images", "12", "--methods", "[gradcam, saliency]",
+                    "--fail_on_findings", "true"])
+    assert exc.value.code == 3
+
+
+def validate_metrics(metrics: dict) -> None:
+    """``metrics`` against the JSON Schema shipped in the package."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(files("audit_report").joinpath("metrics.schema.json").read_text())
+    jsonschema.validate(metrics, schema)

@@ -116,7 +116,10 @@ class BiasSection(Section):
         return result
 
     def findings(self, audit: AuditRun, model: ModelAudit, result: BiasResult) -> list[Finding]:
-        out = [Finding(f"class {flag['class']}: " + "; ".join(flag["evidence"]) + ".", flag=True)
+        out = [Finding(f"class {flag['class']}: " + "; ".join(flag["evidence"]) + ".", flag=True,
+                       kind="bias", cls=flag["class"], severity="high",
+                       numbers=(result.counterfactual or {}).get("classes", {}).get(
+                           flag["class"], {}))
                for flag in result.flagged]
         lead = lead_method(result.methods)
         if lead is None:

@@ -439,7 +439,8 @@ class SanitySection(Section):
         return [Finding(
             "Sanity check failed for " + ", ".join(bad) + ": their maps keep a mean rank "
             f"correlation of at least {result.flag_threshold} with a fully randomised model, "
-            "so they do not reflect what the model learned.", flag=True,
+            "so they do not reflect what the model learned.", flag=True, kind="sanity",
+            severity="medium", numbers={"methods": bad, "threshold": result.flag_threshold},
         )]
 
     def intro(self, page: Page) -> str:

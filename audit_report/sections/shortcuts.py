@@ -245,7 +245,11 @@ class SuspectedShortcutsSection(Section):
                     f"class {s['class']}: shortcut confirmed by experiment: {what} turns "
                     f"{s['flip_rate']:.0%} of other classes' images into {s['class']} against "
                     f"{ctrl} for the controls (n={s['targets']}; {result.method} lift "
-                    f"{s['lift']:.1f}).", flag=True))
+                    f"{s['lift']:.1f}).", flag=True, kind="shortcut", cls=s["class"],
+                    severity="high", numbers={
+                        "test": s["kind"], "box": s["box"], "flip_rate": s["flip_rate"],
+                        "controls": s["controls"], "margin": s["margin"],
+                        "targets": s["targets"]}))
             else:
                 out.append(Finding(
                     f"class {s['class']}: {what} turns {s['flip_rate']:.0%} of other classes' "

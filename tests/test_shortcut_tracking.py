@@ -129,7 +129,9 @@ def test_a_clean_model_confirms_nothing_and_a_collapsed_one_is_not_tested() -> N
     assert v.confirmed == [] and not v.events
     assert {r.state for r in v.rows} <= {"clear", "suspected"}
     v = epoch(tracker, Collapsed(), x, y, 1)
-    assert v.confirmed == [] and not v.events and "predicted as class 5" in v.note
+    assert v.confirmed == [] and not v.events and v.collapsed_to == 5
+    assert "predicted as one class (c5)" in tracking.summary_markdown(
+        v, [f"c{i}" for i in range(10)])
     # The controls refuse it too, without the guard: nothing can flip towards class 5 (its
     # images are the only targets left out) and nothing flips towards any other class.
     preds = causal.predict(Collapsed(), x)

@@ -89,10 +89,17 @@ class Event:
 
 @dataclass
 class EpochVerdict:
+    """One epoch's rows (one per class), its events, and why nothing was tested if so."""
+
     epoch: int
     rows: list[ClassRow]
     events: list[Event] = field(default_factory=list)
-    note: str = ""
+    note: str = ""  # ``{}`` stands for the class every image was predicted as
+    collapsed_to: int | None = None
+
+    def describe_note(self, names: Sequence[str]) -> str:
+        return self.note.format(names[self.collapsed_to] if self.collapsed_to is not None
+                                else "")
 
     @property
     def confirmed(self) -> list[int]:
@@ -175,11 +182,11 @@ class ShortcutTracker:
         labels, preds = labels.long().cpu(), preds.long().cpu()
         lifts = {h.label: (h.hotspot.lift if h.hotspot else None) for h in hotspots}
         if causal.collapsed(preds):
-            note = (f"not tested: every fixed image is predicted as class {int(preds[0])}, so "
-                    "no class can be judged this epoch")
+            note = ("not tested: every fixed image is predicted as one class ({}), so no "
+                    "class can be judged this epoch")
             rows = [ClassRow(c, "not tested", lifts.get(c), None, self.followed.get(c), note)
                     for c in range(num_classes)]
-            return EpochVerdict(epoch, rows, [], note)
+            return EpochVerdict(epoch, rows, [], note, collapsed_to=int(preds[0]))
         rows: dict[int, ClassRow] = {}
         events: list[Event] = []
         for f in self.followed.values():
@@ -312,7 +319,7 @@ def summary_markdown(verdict: EpochVerdict, names: Sequence[str]) -> str:
     """The epoch's table: class, box, lift, flips vs controls, state (TensorBoard text)."""
     lines = [f"**Shortcuts at epoch {verdict.epoch}**", ""]
     if verdict.note:
-        lines += [verdict.note, ""]
+        lines += [_md(verdict.describe_note(names)), ""]
     lines += ["| class | test | box | lift | flips | controls | margin (95%) | state |",
               "| --- | --- | --- | ---: | ---: | --- | --- | --- |"]
     for r in verdict.rows:

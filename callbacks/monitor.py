@@ -48,10 +48,11 @@ class ExplanationMonitor(Callback):
     The verdict on shortcuts is an experiment, not the lift (:mod:`callbacks.shortcut_watch`):
     every epoch, on ``shortcut_method``'s maps, each candidate class's hotspot (every class
     up to 16 classes) is cut from its fixed images and pasted onto other classes' fixed
-    images, against two controls (a window from elsewhere in the same images; the same
-    place cut from other classes' images). A class is *confirmed* when its flips beat both
-    controls (95% paired interval above zero, margin >= 0.10); its box is then followed
-    every epoch until the margin falls to the controls' level. Logged as
+    images, against two controls (each source's most salient window from elsewhere; the
+    same place cut from other classes' images). A class is *confirmed* when its flips beat
+    both controls with the whole 95% paired interval of the margin at or above 0.10; its
+    box is then followed every epoch (confirmed while the interval is above zero and the
+    margin >= 0.10) until the margin falls to the controls' level. Logged as
     ``explain/shortcuts/margin/<class>``, ``flips/<class>``, ``strongest_control/<class>``,
     ``is_confirmed/<class>`` and ``confirmed`` (the count), with a table per epoch in
     TensorBoard's text tab (``explain/shortcuts/summary``) and one console line when a

@@ -432,7 +432,7 @@ def run_table(runs: list[Run]) -> str:
             f"{_told(r)} | {_false(r.audit_confirmed, r)} | "
             + (", ".join(f"{c} {m:+.2f}" for c, m in r.colour_relies.items()) or "none")
             + f" | {r.discovery_s:.1f} s | "
-            f"{r.hook_s / r.epoch_s:.1%} |")
+            f"{r.hook_s / r.epoch_s:.1%} ({r.hook_s:.1f} of {r.epoch_s:.0f} s) |")
     return "\n".join(lines)
 
 

@@ -419,7 +419,11 @@ def test_a_rerun_reuses_cached_results_and_a_changed_checkpoint_does_not(
     assert calls[start:start + 2] == [("gradcam", 12, True), ("saliency", 12, False)]
     # Per method: maps, curves, sanity; per model: accuracy, discovery, the cue test, the
     # CAM vs Grad-CAM check and the deletion/insertion curves' map-free ends.
-    entries = sorted(p.name.rsplit("-", 1)[0] for p in (out / "cache").iterdir())
+    cached = list((out / "cache").iterdir())
+    entries = sorted(p.name.rsplit("-", 1)[0] for p in cached if p.suffix != ".sha256")
+    # Each cached figure has its SHA-256 beside it (checked before the PNG is reused).
+    assert sorted(p.name for p in cached if p.suffix == ".sha256") == sorted(
+        p.name + ".sha256" for p in cached if p.suffix == ".png")
     assert [e for e in entries if e != "figure"] == [
         "accuracy", "cam-vs-gradcam", "counterfactual", "curve-ends", "explanations",
         "explanations", "faithfulness", "faithfulness", "sanity", "sanity", "shortcuts"]

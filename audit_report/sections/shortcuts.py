@@ -41,9 +41,14 @@ DISCOVERY_CHUNK = 64
 # classes' natural colours as much as a tinted class's model relies on its tint (margins up
 # to +0.91 on clean classes against +0.94 to +1.00 for a tint), so the move cannot tell them
 # apart.
-AUDIT_TESTS = ("box", "cluster", "moving")
+#
+# Not "cluster" (explain.measures.tracking supports it): on the quickstart's final model it
+# confirmed a cluster of x_cross images whose shapes sit together (x 8-19, y 10-21), a false
+# alarm, once the window-from-elsewhere control stopped overlapping the box; and it found no
+# partial-class cue in the real-CIFAR benchmark (glyph on half of horse: 0 of 1).
+AUDIT_TESTS = ("box", "moving")
 # Bumped when what the section computes changes, so an earlier report's cache is not reused.
-SEARCH_VERSION = 2
+SEARCH_VERSION = 3
 
 
 @dataclass
@@ -279,10 +284,8 @@ class SuspectedShortcutsSection(Section):
             "paired interval (Student's t) above zero. Tried in order: <b>a box</b> (windows "
             "of 1/8 to 1/3 of the side at the hotspot; the one with the largest margin, the "
             "smallest among near ties; controls: each source's most salient window elsewhere, "
-            "and the same place cut from another class's image), <b>a cluster</b> of the "
-            "class's maps (its box cut from its members; one more control: the same box cut "
-            "from the class's other images), <b>each image's own hotspot</b> (a cue that "
-            "moves). Apart from these, <b>the class's colour statistics</b> are moved onto "
+            "and the same place cut from another class's image), then <b>each image's own "
+            "hotspot</b> (a cue that moves). Apart from these, <b>the class's colour statistics</b> are moved onto "
             "other images (control: a third class's statistics); a model that follows them "
             "relies on colour, which may be a tint or the class's natural colour.</p>"
         )
@@ -293,8 +296,7 @@ class SuspectedShortcutsSection(Section):
             out.append(
                 '<p><span class="badge ok">no suspect</span> No test of any of the '
                 f"{len(result.classes)} classes turned even 10% of other classes' images into "
-                "it: no shortcut by a fixed box, a cluster of its images or a moving "
-                "hotspot.</p>")
+                "it: no shortcut by a fixed box or a moving hotspot.</p>")
         for s in result.suspects:
             badge = ('<span class="badge bad">confirmed</span>' if s["confirmed"]
                      else '<span class="badge ok">not confirmed</span>')

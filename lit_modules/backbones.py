@@ -84,15 +84,19 @@ class SplitBackbone(nn.Module):
         return self.head(self.features(x))
 
 
-def _weights_error(weights: models.WeightsEnum, exc: Exception) -> RuntimeError:
-    """The error for weights that could not be loaded: names the file and the cache folder."""
+def _weights_error(
+    weights: models.WeightsEnum, exc: Exception, fix: str = "set model.pretrained to false"
+) -> RuntimeError:
+    """The error for weights that could not be loaded: the full path torch hub expects the
+    file at, and ``fix``, how to do without them (what undoes the option that asked for
+    them: ``pretrained``, or a pinned ``@<weights>`` backbone string)."""
     filename = os.path.basename(weights.url)
     cache_dir = os.path.join(torch.hub.get_dir(), "checkpoints")
     return RuntimeError(
         f"could not load pretrained weights {weights}: {exc.__class__.__name__}: {exc}.\n"
-        f"Without network, put the file {filename!r} (from {weights.url}) into "
-        f"{cache_dir!r} (the torch hub cache; set TORCH_HOME to move it), or use "
-        "pretrained=False."
+        f"Without network, put the file {filename!r} (from {weights.url}) at "
+        f"{os.path.join(cache_dir, filename)!r} (the torch hub cache; set TORCH_HOME to "
+        f"move it), or train from random weights: {fix}."
     )
 
 
@@ -483,5 +487,22 @@ def torchvision_backbone(
             # and loads them with weights_only=True: a weights file can not run code.
             net = models.get_model(arch, weights=chosen)
         except Exception as exc:  # URLError, socket and HTTP errors, a bad cached file
-            raise _weights_error(chosen, exc) from exc
+            raise _weights_error(chosen, exc, _random_weights_fix(arch, suffix, weights,
+                                                                  pretrained)) from exc
     return TorchvisionBackbone(net, num_classes=num_classes, name=f"{TORCHVISION_PREFIX}{arch}")
+
+
+def _random_weights_fix(arch: str, suffix: str, weights: str | None, pretrained: bool) -> str:
+    """How to ask for random weights, given what asked for pretrained ones: a pinned
+    ``@<weights>`` suffix wins over ``weights`` and ``pretrained``, so it must go first
+    (``pretrained=False`` alone changes nothing for ``tv:resnet18@IMAGENET1K_V1``)."""
+    plain = f"{TORCHVISION_PREFIX}{arch}"
+    if suffix:
+        fix = f"drop '@{suffix}' from the backbone string (model.backbone: {plain})"
+        also = [w for w, on in (("weights=None", weights), ("model.pretrained to false",
+                                                               pretrained)) if on]
+        return fix + (f" and set {' and '.join(also)}" if also else "")
+    if weights:
+        return f"pass weights=None for {plain}" + (
+            " and set model.pretrained to false" if pretrained else "")
+    return "set model.pretrained to false"

@@ -88,7 +88,9 @@ def test_pretrained_without_network_names_file_and_cache(tmp_path, monkeypatch, 
     finally:
         torch.hub.set_dir(os.path.join(os.path.expanduser("~"), ".cache", "torch", "hub"))
     msg = str(err.value)
-    assert ".pth" in msg and str(tmp_path / "checkpoints") in msg and "pretrained=False" in msg
+    cached = os.path.join(tmp_path, "checkpoints", msg.split("'")[1])  # the file it names
+    assert cached.endswith(".pth") and f"at {cached!r}" in msg
+    assert msg.endswith("or train from random weights: set model.pretrained to false.")
 
 
 def test_classifier_declares_explanation_split() -> None:

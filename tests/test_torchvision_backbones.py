@@ -148,8 +148,31 @@ def test_pretrained_without_network_names_file_and_cache(tmp_path, monkeypatch) 
     with pytest.raises(RuntimeError) as err:
         build_backbone("tv:mobilenet_v3_small", pretrained=True)
     msg = str(err.value)
-    assert "mobilenet_v3_small-047dcff4.pth" in msg and str(tmp_path / "checkpoints") in msg
-    assert "pretrained=False" in msg
+    path = tmp_path / "checkpoints" / "mobilenet_v3_small-047dcff4.pth"
+    assert repr(str(path)) in msg  # the full path torch hub looks at
+    assert msg.endswith("or train from random weights: set model.pretrained to false.")
+
+
+@pytest.mark.parametrize("pretrained", [False, True])
+def test_pinned_weights_without_network_name_the_fix_that_works(tmp_path, monkeypatch,
+                                                                   pretrained) -> None:
+    # pretrained=False alone changes nothing for a pinned string: the suffix must go.
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(RuntimeError) as err:
+        build_backbone("tv:resnet18@IMAGENET1K_V1", pretrained=pretrained)
+    msg = str(err.value)
+    expected = tmp_path / "checkpoints" / os.path.basename(models.ResNet18_Weights.IMAGENET1K_V1.url)
+    assert f"at {str(expected)!r}" in msg
+    fix = "drop '@IMAGENET1K_V1' from the backbone string (model.backbone: tv:resnet18)"
+    assert msg.endswith(fix + (" and set model.pretrained to false." if pretrained else "."))
+    assert "pretrained=False" not in msg
+    # The fix works: without the suffix (and pretrained) the same offline machine builds it.
+    assert build_backbone("tv:resnet18", pretrained=False).net.fc.out_features == 10
 
 
 def test_classifier_with_a_torchvision_backbone() -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from .backbones import build_backbone
+from .shortcut_removal import Remover, ShortcutRemoval
 
 SCHEDULERS = ("onecycle", "cosine", "warmup_cosine", "warmup_linear", "none")
 
@@ -63,6 +65,14 @@ class ImageClassifier(L.LightningModule):
             ``torch.compile(backbone)``. ``forward`` (what the explanation engine, the
             monitor and the audit call) stays eager on the same weights, so hooks and layer
             names work as usual; the checkpoint's keys do not change.
+        init_weights: a checkpoint whose model weights a ``fit`` starts from (not its
+            optimizer, scheduler or epoch counter: a fine-tuning run, unlike
+            ``--ckpt_path``, which resumes). Read when fitting starts, so a model built from
+            the config elsewhere (an audit) never needs the file.
+        shortcut_removal: fine-tune away confirmed shortcuts (class and box each) with a
+            counter-measure: decorrelating augmentation, an input-gradient penalty, or
+            both (see ``lit_modules/shortcut_removal.py``). ``audit.py`` writes this option
+            into ``remove_shortcuts.yaml`` when it confirms a shortcut.
 
     Logging is sync-free per step: losses are logged as tensors, accuracy as a torchmetrics
     state, and ``train/loss`` is kept off the progress bar, because Lightning converts
@@ -77,15 +87,18 @@ class ImageClassifier(L.LightningModule):
         backbone: str = "resnet18_cifar",
         num_classes: int = 10,
         pretrained: bool = False,
-        optimizer: str = "sgd",
+        optimizer: Literal["sgd", "adamw"] = "sgd",
         lr: float = 0.05,
         weight_decay: float = 5e-4,
         momentum: float = 0.9,
-        scheduler: str = "onecycle",
+        scheduler: Literal["onecycle", "cosine", "warmup_cosine", "warmup_linear",
+                           "none"] = "onecycle",
         warmup_fraction: float = 0.1,
         label_smoothing: float = 0.0,
         channels_last: bool = False,
         compile: bool = False,
+        init_weights: str | None = None,
+        shortcut_removal: ShortcutRemoval | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adamw"):
@@ -94,7 +107,12 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(f"scheduler must be one of {list(SCHEDULERS)}, got {scheduler!r}")
         if not 0.0 <= warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
-        self.save_hyperparameters()
+        removal = ShortcutRemoval.coerce(shortcut_removal)
+        self.save_hyperparameters(ignore=["shortcut_removal"])
+        # Primitives only, so that checkpoints keep loading with weights_only=True.
+        self.hparams["shortcut_removal"] = None if removal is None else removal.as_dict()
+        self.removal_config = removal
+        self.remover: Remover | None = None  # made when fitting starts (reads the pixels)
         self.backbone = build_backbone(backbone, num_classes=num_classes, pretrained=pretrained)
         if channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
@@ -156,20 +174,66 @@ class ImageClassifier(L.LightningModule):
 
     def _step(self, batch: Any, stage: str, acc: MulticlassAccuracy) -> torch.Tensor:
         x, y = unpack_batch(batch)
-        logits = self._logits(x)
+        return self._finish(stage, self._logits(x), y, acc)
+
+    def _finish(self, stage: str, logits: torch.Tensor, y: torch.Tensor,
+                acc: MulticlassAccuracy, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss (plus ``extra``, a counter-measure's term) with its logging."""
         loss = self.criterion(logits, y)
+        if extra is not None:
+            loss = loss + extra
         acc.update(logits, y)  # update, not forward: no per-batch accuracy is computed
         on_step = stage == "train"
         # sync_dist: under DDP the epoch's val/test loss is averaged over ranks (one
         # all-reduce per epoch); the train loss stays per rank so steps never sync.
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=not on_step,
-                 batch_size=x.shape[0], sync_dist=not on_step)
+                 batch_size=y.shape[0], sync_dist=not on_step)
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage != "train",
-                 batch_size=x.shape[0])
+                 batch_size=y.shape[0])
         return loss
 
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.hparams.init_weights and not getattr(self, "_init_loaded", False):
+            # Lightning restores a --ckpt_path after setup, so a resumed fine-tuning run
+            # ends with the checkpoint's weights, not these.
+            self.load_init_weights(self.hparams.init_weights)
+        if self.removal_config is not None and self.remover is None:
+            self.remover = Remover.from_config(self.removal_config)
+
+    def load_init_weights(self, path: str | Path) -> None:
+        """Copy the model weights of checkpoint ``path`` (``weights_only``) into this module."""
+        from .loading import CheckpointError, load_checkpoint
+
+        state = load_checkpoint(path).get("state_dict")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"init_weights {str(path)!r} has no state_dict")
+        try:
+            self.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"init_weights {str(path)!r} does not fit this model "
+                f"({self.hparams.backbone}, {self.hparams.num_classes} classes): {exc}"
+            ) from exc
+        self.__dict__["_init_loaded"] = True
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train", self.train_acc)
+        remover = self.remover
+        if remover is None:
+            return self._step(batch, "train", self.train_acc)
+        x, y = unpack_batch(batch)
+        if remover.augments:
+            # Seeded by (epoch, batch): a resumed run draws what the uninterrupted one drew.
+            x = remover.augment(x, y, self.current_epoch * 1_000_003 + batch_idx)
+        if not remover.penalises:
+            return self._finish("train", self._logits(x), y, self.train_acc)
+        x = x.detach().requires_grad_(True)
+        logits = self(x)  # eager: the penalty needs a double backward
+        penalty = remover.penalty(x, logits)
+        self.log("train/shortcut_penalty", penalty, on_step=True, on_epoch=True,
+                 batch_size=x.shape[0])
+        return self._finish("train", logits, y, self.train_acc, extra=penalty)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, "val", self.val_acc)

@@ -1,0 +1,324 @@
+"""Counter-measures that fine-tune a shortcut away: the training side of a confirmed shortcut.
+
+A shortcut here is a class and a box (``x0, y0, x1, y1``, pixels of the training images):
+the model turns images into that class because of what sits in that box. Two
+counter-measures act inside the training step, on whatever batch arrives (the
+``DataLoader`` path and the device-resident fast path alike, on the training device):
+
+* ``augment`` (decorrelation): with probability ``p_paste`` an image of another class gets
+  the box's content cut from the class's images pasted at the box; with probability
+  ``p_cover`` an image of the class gets the box covered with the same place of another
+  class's image in the batch. The content then appears about as often whatever the label,
+  so it stops predicting the class, and the covered images teach the class itself.
+* ``penalty`` (Right for the Right Reasons, Ross et al. 2017): the squared input gradient
+  of the summed log-probabilities inside the boxes, times ``penalty_weight``, is added to
+  the loss (double backward: about three times a plain step's cost).
+* ``both``: the two together.
+
+The box content to paste comes from ``pixels``, a file of plain tensors that ``audit.py``
+writes beside the report (cut from the class's training images), or, without a file, from
+the class's images in the current batch. Every draw comes from a generator seeded by
+``(seed, global step)``, so a resumed run draws what the uninterrupted run drew.
+
+:class:`ShortcutRemoval` is the option as written in a config (``model.shortcut_removal``);
+:class:`Remover` is its behaviour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from .data.cue import derive_seed
+
+METHODS = ("augment", "penalty", "both")
+PIXELS_FORMAT = "camlight-shortcut-pixels"
+PIXELS_VERSION = 1
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class ShortcutBox:
+    """One shortcut to remove: a class and the box its cue sits in.
+
+    Args:
+        class_index: the class the shortcut turns images into.
+        box: ``[x0, y0, x1, y1]`` in pixels of the training images (exclusive ends).
+        class_name: the class's name, for messages only.
+    """
+
+    class_index: int
+    box: tuple[int, int, int, int]
+    class_name: str = ""
+
+    def __post_init__(self) -> None:
+        c = self.class_index
+        if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0:
+            raise ValueError(f"shortcut class_index must be a non-negative int, got {c!r}")
+        box = tuple(self.box)
+        if len(box) != 4 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                    for v in box):
+            raise ValueError(f"shortcut box must be 4 ints [x0, y0, x1, y1], got {self.box!r}")
+        x0, y0, x1, y1 = (int(v) for v in box)
+        if not (0 <= x0 < x1 and 0 <= y0 < y1):
+            raise ValueError(f"shortcut box [x0, y0, x1, y1] must have 0 <= x0 < x1 and "
+                             f"0 <= y0 < y1, got {list(box)}")
+        object.__setattr__(self, "class_index", int(c))
+        object.__setattr__(self, "box", (x0, y0, x1, y1))
+        object.__setattr__(self, "class_name", str(self.class_name))
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(height, width)`` of the box."""
+        x0, y0, x1, y1 = self.box
+        return y1 - y0, x1 - x0
+
+    def describe(self) -> str:
+        name = self.class_name or f"class {self.class_index}"
+        x0, y0, x1, y1 = self.box
+        return f"{name} at x {x0}-{x1}, y {y0}-{y1}"
+
+
+@dataclass(frozen=True)
+class ShortcutRemoval:
+    """Fine-tune so that the model stops relying on the listed shortcuts.
+
+    Args:
+        shortcuts: the shortcuts (class and box each); several at once are fine.
+        method: ``augment`` (decorrelate the box's content from the label), ``penalty``
+            (input-gradient penalty inside the boxes) or ``both``.
+        p_paste: probability that an image of another class gets the box's content pasted.
+        p_cover: probability that an image of the shortcut's class gets the box covered with
+            another class's content at the same place.
+        penalty_weight: weight of the penalty (``penalty`` and ``both``).
+        pixels: a file of the box contents (written by ``audit.py``); None: cut them from
+            the class's images in each batch.
+        seed: seed of the per-step draws.
+    """
+
+    shortcuts: list[ShortcutBox]
+    method: Literal["augment", "penalty", "both"] = "augment"
+    p_paste: float = 0.5
+    p_cover: float = 0.5
+    penalty_weight: float = 1.0
+    pixels: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        shortcuts = [s if isinstance(s, ShortcutBox) else ShortcutBox(**s)
+                     for s in (self.shortcuts or [])]
+        if not shortcuts:
+            raise ValueError("shortcut_removal needs at least one shortcut (class_index, box)")
+        classes = [s.class_index for s in shortcuts]
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"one box per class in shortcut_removal.shortcuts, got {classes}")
+        if self.method not in METHODS:
+            raise ValueError(f"shortcut_removal.method must be one of {list(METHODS)}, got "
+                             f"{self.method!r}")
+        for name in ("p_paste", "p_cover"):
+            p = getattr(self, name)
+            if not 0.0 <= float(p) <= 1.0:
+                raise ValueError(f"shortcut_removal.{name} must be in [0, 1], got {p}")
+        if float(self.penalty_weight) < 0:
+            raise ValueError(f"shortcut_removal.penalty_weight must be >= 0, got "
+                             f"{self.penalty_weight}")
+        object.__setattr__(self, "shortcuts", shortcuts)
+        for name in ("p_paste", "p_cover", "penalty_weight"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    @classmethod
+    def coerce(cls, value: ShortcutRemoval | Mapping[str, Any] | None) -> ShortcutRemoval | None:
+        """From itself, a plain mapping (a checkpoint's hyperparameters, a YAML file) or None."""
+        if value is None or isinstance(value, ShortcutRemoval):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(f"shortcut_removal must be a mapping or None, got {value!r}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in value if k not in fields]
+        if unknown:
+            raise ValueError(f"unknown shortcut_removal option(s) {unknown}; the fields are "
+                             f"{fields}")
+        return cls(**value)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Primitives only: what a checkpoint's hyperparameters keep (``weights_only``)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["shortcuts"] = [{"class_index": s.class_index, "box": list(s.box),
+                             "class_name": s.class_name} for s in self.shortcuts]
+        return out
+
+
+# -- the pixels file ------------------------------------------------------------------------
+
+
+class PixelsError(ValueError):
+    """A pixels file that is missing, unreadable or not what ``audit.py`` writes."""
+
+
+def save_pixels(path: str | Path, patches: Mapping[int, Tensor],
+                boxes: Mapping[int, Box]) -> Path:
+    """Write the box contents per class (``[n, 3, h, w]`` in the model's input space) as
+    plain tensors and containers, loadable with ``weights_only=True``."""
+    entries = []
+    for c, pix in patches.items():
+        x0, y0, x1, y1 = boxes[c]
+        if pix.dim() != 4 or tuple(pix.shape[-2:]) != (y1 - y0, x1 - x0) or not len(pix):
+            raise ValueError(f"class {c}: pixels of shape {tuple(pix.shape)} do not fit box "
+                             f"{list(boxes[c])}")
+        entries.append({"class_index": int(c), "box": [int(v) for v in boxes[c]],
+                        "pixels": pix.detach().float().cpu().contiguous()})
+    path = Path(path)
+    torch.save({"format": PIXELS_FORMAT, "version": PIXELS_VERSION, "entries": entries}, path)
+    return path
+
+
+def load_pixels(path: str | Path) -> dict[int, tuple[Box, Tensor]]:
+    """The pixels file's entries, ``class -> (box, pixels [n, 3, h, w])``, validated.
+
+    Opened with ``weights_only=True``: a file holding anything but tensors and containers is
+    refused before anything in it runs.
+    """
+    from .loading import CheckpointError, load_checkpoint
+
+    path = Path(path).expanduser()
+    try:
+        obj = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise PixelsError(f"shortcut pixels: {exc}") from exc
+    if obj.get("format") != PIXELS_FORMAT or obj.get("version") != PIXELS_VERSION:
+        raise PixelsError(f"{str(path)!r} is not a shortcut pixels file of version "
+                          f"{PIXELS_VERSION} (written by audit.py): format "
+                          f"{obj.get('format')!r}, version {obj.get('version')!r}")
+    out: dict[int, tuple[Box, Tensor]] = {}
+    entries = obj.get("entries")
+    if not isinstance(entries, list):
+        raise PixelsError(f"{str(path)!r}: 'entries' must be a list")
+    for e in entries:
+        ok = (isinstance(e, dict) and isinstance(e.get("class_index"), int)
+              and isinstance(e.get("box"), list) and len(e["box"]) == 4
+              and all(isinstance(v, int) for v in e["box"]) and torch.is_tensor(e.get("pixels")))
+        if not ok:
+            raise PixelsError(f"{str(path)!r}: an entry is not {{class_index, box, pixels}}")
+        box = tuple(e["box"])
+        pix = e["pixels"]
+        x0, y0, x1, y1 = box
+        if (pix.dim() != 4 or pix.shape[1] != 3 or tuple(pix.shape[-2:]) != (y1 - y0, x1 - x0)
+                or not len(pix) or not pix.is_floating_point() or not torch.isfinite(pix).all()):
+            raise PixelsError(f"{str(path)!r}: class {e['class_index']}'s pixels "
+                              f"{tuple(pix.shape)} do not fit its box {list(box)}")
+        out[int(e["class_index"])] = (box, pix.float())  # type: ignore[assignment]
+    return out
+
+
+# -- the behaviour --------------------------------------------------------------------------
+
+
+@dataclass
+class Remover:
+    """What a training step does for a :class:`ShortcutRemoval`."""
+
+    config: ShortcutRemoval
+    bank: dict[int, Tensor] = field(default_factory=dict)  # class -> pixels [n, 3, h, w]
+
+    @classmethod
+    def from_config(cls, config: ShortcutRemoval) -> Remover:
+        bank: dict[int, Tensor] = {}
+        if config.pixels is not None:
+            stored = load_pixels(config.pixels)
+            for s in config.shortcuts:
+                if s.class_index not in stored:
+                    raise PixelsError(f"{config.pixels!r} has no pixels for "
+                                      f"{s.describe()}")
+                box, pix = stored[s.class_index]
+                if tuple(box) != s.box:
+                    raise PixelsError(f"{config.pixels!r} holds pixels of box {list(box)} for "
+                                      f"class {s.class_index}, not of {list(s.box)}")
+                bank[s.class_index] = pix
+        return cls(config, bank)
+
+    @property
+    def augments(self) -> bool:
+        return self.config.method in ("augment", "both")
+
+    @property
+    def penalises(self) -> bool:
+        return self.config.method in ("penalty", "both") and self.config.penalty_weight > 0
+
+    def check_fits(self, h: int, w: int) -> None:
+        """Refuse a box outside ``h`` x ``w`` images, naming it."""
+        for s in self.config.shortcuts:
+            x0, y0, x1, y1 = s.box
+            if x1 > w or y1 > h:
+                raise ValueError(f"shortcut box {list(s.box)} ({s.describe()}) does not fit "
+                                 f"{h}x{w} training images")
+
+    def _generator(self, step: int) -> torch.Generator:
+        return torch.Generator().manual_seed(derive_seed("shortcut-removal", self.config.seed,
+                                                         int(step)))
+
+    def augment(self, images: Tensor, labels: Tensor, step: int) -> Tensor:
+        """A new batch with each shortcut's box decorrelated from the label (see module doc).
+
+        Decisions are drawn on the CPU from ``(seed, step)`` and applied on the batch's
+        device; the input is not modified.
+        """
+        self.check_fits(*images.shape[-2:])
+        g = self._generator(step)
+        out = images.clone()
+        y = labels.detach().long().cpu()
+        b = y.numel()
+        for s in self.config.shortcuts:
+            x0, y0, x1, y1 = s.box
+            own = y == s.class_index
+            paste = (~own) & (torch.rand(b, generator=g) < self.config.p_paste)
+            cover = own & (torch.rand(b, generator=g) < self.config.p_cover)
+            bank = self.bank.get(s.class_index)
+            pool = torch.nonzero(own).flatten()
+            if paste.any():
+                dst = torch.nonzero(paste).flatten()
+                if bank is not None:
+                    pick = torch.randint(len(bank), (dst.numel(),), generator=g)
+                    content = bank[pick].to(out.device, out.dtype)
+                    out[dst.to(out.device), :, y0:y1, x0:x1] = content
+                elif pool.numel():
+                    src = pool[torch.randint(pool.numel(), (dst.numel(),), generator=g)]
+                    out[dst.to(out.device), :, y0:y1, x0:x1] = \
+                        images[src.to(images.device), :, y0:y1, x0:x1]
+            others = torch.nonzero(~own).flatten()
+            if cover.any() and others.numel():
+                dst = torch.nonzero(cover).flatten()
+                src = others[torch.randint(others.numel(), (dst.numel(),), generator=g)]
+                # From the original batch: a cover is never another image's pasted cue.
+                out[dst.to(out.device), :, y0:y1, x0:x1] = \
+                    images[src.to(images.device), :, y0:y1, x0:x1]
+        return out
+
+    def mask(self, h: int, w: int, device: torch.device | str = "cpu") -> Tensor:
+        """``[1, 1, h, w]`` float mask: 1 inside any shortcut's box."""
+        m = torch.zeros(1, 1, h, w, device=device)
+        for s in self.config.shortcuts:
+            x0, y0, x1, y1 = s.box
+            m[..., y0:y1, x0:x1] = 1.0
+        return m
+
+    def penalty(self, images: Tensor, logits: Tensor) -> Tensor:
+        """``penalty_weight`` x the mean over images of the squared input gradient of the
+        summed log-probabilities inside the boxes (``images`` must require grad, and
+        ``logits`` come from them with the graph kept)."""
+        logp = torch.log_softmax(logits.float(), dim=-1).sum()
+        (grad,) = torch.autograd.grad(logp, images, create_graph=True)
+        inside = grad * self.mask(*images.shape[-2:], device=images.device)
+        return self.config.penalty_weight * inside.pow(2).sum() / images.shape[0]
+
+
+def describe(shortcuts: Sequence[ShortcutBox]) -> str:
+    """``circle at x 0-8, y 0-8; square at ...`` for messages."""
+    return "; ".join(s.describe() for s in shortcuts)

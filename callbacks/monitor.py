@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -20,8 +20,16 @@ from lit_modules.data.sampling import dataset_labels, sample_batch, stratified_i
 from . import shortcut_watch
 from .tensorboard_layout import SHORTCUTS, TAG_PREFIX, custom_scalars_layout, scalar_tag
 
-CLASS_MODES = ("true", "predicted", "all")
-EXPLAIN_CLASS_MODES = ("auto", "all", "shown")
+#: Which class maps the grid shows. Typed as Literals, so a wrong value fails when the
+#: config is parsed, naming the choices.
+ClassMode = Literal["true", "predicted", "all"]
+#: Which classes are explained (see ``ExplanationMonitor``'s ``explain_classes``).
+ExplainClassMode = Literal["auto", "all", "shown"]
+#: The shortcut tracker's searches the monitor can run (of ``tracking.KINDS``: ``cluster``
+#: needs clusters the monitor does not compute).
+ShortcutTest = Literal["box", "colour", "moving"]
+CLASS_MODES: tuple[str, ...] = get_args(ClassMode)
+EXPLAIN_CLASS_MODES: tuple[str, ...] = get_args(ExplainClassMode)
 
 
 class ExplanationMonitor(Callback):
@@ -76,7 +84,8 @@ class ExplanationMonitor(Callback):
         methods: explanation method names (see ``explain.available()``).
         num_images: number of fixed validation images (stratified over classes, seeded).
         every_n_epochs: explain every n-th validation epoch.
-        classes: which class maps the grid shows: ``true``, ``predicted`` or ``all``.
+        classes: which class maps the grid shows: ``true``, ``predicted`` or ``all``
+            (YAML's unquoted ``true``, a boolean, means ``true``).
         explain_classes: ``all`` explains every class of every fixed image (drift is then
             over all classes); ``shown`` only the classes the scores and grid use (the true
             class, plus the predicted one in ``predicted`` mode), which for per-class
@@ -104,8 +113,8 @@ class ExplanationMonitor(Callback):
         methods: list[str] | None = None,
         num_images: int = 16,
         every_n_epochs: int = 1,
-        classes: str = "true",
-        explain_classes: str = "auto",
+        classes: ClassMode | Literal[True] = "true",
+        explain_classes: ExplainClassMode = "auto",
         layer: str | None = None,
         seed: int = 0,
         upscale: int = 4,
@@ -113,7 +122,7 @@ class ExplanationMonitor(Callback):
         method_options: dict[str, dict] | None = None,
         discovery_per_class: int = 8,
         shortcut_method: str | None = None,
-        shortcut_tests: list[str] | None = None,
+        shortcut_tests: list[ShortcutTest] | None = None,
     ) -> None:
         super().__init__()
         self.methods = list(methods) if methods is not None else ["gradcam"]
@@ -123,6 +132,8 @@ class ExplanationMonitor(Callback):
             raise ValueError(f"num_images must be >= 1, got {num_images}")
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if classes is True:  # `classes: true` unquoted in YAML
+            classes = "true"
         if classes not in CLASS_MODES:
             raise ValueError(f"classes must be one of {CLASS_MODES}, got {classes!r}")
         if explain_classes not in EXPLAIN_CLASS_MODES:
@@ -206,6 +217,11 @@ class ExplanationMonitor(Callback):
         dm = trainer.datamodule
         if self.indices is None and dm is not None and hasattr(dm, "dataset"):
             self.indices = self._pick(dataset_labels(dm.dataset("val")))
+        # A run that removes shortcuts tests their boxes from its first epoch (a resumed
+        # run's restored state comes later and keeps what the run saw since).
+        removal = getattr(pl_module, "removal_config", None)
+        for s in getattr(removal, "shortcuts", ()):
+            self.tracker.follow(s.class_index, s.box)
         if trainer.world_size > 1:
             # Every rank logs rank zero's broadcast numbers unsynced (see _share): Lightning's
             # advice to sync_dist them would only average identical values, one collective each.

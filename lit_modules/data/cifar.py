@@ -34,6 +34,7 @@ from torchvision.datasets.utils import check_integrity
 from tqdm.auto import tqdm
 
 from .base import BaseImageDataModule
+from .choices import DataPath
 from .cue import CueConfig, derive_seed
 from .split import SplitDataset
 
@@ -349,7 +350,7 @@ class CIFAR10DataModule(BaseImageDataModule):
         limit_train: int | None = None,
         limit_val: int | None = None,
         limit_test: int | None = None,
-        data_path: str = "classic",
+        data_path: DataPath = "classic",
         drop_last: bool = False,
     ) -> None:
         super().__init__(

@@ -22,12 +22,14 @@ import json
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
-POSITIONS = ("top_left", "top_right", "bottom_left", "bottom_right", "center", "random")
+#: Where the patch sits (a ``Literal``: a wrong value fails when the config is parsed).
+CuePosition = Literal["top_left", "top_right", "bottom_left", "bottom_right", "center", "random"]
+POSITIONS: tuple[str, ...] = get_args(CuePosition)
 SPLITS = ("train", "val", "test")
 
 _COLOR_NAMES = {
@@ -142,7 +144,7 @@ class CueConfig:
     classes: list[int]
     size: int = 4
     color: tuple[float, float, float] = (1.0, 0.0, 1.0)
-    position: str = "top_left"
+    position: CuePosition = "top_left"
     p_train: float = 0.95
     p_eval: float = 0.95
     seed: int = 0

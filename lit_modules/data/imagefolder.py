@@ -33,6 +33,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .base import BaseImageDataModule
+from .choices import DataPath
 from .cifar import IMAGE_EXTENSIONS, imagefolder_classes, imagefolder_files, read_rgb
 from .cue import CueConfig, SpuriousCue, check_split, derive_seed
 from .split import SplitDataset, make_item
@@ -223,7 +224,7 @@ class ImageFolderDataModule(BaseImageDataModule):
         limit_train: int | None = None,
         limit_val: int | None = None,
         limit_test: int | None = None,
-        data_path: str = "classic",
+        data_path: DataPath = "classic",
         drop_last: bool = False,
     ) -> None:
         super().__init__(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import BaseImageDataModule
+from .choices import DataPath
 from .cue import CueConfig
 from .shapes import SHAPE_CLASSES, SyntheticShapes
 from .split import SplitDataset
@@ -47,7 +48,7 @@ class SyntheticShapesDataModule(BaseImageDataModule):
         num_workers: int = 0,
         flip: bool = True,
         cue: CueConfig | None = None,
-        data_path: str = "classic",
+        data_path: DataPath = "classic",
         drop_last: bool = False,
     ) -> None:
         super().__init__(

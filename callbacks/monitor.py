@@ -72,7 +72,9 @@ class ExplanationMonitor(Callback):
     ``num_images`` (one per class first), the scores use them all.
 
     A TensorBoardLogger also gets one image grid per method and epoch
-    (``explain/<method>/grid``) and a custom-scalars layout that puts each method's paired
+    (``explain/<method>/grid``: every tile under a caption with its class, probability and
+    the image's right/wrong, see :meth:`captions`; green when the image is predicted right,
+    red when wrong) and a custom-scalars layout that puts each method's paired
     scores on one chart. Without one, a warning says so once; scalars still go to the other
     loggers and the raw maps of every epoch are still saved atomically to
     ``<log_dir>/explanations/`` (see :mod:`explain.records`).
@@ -356,7 +358,8 @@ class ExplanationMonitor(Callback):
                 tb.add_image(
                     scalar_tag(method, "grid"),
                     self._grid(trainer, images[:g], maps[:g],
-                               None if classes is None else classes[:g], labels[:g], preds[:g]),
+                               None if classes is None else classes[:g], labels[:g], preds[:g],
+                               probs[:g]),
                     self._image_step(trainer),
                 )
                 if hotspots is not None:
@@ -498,9 +501,12 @@ class ExplanationMonitor(Callback):
         classes: torch.Tensor | None,
         labels: torch.Tensor,
         preds: torch.Tensor,
+        probs: torch.Tensor,
     ) -> torch.Tensor:
+        """The grid image: each fixed image, then its map(s), every tile under a caption
+        (:meth:`captions`)."""
         images01 = self._denormalize(trainer, images).cpu()
-        labels, preds = labels.cpu(), preds.cpu()
+        labels, preds, probs = labels.cpu(), preds.cpu(), probs.cpu().float()
         ok = preds == labels
         n, k = maps.shape[:2]
         if self.classes == "all":
@@ -513,13 +519,51 @@ class ExplanationMonitor(Callback):
             ).view(n, k, *images01.shape[1:])
             tiles = torch.cat([render.frame(images01, ok)[:, None], overlays], 1).flatten(0, 1)
             ncol = k + 1
+            map_classes = (torch.arange(k).expand(n, k) if classes is None
+                           else classes.cpu().long())
         else:
             pick = labels if self.classes == "true" else preds
             shown = render.normalize_maps(records.class_maps(maps, classes, pick))
             overlays = render.overlay(images01, shown)
             tiles = torch.stack([render.frame(images01, ok), overlays], 1).flatten(0, 1)
             ncol = 8
-        return render.grid(render.upscale(tiles.clamp(0, 1), self.upscale), ncol=ncol)
+            map_classes = pick[:, None]
+        tiles = render.upscale(tiles.clamp(0, 1), self.upscale)
+        texts = self.captions(self._class_names(trainer, probs.shape[-1]), labels, preds,
+                              probs, map_classes, render.caption_marks(
+                                  render.caption_size(tiles.shape[-1])))
+        colours = torch.tensor([render.CAPTION_RIGHT if right else render.CAPTION_WRONG
+                                for right in ok.tolist()]).repeat_interleave(len(tiles) // n, 0)
+        return render.grid(render.caption(tiles, texts, colours), ncol=ncol)
+
+    @staticmethod
+    def captions(
+        names: list[str],
+        labels: torch.Tensor,
+        preds: torch.Tensor,
+        probs: torch.Tensor,
+        map_classes: torch.Tensor,
+        marks: tuple[str, str] = ("ok", "x"),
+    ) -> list[list[str]]:
+        """Every grid tile's caption lines, in the grid's order (per image: the image, then
+        one tile per ``map_classes[i]`` entry).
+
+        The image tile: its true class, then the mark (``marks``: right, wrong) with the
+        probability of the true class when predicted right (``cat`` / ``ok 0.82``), or the
+        probability and name of the predicted class when wrong (``cat`` / ``x 0.61 dog``: a
+        name too long for the tile loses its end, never the number). A map tile: the class
+        its map explains, then the image's mark and that class's probability (``cat`` /
+        ``x 0.20``).
+        """
+        out: list[list[str]] = []
+        for i, (y, p) in enumerate(zip(labels.tolist(), preds.tolist(), strict=True)):
+            right = y == p
+            mark = marks[0] if right else marks[1]
+            verdict = (f"{mark} {probs[i, y]:.2f}" if right
+                       else f"{mark} {probs[i, p]:.2f} {names[p]}")
+            out.append([names[y], verdict])
+            out.extend([names[c], f"{mark} {probs[i, c]:.2f}"] for c in map_classes[i].tolist())
+        return out
 
     # -- plumbing -----------------------------------------------------------------------
     @staticmethod

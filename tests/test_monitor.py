@@ -4,24 +4,37 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import math
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 from helpers import hook_counts, register_tiny_backbone, run_train, tiny_config
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.util import tensor_util
 
 import explain
 from callbacks import ExplanationMonitor, shortcut_watch
-from explain import records
+from explain import records, render
 from lit_modules.data.sampling import stratified_indices
 
 SCALARS = ["cue_energy/biased", "cue_energy/clean", "object_energy", "pointing_game",
            "concentration"]
+
+
+#: Height of the caption strip above each 128-px grid tile (two lines of text).
+CAPTION = render.caption(torch.zeros(1, 3, 128, 128), [["a", "b"]]).shape[-2] - 128
+
+
+def _decode(image_event) -> torch.Tensor:
+    """A TensorBoard image event as a ``[3, H, W]`` tensor in ``[0, 1]``."""
+    pixels = Image.open(io.BytesIO(image_event.encoded_image_string)).convert("RGB")
+    return torch.from_numpy(np.asarray(pixels).copy()).permute(2, 0, 1).float() / 255
 
 
 def _events(log_dir: str) -> EventAccumulator:
@@ -69,8 +82,20 @@ def test_two_epochs_log_grids_scalars_and_maps(tmp_path) -> None:
         assert [e.value for e in acc.Scalars(f"explain/{method}/nan_maps")] == [0, 0]
         grids = acc.Images(f"explain/{method}/grid")
         assert [g.step for g in grids] == steps
-        # 10 images x (image, overlay) = 20 tiles of 32*4 px in rows of 8, 2 px apart.
-        assert (grids[0].width, grids[0].height) == (8 * 130 + 2, 3 * 130 + 2)
+        # 10 images x (image, overlay) = 20 tiles of 32*4 px in rows of 8, 2 px apart, each
+        # under a caption strip.
+        assert (grids[0].width, grids[0].height) == (8 * 130 + 2, 3 * (130 + CAPTION) + 2)
+        # The strip's colour is the verdict of the epoch's saved probabilities: green above
+        # both tiles of an image predicted right, red above both of one predicted wrong.
+        for grid, record in zip(grids, saved, strict=True):
+            pixels = _decode(grid)
+            right = (record["probs"].argmax(1) == record["labels"]).tolist()
+            for i, ok in enumerate(right):
+                for t in (2 * i, 2 * i + 1):
+                    y, x = 2 + (t // 8) * (130 + CAPTION), 2 + (t % 8) * 130
+                    want = render.CAPTION_RIGHT if ok else render.CAPTION_WRONG
+                    assert pixels[:, y + 1, x + 125].tolist() == pytest.approx(
+                        list(want), abs=1 / 255), (i, t)
     files = sorted(glob.glob(os.path.join(log_dir, "explanations", "epoch_*.pt")))
     assert [os.path.basename(f) for f in files] == ["epoch_0000.pt", "epoch_0001.pt"]
     record = saved[-1]
@@ -347,6 +372,6 @@ def test_discovery_in_a_run_logs_lifts_and_grows_the_fixed_set(tmp_path) -> None
     (text,) = acc.Tensors("explain/shortcuts/summary/text_summary")
     assert "Shortcuts at epoch 0" in tensor_util.make_ndarray(text.tensor_proto).item().decode()
     grid = acc.Images("explain/gradcam/grid")[0]
-    assert (grid.width, grid.height) == (8 * 130 + 2, 3 * 130 + 2)  # still 10 images
+    assert (grid.width, grid.height) == (8 * 130 + 2, 3 * (130 + CAPTION) + 2)  # still 10
     assert acc.Images("explain/gradcam/hotspots")[0].width == 10 * 130 + 2
 

@@ -28,13 +28,15 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks import AtomicCheckpointIO, InterruptCheckpoint, PredictionWriter
+from callbacks import AtomicCheckpointIO, HParamsSummary, InterruptCheckpoint, PredictionWriter
 from explain import records
 from lit_modules import ImageClassifier
 from lit_modules.data.cue import FLAT_KEYS, flat_keys_hint
 from lit_modules.resume import ResumeError, plan_resume
 
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
+#: What ``tensorboard`` needs to show every epoch's image grids (it samples 10 otherwise).
+TENSORBOARD_FLAGS = "--samples_per_plugin images=0"
 _FLAT_CUE_KEY = re.compile(r"\b(" + "|".join(FLAT_KEYS) + r")\b")
 
 
@@ -85,6 +87,8 @@ class TrainCLI(LightningCLI):
       warn and start from scratch); a resumed run logs into its checkpoint's run directory;
     * every fit gets an :class:`~callbacks.InterruptCheckpoint` (SIGTERM, Ctrl-C, errors),
       and checkpoints are written atomically (:class:`~callbacks.AtomicCheckpointIO`);
+    * every fit gets an :class:`~callbacks.HParamsSummary`: its options in TensorBoard's
+      HParams tab with its final ``val/acc`` and shortcut measures;
     * ``predict`` writes ``predictions.pt`` and ``predictions.csv`` into the run's log
       directory (:class:`~callbacks.PredictionWriter`) unless the config has a writer.
     """
@@ -194,6 +198,14 @@ class TrainCLI(LightningCLI):
             isinstance(cb, InterruptCheckpoint) for cb in trainer.callbacks
         ):
             trainer.callbacks.append(InterruptCheckpoint())
+        if self.subcommand in (None, "fit") and not any(
+            isinstance(cb, HParamsSummary) for cb in trainer.callbacks
+        ):
+            # TensorBoard's HParams tab: this run's options beside its final val/acc and
+            # shortcut measures (the model's own hyperparameters come from the model).
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            trainer.callbacks.append(HParamsSummary(
+                {"data": cfg.get("data"), "seed_everything": cfg.get("seed_everything")}))
         if self.subcommand == "predict" and not any(
             isinstance(cb, BasePredictionWriter) for cb in trainer.callbacks
         ):
@@ -259,7 +271,10 @@ class TrainCLI(LightningCLI):
         tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if tb is not None:
             root = os.path.abspath(tb.root_dir)
-            lines.append(f"Look at it with:  tensorboard --logdir {shlex.quote(root)}")
+            # Without --samples_per_plugin TensorBoard keeps 10 random steps of each image
+            # tag: the grids of most epochs would be missing from the slider.
+            lines.append(f"Look at it with:  tensorboard --logdir {shlex.quote(root)} "
+                         f"{TENSORBOARD_FLAGS}")
         if ckpt is not None and ckpt.best_model_path:
             best = shlex.quote(os.path.abspath(ckpt.best_model_path))
             lines.append(f"Audit it with:    python audit.py --ckpt {best}")

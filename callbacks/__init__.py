@@ -1,7 +1,8 @@
 """Lightning extensions: the explanation monitor, the interrupt checkpoint, atomic
-checkpoints and the prediction writer."""
+checkpoints, the prediction writer and the HParams summary."""
 
 from .atomic import AtomicCheckpointIO
+from .hparams import HParamsSummary
 from .interrupt import InterruptCheckpoint
 from .monitor import ExplanationMonitor
 from .predictions import PredictionWriter
@@ -9,6 +10,7 @@ from .predictions import PredictionWriter
 __all__ = [
     "AtomicCheckpointIO",
     "ExplanationMonitor",
+    "HParamsSummary",
     "InterruptCheckpoint",
     "PredictionWriter",
 ]

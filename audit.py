@@ -46,7 +46,7 @@ RENAMED = {
     "--batch-size": "--batch_size N",
     "--method-options": "--method_options '{lime: {samples: 128}}' (YAML, not JSON-only)",
     "--no-progress": "--progress false",
-    "--compare": "--ckpt+ PATH (or --ckpt '[A.ckpt, B.ckpt]')",
+    "--compare": "a second --ckpt PATH (or --ckpt '[A.ckpt, B.ckpt]')",
 }
 
 
@@ -71,8 +71,8 @@ def build_parser() -> ArgumentParser:
                    "config: that one is --train_config)")
     p.add_argument("--ckpt", type=str | list[str], required=True,
                    help="checkpoint to audit (loaded with weights_only=True), or a list of two "
-                   "to compare side by side: --ckpt '[A.ckpt, B.ckpt]' or --ckpt A.ckpt "
-                   "--ckpt+ B.ckpt")
+                   "to compare side by side: --ckpt A.ckpt --ckpt B.ckpt (or --ckpt "
+                   "'[A.ckpt, B.ckpt]'), e.g. a model before and after a shortcut fix")
     p.add_argument("--train_config", type=str | list[str] | None, default=None,
                    help="training config of each checkpoint, in order (default: config.yaml "
                    "in the checkpoint's log directory, <ckpt dir>/../config.yaml)")
@@ -187,12 +187,34 @@ def _repeatable_trust(argv: list[str]) -> list[str]:
     return out
 
 
+def _repeatable_paths(argv: list[str], names: tuple[str, ...] = ("--ckpt", "--train_config"),
+                      ) -> list[str]:
+    """``--ckpt A --ckpt B`` compares A and B (the parser alone would keep only B): every
+    repeat of a plain path becomes ``--ckpt+ PATH``; the same for ``--train_config``."""
+    out: list[str] = []
+    seen: set[str] = set()
+    i = 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name in names and name in seen:
+            if not eq:
+                value = argv[i + 1] if i + 1 < len(argv) else ""
+                i += 1
+            out += [f"{name}+", value]
+        else:
+            if name in names:
+                seen.add(name)
+            out.append(argv[i])
+        i += 1
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> AuditSettings:
     """Parse and check the command line (errors exit with status 2 and a message)."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     _refuse_old_spellings(argv, parser)
-    args: Namespace = parser.parse_args(_repeatable_trust(argv))
+    args: Namespace = parser.parse_args(_repeatable_paths(_repeatable_trust(argv)))
     ckpts = _as_list(args.ckpt)
     if not 1 <= len(ckpts) <= 2:
         parser.error(f"--ckpt takes one checkpoint or two to compare, got {len(ckpts)}")

@@ -29,9 +29,11 @@ from .cache import ResultCache
 from .estimate import estimate_seconds
 from .findings import AuditResult, verdict_of
 from .page import Page
+from .removal import plan_removal, write_removal
 from .sample import explained_classes, make_sample
 from .sections import SECTIONS, Section
 from .sections.bias import counterfactual_key
+from .sections.removal import ShortcutRemovalSection, removal_spec
 from .sections.shortcuts import discovery_key
 from .settings import PER_CLASS_COST_FAMILIES, AuditSettings, curve_schedule, method_options
 from .state import AuditRun, MethodMaps, ModelAudit
@@ -227,6 +229,7 @@ def metrics_json(audit: AuditRun, sections: list[Section]) -> dict[str, Any]:
         "measures": {name: get_measure(name).as_dict() for name in available_measures()},
         "methods": {m: {"family": explain.get(m).family} for m in settings.methods},
         "models": [model_json(m, sections) for m in audit.models],
+        "removal_plan": files.jsonable(audit.results.get("removal_plan")),
         **{s.key: files.jsonable(audit.results[s.id]) for s in sections if s.across_models},
         "audit_seconds": audit.seconds,
     }
@@ -314,6 +317,11 @@ def audit_runs(settings: AuditSettings, runs: list[LoadedRun], out: Path,
             command=settings.command or ["audit.py"],
             versions=files.versions(), cache=cache,
         )
+        if removal_spec(audit) is not None and not any(
+                isinstance(s, ShortcutRemovalSection) for s in sections):
+            # A fine-tuned fix under audit: its before/after comes right after the search.
+            at = next((i + 1 for i, s in enumerate(sections) if s.id == "shortcuts"), 1)
+            sections.insert(at, ShortcutRemovalSection())
         seconds, reusing = 0.0, 0
         for model in models:
             cached, reused = from_cache(audit, model)
@@ -339,6 +347,10 @@ def audit_runs(settings: AuditSettings, runs: list[LoadedRun], out: Path,
                 if section.across_models:
                     audit.results[section.id] = section.compute_across(audit)
                     audit.step(section.title.lower(), section.units(audit))
+            plan = plan_removal(audit, out)
+            if plan is not None:
+                write_removal(audit, plan, tmp)
+                audit.results["removal_plan"] = plan
             bar.set_postfix_str("writing report", refresh=False)
             audit.seconds = time.perf_counter() - started
             write_report(tmp, audit, sections)

@@ -204,7 +204,7 @@ class ImageClassifier(L.LightningModule):
 
     def load_init_weights(self, path: str | Path) -> None:
         """Copy the model weights of checkpoint ``path`` (``weights_only``) into this module."""
-        from .loading import CheckpointError, load_checkpoint
+        from .checkpoint_file import CheckpointError, load_checkpoint
 
         state = load_checkpoint(path).get("state_dict")
         if not isinstance(state, dict):
@@ -228,9 +228,14 @@ class ImageClassifier(L.LightningModule):
             x = remover.augment(x, y, self.current_epoch * 1_000_003 + batch_idx)
         if not remover.penalises:
             return self._finish("train", self._logits(x), y, self.train_acc)
-        x = x.detach().requires_grad_(True)
-        logits = self(x)  # eager: the penalty needs a double backward
-        penalty = remover.penalty(x, logits)
+        step = self.current_epoch * 1_000_003 + batch_idx
+        if remover.needs_input_grad:
+            x = x.detach().requires_grad_(True)
+            logits = self(x)  # eager: the input gradient needs a double backward
+            penalty = remover.penalty(self, x, y, logits, step)
+        else:
+            logits = self._logits(x)
+            penalty = remover.penalty(self._logits, x, y, logits, step)
         self.log("train/shortcut_penalty", penalty, on_step=True, on_epoch=True,
                  batch_size=x.shape[0])
         return self._finish("train", logits, y, self.train_acc, extra=penalty)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import pickle
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from explain import eval_mode
 
+from .checkpoint_file import CheckpointError, load_checkpoint
 from .classifier import ImageClassifier, unpack_batch
 from .data.cue import nest_flat_keys
 
@@ -38,10 +37,6 @@ from .data.cue import nest_flat_keys
 # A user widens this per call with ``trusted`` (``audit.py --trust_module PACKAGE``).
 ALLOWED_PREFIXES = ("lit_modules.",)
 TRUST_OPTION = "--trust_module"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or its config can not be used (missing, unsafe, or inconsistent)."""
 
 
 def file_sha256(path: str | Path) -> str:
@@ -75,67 +70,6 @@ def find_config(ckpt: str | Path, config: str | Path | None = None) -> Path:
         "train.py saves config.yaml in the log directory, one level above checkpoints/; "
         "pass the config explicitly with --train_config PATH."
     )
-
-
-# What a file torch.save wrote starts with: a zip archive (torch >= 1.6) or a pickle
-# (protocol 2 and later start with 0x80; the legacy tar format is not written since 1.6).
-_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
-
-
-def _check_format(path: Path) -> None:
-    """Name what is wrong with a file that is no checkpoint before torch tries to read it."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if not head:
-        raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes): an unfinished "
-                              "copy or download, or a save that was interrupted?")
-    if not head.startswith(_CHECKPOINT_MAGIC):
-        shown = head.decode("ascii", "replace").encode("unicode_escape").decode()
-        raise CheckpointError(
-            f"{str(path)!r} is not a PyTorch checkpoint: it starts with {shown!r}, where a "
-            "file written by torch.save starts with a zip or pickle header (is it a text, "
-            "YAML or log file?)")
-
-
-def load_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False
-) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with errors that name the file.
-
-    ``mmap=True`` maps the tensors instead of reading them, for callers that only need the
-    metadata (a resume reads the step before Lightning loads the file itself).
-
-    Raises:
-        CheckpointError: the file is missing or unreadable, or it needs arbitrary pickled
-            objects; in that case nothing in it was executed.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    _check_format(path)
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as exc:
-        # torch's message goes on to suggest weights_only=False: the one thing not to do with
-        # a file from elsewhere. Keep only what it refused.
-        refused = re.search(r"Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+",
-                            str(exc))
-        what = f" ({refused.group(0)})" if refused else ""
-        raise CheckpointError(
-            f"refused to load {str(path)!r}: it contains pickled objects that are not plain "
-            f"tensors and containers{what}. It was opened with weights_only=True, so "
-            "nothing in it was executed. Only load checkpoints you trust, and re-save them as "
-            "plain state dicts if they came from elsewhere."
-        ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"could not read checkpoint {str(path)!r}: {type(exc).__name__}: {exc}"
-        ) from exc
-    if not isinstance(obj, dict):
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a dict of tensors"
-        )
-    return obj
 
 
 def read_config(path: str | Path) -> dict[str, Any]:

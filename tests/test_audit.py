@@ -288,7 +288,7 @@ def test_bad_arguments_are_refused(capsys) -> None:
 
 @pytest.mark.parametrize(("old", "new"), [
     (["--num-images", "4"], "--num_images"), (["--no-progress"], "--progress false"),
-    (["--compare", "b.ckpt"], "--ckpt+"), (["--method-options", "{}"], "--method_options"),
+    (["--compare", "b.ckpt"], "a second --ckpt"), (["--method-options", "{}"], "--method_options"),
     (["--methods", "gradcam,cam"], "--methods '[gradcam, cam]'"),
 ])
 def test_old_spellings_name_the_new_one(old: list[str], new: str, capsys) -> None:

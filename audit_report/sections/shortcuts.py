@@ -351,6 +351,9 @@ class SuspectedShortcutsSection(Section):
                 "normalised to sum 1 before averaging) with its hotspot window; red: a "
                 "confirmed shortcut. A shortcut at a fixed place shows as a sharp spot; objects "
                 "that move from image to image blur into a spread map.", "class-mean maps"))
+        plan = page.audit.results.get("removal_plan")
+        if plan is not None and plan.model == model.label:
+            out.append(_removal_note(plan))
         for name, chk in (result.self_check or {}).items():
             found = (f"found the box {chk['found_box']} (IoU {chk['iou']:.2f} with the declared "
                      f"{chk['declared_box']}), whose transplant turns {chk['found_flip_rate']:.0%} "
@@ -361,6 +364,24 @@ class SuspectedShortcutsSection(Section):
                 f"discovery, told nothing, {found}; the declared box itself turns "
                 f"{chk['declared_flip_rate']:.0%}.</p>")
         return "".join(out)
+
+
+def _removal_note(plan: Any) -> str:
+    """The command that fine-tunes the confirmed shortcuts away, as the report shows it."""
+    names = ", ".join(esc(s["class_name"]) for s in plan.shortcuts)
+    skipped = (f" ({esc(', '.join(plan.skipped))}: no fixed box, which the counter-measures "
+               "need)" if plan.skipped else "")
+    return (
+        f'<div class="fix"><p><b>Remove it.</b> The audit wrote <code>{esc(plan.config_path)}'
+        f"</code> (and the box contents cut from the {esc(plan.pixels_from or 'audited')} "
+        f"split's images, <code>{esc(plan.pixels_path)}</code>) for {names}{skipped}. This "
+        f"fine-tunes the audited checkpoint's weights for {plan.epochs} epochs with the "
+        f"<i>{esc(plan.method)}</i> counter-measure (the box's content pasted onto other "
+        "classes' images and covered in the class's own, so it no longer predicts the "
+        "class), while the monitor tests the box every epoch:</p>"
+        f"<pre>{esc(plan.command)}</pre><p>Then audit both checkpoints side by side "
+        "(<code>python audit.py --ckpt BEFORE --ckpt AFTER</code>): a before/after section "
+        "says whether each shortcut is gone.</p></div>")
 
 
 CONTROL_WORDS = {

@@ -163,6 +163,15 @@ class ShortcutTracker:
     def state_dict(self) -> list[dict[str, Any]]:
         return [f.to_state() for f in self.followed.values()]
 
+    def follow(self, label: int, box: Box, since: int = -1) -> None:
+        """Test ``box`` of class ``label`` every epoch from now on, as a shortcut confirmed
+        before the run (``since`` -1: a fix of a known shortcut). No-op when the class is
+        already followed."""
+        if label not in self.followed:
+            x0, y0, x1, y1 = box
+            self.followed[label] = Followed(label, "box", tuple(box), (y1 - y0, x1 - x0),
+                                            since)
+
     def load_state_dict(self, state: list[dict[str, Any]]) -> None:
         self.followed = {int(d["label"]): Followed.from_state(d) for d in state}
 
@@ -352,7 +361,9 @@ def summary_markdown(verdict: EpochVerdict, names: Sequence[str]) -> str:
                     or "skipped (flips < 10%)")
             m = t.margin
             margin = f"{m.mean:+.2f} [{m.low:+.2f}, {m.high:+.2f}]" if t.intervals else "-"
-        state = r.state + (f" (since epoch {r.followed.since})" if r.followed else "")
+        state = r.state + (
+            "" if not r.followed else " (known before this run)" if r.followed.since < 0
+            else f" (since epoch {r.followed.since})")
         place = causal.box_label(box) if kind in ("box", "cluster") else (
             "each image's own" if kind == "moving" else "whole image" if kind else "-")
         lines.append(f"| {_md(names[r.label])} | {kind or '-'} | {place} | {lift} | {flips} | "

@@ -86,16 +86,17 @@ def relevance_ratio(maps: Tensor, box: Box) -> float:
 
 def measure(model: nn.Module, images: Tensor, labels: Tensor, label: int, box: Box,
             maps: Tensor | None = None, norm_maps: Tensor | None = None, seed: int = 0,
-            batch_size: int = 256) -> Reliance:
+            batch_size: int = 256, sources: list[int] | None = None) -> Reliance:
     """Every measure of :class:`Reliance` for one model on ``images`` (model input space).
 
     ``maps``: the true-class saliency maps of ``images`` ``[N, H, W]`` for the relevance
     (NaN without); ``norm_maps``: the same normalised, for the transplant's
-    most-salient-window control (a random window without).
+    most-salient-window control (a random window without). ``sources``: the images the
+    box is cut from (default: all of the class's).
     """
     labels = labels.long().cpu()
     preds = predict(model, images, batch_size)
-    test = causal.box_test(model, images, labels, preds, label, box, seed=seed,
+    test = causal.box_test(model, images, labels, preds, label, box, sources, seed=seed,
                            batch_size=batch_size, norm_maps=norm_maps)
     covered, own = cover_with_others(images, labels, label, box, seed)
     own_preds = preds[own]

@@ -316,6 +316,39 @@ def test_the_before_after_section_judges_a_fixed_and_an_unfixed_model(
         assert record["checks"][0]["cls"] == "zero"
 
 
+HOSTILE = '<img src=x onerror=alert(1)>'
+
+
+def test_the_removal_html_escapes_class_names_and_paths(shortcut_ckpt: Path,
+                                                        fine_tuned) -> None:
+    from audit_report.removal import RemovalPlan
+    from audit_report.sections.shortcuts import _removal_note
+
+    x, y = blobs(256, 1)
+    dataset = [{"image": x[i], "label": int(y[i])} for i in range(len(y))]
+    base = classifier()
+    base.load_state_dict(torch.load(shortcut_ckpt, weights_only=True)["state_dict"])
+    names = [HOSTILE, 'a & "b"', "</figcaption><script>", "three"]
+    audit = SimpleNamespace(
+        settings=SimpleNamespace(split="test", discovery_images=64, seed=0, batch_size=256),
+        data_run=SimpleNamespace(datamodule=SimpleNamespace(dataset=lambda split: dataset)),
+        sample=SimpleNamespace(class_names=names),
+        models=[SimpleNamespace(label=k, model=m.eval(), results={}, name=f"{k} {HOSTILE}")
+                for k, m in zip("AB", (base, fine_tuned("augment")), strict=True)])
+    section = ShortcutRemovalSection()
+    for m in audit.models:
+        m.results[section.id] = section.compute(audit, m)
+    html = section.render_all(SimpleNamespace(audit=audit))
+    plan = RemovalPlan("A", [{"class_index": 0, "box": [0, 0, 4, 4], "class_name": HOSTILE}],
+                       2, "augment", f"/tmp/{HOSTILE}/remove_shortcuts.yaml", "/tmp/p.pt",
+                       f"python train.py fit --config '/tmp/{HOSTILE}'", "val", [names[2]])
+    html += _removal_note(plan)
+    for bad in (HOSTILE, "<script>", "</figcaption>"):
+        assert bad not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "no longer relies" in html
+
+
 @pytest.mark.parametrize("data_path", ["classic", "fast"])
 def test_augment_acts_on_the_batches_of_either_data_path(data_path: str) -> None:
     from lit_modules.data import SyntheticShapesDataModule

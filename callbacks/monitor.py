@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 import explain
 from explain import records, render
-from explain.measures import map_scores, tracking
+from explain.measures import discovery, map_scores, tracking
 from lit_modules.data.sampling import dataset_labels, sample_batch, stratified_indices
 
 from . import shortcut_watch
@@ -242,6 +242,41 @@ class ExplanationMonitor(Callback):
                 self._layout_written = True
 
     # -- the work -----------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A run that removes known shortcuts gets a "before" point at step 0: the followed
+        boxes tested on the starting weights, so TensorBoard shows their margins fall."""
+        known = [f for f in self.tracker.followed.values() if f.since < 0]
+        if not known or trainer.global_step != 0 or not trainer.is_global_zero:
+            return
+        batch = self._fixed_batch(trainer, pl_module.device)
+        images, labels = batch["image"], batch["label"].long()
+        with explain.eval_mode(pl_module), torch.no_grad():
+            logits = pl_module(images.clone()).float()
+        preds = logits.argmax(-1)
+        maps, classes = self._explain(pl_module, images, self.shortcut_method,
+                                      bool(torch.isfinite(logits).all()), labels, preds,
+                                      logits.shape[-1])
+        if maps is None or not torch.isfinite(maps).all():
+            return
+        true_maps = records.class_maps(maps, classes, labels).float()
+        if true_maps.shape[-2:] != images.shape[-2:]:
+            true_maps = torch.nn.functional.interpolate(
+                true_maps.unsqueeze(1), size=tuple(images.shape[-2:]), mode="bilinear",
+                align_corners=False).squeeze(1)
+        norm, usable = discovery.normalise_maps(true_maps)
+        verdict = self.tracker.baseline(pl_module, images.detach().cpu(), labels.cpu(),
+                                        preds.cpu(), norm, usable, logits.shape[-1])
+        names = self._class_names(trainer, logits.shape[-1])
+        scalars = shortcut_watch.verdict_scalars(verdict, names)
+        for line in shortcut_watch.before_line(verdict, names):
+            rank_zero_warn(line)
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=0)
+        tb = self._tensorboard(trainer, warn=False)
+        if tb is not None:
+            tb.add_text(scalar_tag(SHORTCUTS, "summary"),
+                        tracking.summary_markdown(verdict, names), 0)
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
             return

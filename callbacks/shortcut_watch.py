@@ -86,6 +86,13 @@ def run_tracker(tracker: tracking.ShortcutTracker, epoch: int, model: nn.Module,
                         hotspots, num_classes)
 
 
+def before_line(verdict: tracking.EpochVerdict, names: Sequence[str]) -> list[str]:
+    """One console line per followed shortcut at the start of a run that removes it."""
+    return [f"ExplanationMonitor: before fine-tuning, class {names[r.label]} reads as "
+            f"{r.state} on {box_label(r.followed.box if r.followed else None)}: "
+            f"{r.test.describe(names)}" for r in verdict.rows if r.test is not None]
+
+
 def hotspot_image(true_maps: Tensor, labels: Tensor, hotspots: list[discovery.ClassHotspots],
                   num_classes: int, confirmed: dict[int, Any], upscale: int) -> Tensor:
     """The class-mean maps side by side with each hotspot window (white) or followed

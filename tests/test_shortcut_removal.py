@@ -241,7 +241,8 @@ def _planned_audit(ckpt: Path, config: Path, dm) -> SimpleNamespace:
 def test_the_plan_fine_tunes_from_the_audited_weights_not_the_optimizer(tmp_path: Path,
                                                                          ) -> None:
     config = tiny_config(tmp_path, epochs=2, backbone=register_tiny_backbone(),
-                         trainer_args={"limit_train_batches": 1})
+                         trainer_args={"limit_train_batches": 1},
+                         monitor={"discovery_per_class": 2})
     run_train(["fit", "--config", str(config)])
     ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
     saved = torch.load(ckpt, weights_only=True)
@@ -274,6 +275,13 @@ def test_the_plan_fine_tunes_from_the_audited_weights_not_the_optimizer(tmp_path
     after = torch.load(ckpts[-1], weights_only=True)
     assert after["epoch"] == 0  # a fresh epoch counter: not a resume
     assert after["hyper_parameters"]["shortcut_removal"]["shortcuts"][0]["box"] == [0, 0, 8, 8]
+    # The monitor tested the box on the starting weights: a "before" point at step 0.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "runs" / "fixed").rglob("events.*"))))
+    events.Reload()
+    before = events.Scalars("explain/shortcuts/flips/circle")
+    assert before[0].step == 0 and len(before) == 2  # before, and after epoch 0
     # One step from the audited weights: close to them, and not equal.
     moved = [(after["state_dict"][k].float() - v.float()).abs().max().item()
              for k, v in saved["state_dict"].items() if v.is_floating_point()]

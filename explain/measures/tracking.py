@@ -175,6 +175,18 @@ class ShortcutTracker:
     def load_state_dict(self, state: list[dict[str, Any]]) -> None:
         self.followed = {int(d["label"]): Followed.from_state(d) for d in state}
 
+    def baseline(self, model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
+                 norm_maps: Tensor, usable: Tensor, num_classes: int) -> EpochVerdict:
+        """The followed shortcuts tested once more without changing any state: the
+        "before" point of a run that sets out to remove them (epoch -1)."""
+        labels, preds = labels.long().cpu(), preds.long().cpu()
+        rows = []
+        for f in self.followed.values():
+            t = self._retest(f, model, images, labels, preds, norm_maps, usable)
+            state = "confirmed" if t.confirmed else "gone" if t.gone else "weakened"
+            rows.append(ClassRow(f.label, state, None, t, f))
+        return EpochVerdict(-1, rows, [], "before this run's first training step")
+
     def _retest(self, f: Followed, model: nn.Module, images: Tensor, labels: Tensor,
                 preds: Tensor, norm_maps: Tensor, usable: Tensor) -> CausalTest:
         if f.kind == "colour":
@@ -343,7 +355,8 @@ def search_class(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor
 
 def summary_markdown(verdict: EpochVerdict, names: Sequence[str]) -> str:
     """The epoch's table: class, box, lift, flips vs controls, state (TensorBoard text)."""
-    lines = [f"**Shortcuts at epoch {verdict.epoch}**", ""]
+    when = "before this run's training" if verdict.epoch < 0 else f"at epoch {verdict.epoch}"
+    lines = [f"**Shortcuts {when}**", ""]
     if verdict.note:
         lines += [_md(verdict.describe_note(names)), ""]
     lines += ["| class | test | box | lift | flips | controls | margin (95%) | state |",

@@ -30,12 +30,12 @@ from lit_modules.loading import LoadedRun
 from .files import AuditError
 from .findings import AuditResult
 from .run import audit_runs
-from .settings import METHOD_PRESETS, AuditSettings
+from .settings import METHOD_PRESETS, AuditSettings, resolve_device
 
 # Settings audit() sets itself (from its own arguments) or that only mean something for
 # checkpoints: not accepted through **settings.
 OWN_SETTINGS = ("ckpt", "train_config", "methods", "num_images", "out", "device",
-                "command", "trust_module", "layer", "split")
+                "command", "trust_module", "layer", "split", "fail_on_findings")
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -227,7 +227,7 @@ def audit(
         methods: method names, or a preset (``default``, ``all``).
         num_images: images explained (a seeded sample stratified over classes).
         mean, std: the images' normalisation, to show them; None: already in ``[0, 1]``.
-        device: ``auto`` (CUDA when torch sees one), ``cpu`` or ``cuda``.
+        device: ``auto`` (CUDA when torch sees one), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         split: the split's name in the report (default: the dataset's ``split`` attribute,
             else ``test``); a declared cue's placement depends on it.
         **settings: any other :class:`AuditSettings` field (``seed``, ``steps``,
@@ -250,10 +250,10 @@ def audit(
                         f"through **settings: {allowed}")
     if not isinstance(model, nn.Module):
         raise AuditError(f"model must be a torch nn.Module, got {type(model).__name__}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise AuditError("device='cuda' was asked for, but torch sees no CUDA device")
+    try:
+        device = resolve_device(device)
+    except ValueError as exc:
+        raise AuditError(str(exc)) from None
     if num_images < 1:
         raise AuditError(f"num_images must be at least 1, got {num_images}")
     user_data = UserData(data, class_names, mean, std)

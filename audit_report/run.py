@@ -7,6 +7,7 @@ and every section reads them from there.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import shutil
@@ -35,7 +36,14 @@ from .sections import SECTIONS, Section
 from .sections.bias import counterfactual_key
 from .sections.removal import ShortcutRemovalSection, removal_spec
 from .sections.shortcuts import discovery_key
-from .settings import PER_CLASS_COST_FAMILIES, AuditSettings, curve_schedule, method_options
+from .settings import (
+    PER_CLASS_COST_FAMILIES,
+    AuditSettings,
+    curve_schedule,
+    method_options,
+    monitor_layer,
+    resolve_device,
+)
 from .state import AuditRun, MethodMaps, ModelAudit
 
 
@@ -259,10 +267,18 @@ def run_audit(settings: AuditSettings, sections: list[Section] | None = None,
     complete, so an interrupted audit leaves no half-written report.
     """
     started = time.perf_counter()
+    try:
+        settings = dataclasses.replace(settings, device=resolve_device(settings.device))
+    except ValueError as exc:  # a GPU torch cannot see
+        raise files.AuditError(str(exc)) from None
     configs = list(settings.train_config or [])
     configs += [None] * (len(settings.ckpt) - len(configs))
     runs = [load_run(c, cfg, settings.device, settings.trust_module)
             for c, cfg in zip(settings.ckpt, configs, strict=True)]
+    layers = {monitor_layer(run.config) for run in runs}
+    if settings.layer is None and len(layers) == 1 and None not in layers:
+        # The layer the training run's monitor explained (when every model's agrees).
+        settings = dataclasses.replace(settings, layer=layers.pop())
     out = Path(settings.out).expanduser() if settings.out else runs[0].log_dir / "audit"
     return audit_runs(settings, runs, out, sections, started)
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import inspect
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+import torch
 
 import explain
 
@@ -61,44 +65,67 @@ PER_CLASS_COST_FAMILIES = ("gradient",)
 class AuditSettings:
     """Every choice behind a report (recorded in ``metrics.json`` under ``settings``).
 
+    ``audit.py`` generates its options from these fields and this list (its ``--help``),
+    so each is described once, here.
+
     Attributes:
-        ckpt: one checkpoint, or two to compare side by side.
-        train_config: the training config of each checkpoint (None: found beside it).
+        ckpt: checkpoint to audit (loaded with weights_only=True), or two to compare side
+            by side, e.g. a model before and after a shortcut fix.
+        train_config: the training config of each checkpoint, in order (None: the
+            config.yaml in the checkpoint's log directory, <ckpt dir>/../config.yaml).
         methods: registered explanation methods to run.
-        method_options: engine options per method, e.g. ``{"lime": {"samples": 128}}``.
-        num_images: images explained (a seeded sample stratified over classes).
-        split: ``test`` or ``val``.
-        out: report folder (None: ``<log dir of the first checkpoint>/audit``).
-        device: ``cpu`` or ``cuda`` (``auto`` is resolved by the command line).
-        seed: seed of the sample, the randomisation test and stochastic methods.
-        steps: deletion/insertion steps, uniform (None: :data:`FAST_CURVE`, or
-            :data:`EXACT_CURVE` when ``exact``).
-        threshold: share of a map's maximum kept for boxes and region IoU.
-        sanity_images: images in the cascading randomisation test.
-        counterfactual_images: images per class in the with/without-cue test.
-        discovery_images: images per class in the label-free shortcut discovery.
-        batch_size: images per model call in perturbation measures and methods (128:
-            as fast as 256 on a CPU, with a lower peak memory; BENCHMARKS.md).
+        method_options: engine options per method, e.g.
+            ``{integrated_gradients: {steps: 16}, lime: {samples: 128}}``.
+        num_images: images to explain: a seeded sample stratified over classes.
+        split: the data split the sample and the accuracy come from.
+        out: report folder (None: ``<log dir of the first checkpoint>/audit``); an earlier
+            report there is replaced once the new one is complete.
+        device: where to run the models: auto (cuda when torch sees a GPU, else cpu),
+            cpu, cuda, cuda:N (the N-th GPU) or mps (Apple silicon).
+        seed: seed of the sample, the randomisation test, tie-breaking and stochastic
+            methods.
+        steps: deletion/insertion steps, each removing or inserting 1/steps of the pixels
+            (None: :data:`FAST_CURVE`, 10 steps dense at the start; :data:`EXACT_CURVE`,
+            16 uniform steps, when ``exact``).
+        threshold: share of a map's maximum kept for localisation boxes and region IoU.
+        sanity_images: images in the cascading randomisation test, the first N of the
+            sample (the test re-runs every method once per cascade step).
+        counterfactual_images: images per class in the with/without-cue test, when the
+            data declares a cue.
+        discovery_images: images per class in the label-free shortcut discovery
+            (class-mean saliency maps, then transplant tests for suspects).
+        batch_size: images per model call in the perturbation measures and methods
+            (scorecam, occlusion, lime, ...; 128: as fast as 256 on a CPU, with a lower
+            peak memory; BENCHMARKS.md).
         progress: show a progress bar.
-        cache: reuse (and keep) per-method results in ``<out>/cache/``.
-        exact: run every method with the engine's defaults and the sanity cascade in
-            full, without the audit's speed settings (:data:`FAST_OPTIONS`,
-            :data:`SANITY_FINAL_ONLY`).
+        cache: reuse per-method results, the map-free ones and the figures kept in
+            ``<out>/cache/`` by an earlier audit of the same checkpoint, data, images and
+            options, and keep this audit's there; false recomputes and redraws all.
+        exact: run every method with the engine's own defaults and the sanity cascade at
+            every step for every method, without the audit's speed settings
+            (:data:`FAST_OPTIONS`, :data:`SANITY_FINAL_ONLY`); an option in
+            ``method_options`` always wins.
         command: the command line, for the report's footer.
-        trust_module: modules besides ``lit_modules`` whose classes a training config may
-            name (importing them runs their code: only modules you trust).
-        layer: the explanation layer (a module name) for the layer methods; None: the
-            model's declared one.
+        trust_module: a module or package (importable, e.g. on PYTHONPATH) whose classes
+            the training config may name besides lit_modules, e.g. your own
+            LightningDataModule or ImageClassifier subclass. Importing a class named in a
+            config runs that module's code: trust only code you would run yourself.
+        layer: the explanation layer (a module name, e.g. features.7) for the CAM family
+            (None: the ExplanationMonitor's layer in the training config when it names
+            one, else the model's declared layer).
+        fail_on_findings: exit with status 3 (after writing the report) when the report
+            flags a problem (a declared cue the model leans on, a confirmed shortcut), for
+            CI gates.
     """
 
     ckpt: list[str]
     train_config: list[str] | None = None
-    methods: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=lambda: list(METHOD_PRESETS["default"] or []))
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     num_images: int = 64
-    split: str = "test"
+    split: Literal["val", "test"] = "test"
     out: str | None = None
-    device: str = "cpu"
+    device: str = "auto"
     seed: int = 0
     steps: int | None = None
     threshold: float = 0.2
@@ -112,6 +139,7 @@ class AuditSettings:
     command: list[str] = field(default_factory=list)
     trust_module: list[str] = field(default_factory=list)
     layer: str | None = None
+    fail_on_findings: bool = False
 
 
 def method_options(method: str, settings: AuditSettings) -> dict[str, Any]:
@@ -145,3 +173,45 @@ def curve_schedule(settings: AuditSettings) -> tuple[int, str]:
 def faithfulness_images(settings: AuditSettings, available: int) -> int:
     """Images the faithfulness measures use: all, or :data:`FAST_FAITHFULNESS_IMAGES`."""
     return available if settings.exact else min(available, FAST_FAITHFULNESS_IMAGES)
+
+
+# ``device`` choices: ``cuda:N`` stands for any GPU index (``cuda`` is ``cuda:0``).
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+DEVICE_PATTERN = r"auto|cpu|cuda|cuda:\d+|mps"
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` as cuda when torch sees a GPU, else cpu; another choice as it is once
+    torch can see it. A ValueError names the choices, or what torch sees."""
+    if not isinstance(device, str) or re.fullmatch(DEVICE_PATTERN, device) is None:
+        raise ValueError(f"device takes one of {', '.join(DEVICE_CHOICES)}, got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(device.partition(":")[2] or 0) >= count:
+            seen = f"{count} CUDA device(s), cuda:0 to cuda:{count - 1}" if count else \
+                "no CUDA device"
+            raise ValueError(f"device {device} was asked for, but torch sees {seen}")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device mps was asked for, but torch sees no MPS device "
+                         "(Apple silicon)")
+    return device
+
+
+def monitor_layer(config: Mapping[str, Any]) -> str | None:
+    """The ``layer`` the training config gives its ExplanationMonitor
+    (``trainer.callbacks``), or None when it has no monitor or names no layer."""
+    trainer = config.get("trainer") if isinstance(config, Mapping) else None
+    callbacks = trainer.get("callbacks") if isinstance(trainer, Mapping) else None
+    if isinstance(callbacks, Mapping):  # one callback, given without a list
+        callbacks = [callbacks]
+    for callback in callbacks or []:
+        if not isinstance(callback, Mapping):
+            continue
+        if str(callback.get("class_path", "")).rsplit(".", 1)[-1] != "ExplanationMonitor":
+            continue
+        layer = (callback.get("init_args") or {}).get("layer")
+        if isinstance(layer, str) and layer:
+            return layer
+    return None

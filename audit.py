@@ -14,30 +14,38 @@ temporary folder and moved into place only when complete.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import inspect
+import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, get_type_hints
 
-import torch
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse.typing import restricted_string_type
 
 import explain
 from audit_report import SCHEMA_VERSION, AuditError, AuditSettings, run_audit
 from audit_report.findings import AuditResult
-from audit_report.settings import FAST_FAITHFULNESS_IMAGES, FAST_OPTIONS, SANITY_FINAL_ONLY
+from audit_report.settings import (
+    DEVICE_CHOICES,
+    DEVICE_PATTERN,
+    FAST_FAITHFULNESS_IMAGES,
+    FAST_OPTIONS,
+    SANITY_FINAL_ONLY,
+)
 from audit_report.settings import METHOD_PRESETS as PRESETS
+from lit_modules.exit_status import HelpFormatter, exit_status_help
 from lit_modules.loading import CheckpointError, check_trusted
 
 __all__ = ["SCHEMA_VERSION", "build_parser", "main", "parse_args"]
 
-# Exit status of --fail_on_findings when the report flags a class (2 is a usage error).
+# Exit status of --fail_on_findings when the report flags a class; the table of all of
+# them (lit_modules.exit_status) ends --help.
 FLAGGED_EXIT_STATUS = 3
-FAILURE_EXIT_STATUS = 1  # 0: report written; 2: usage (argparse); 1: the audit failed
-EXIT_CODES = ("exit status: 0 the report was written; 1 the audit failed (a checkpoint or "
-              "config it cannot use, an --out it cannot write); 2 a usage error; 3 findings "
-              "with --fail_on_findings true")
+FAILURE_EXIT_STATUS = 1
 # Spellings of earlier versions, refused with the new form.
 RENAMED = {
     "--num-images": "--num_images N",
@@ -47,13 +55,78 @@ RENAMED = {
     "--method-options": "--method_options '{lime: {samples: 128}}' (YAML, not JSON-only)",
     "--no-progress": "--progress false",
     "--compare": "a second --ckpt PATH (or --ckpt '[A.ckpt, B.ckpt]')",
+    "--trust-module": "--trust_module NAME",
+}
+# The options are AuditSettings' fields, described by its docstring, in these groups of
+# --help (a field in none is a programming error build_parser reports).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "what to audit": ("ckpt", "train_config", "trust_module", "split", "num_images"),
+    "explanation methods": ("methods", "method_options", "layer", "exact"),
+    "measures": ("steps", "threshold", "sanity_images", "counterfactual_images",
+                 "discovery_images", "seed"),
+    "output and runtime": ("out", "device", "batch_size", "progress", "cache",
+                           "fail_on_findings"),
+}
+NOT_OPTIONS = ("command",)  # filled in by the command line itself
+Device = restricted_string_type("|".join(DEVICE_CHOICES), rf"^({DEVICE_PATTERN})$")
+# Where the command line takes more than the field's type: one path or a list, a preset.
+CLI_TYPES: dict[str, Any] = {
+    "ckpt": str | list[str], "train_config": str | list[str] | None,
+    "methods": str | list[str], "device": Device,
 }
 
 
+def _cli_extra(name: str) -> str:
+    """What --help adds to a field's description: what only the command line knows."""
+    if name == "ckpt":
+        return ": --ckpt A.ckpt --ckpt B.ckpt (or --ckpt '[A.ckpt, B.ckpt]')"
+    if name == "methods":
+        return (": a list such as '[gradcam, occlusion]', one name, or a preset: default = "
+                + ", ".join(PRESETS["default"] or []) + " (about a minute on a CPU); all = "
+                f"every registered method ({', '.join(explain.available())})")
+    if name == "exact":
+        return (" (" + "; ".join(f"{m} {', '.join(f'{k} {v}' for k, v in o.items())}"
+                                 for m, o in FAST_OPTIONS.items())
+                + "; the sanity check of " + ", ".join(SANITY_FINAL_ONLY)
+                + " on the fully randomised model only; faithfulness on the first "
+                f"{FAST_FAITHFULNESS_IMAGES} images: BENCHMARKS.md, 'An audit in a minute')")
+    if name == "trust_module":
+        return "; repeat it for several"
+    return ""
+
+
+def field_help(cls: type = AuditSettings) -> dict[str, str]:
+    """Each field's description from the class docstring's ``Attributes:`` list, as one
+    line of plain text (reST markup dropped)."""
+    helps: dict[str, str] = {}
+    name = None
+    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+    start = next((i + 1 for i, line in enumerate(lines) if line.strip() == "Attributes:"),
+                 len(lines))
+    for line in lines[start:]:
+        if not line.strip():
+            name = None
+            continue
+        entry = re.fullmatch(r" {4}(\w+): (.*)", line)
+        if entry:
+            name, text = entry.groups()
+            helps[name] = text
+        elif name is not None and line.startswith(" " * 8):
+            helps[name] += " " + line.strip()
+        else:
+            break
+    return {k: re.sub(r":\w+:`~?([^`]+)`|``([^`]+)``", lambda m: m.group(1) or m.group(2),
+                      v).rstrip(".") for k, v in helps.items()}
+
+
 def build_parser() -> ArgumentParser:
-    """The audit's command line (every option documented in ``--help``)."""
+    """The audit's command line: AuditSettings' fields as options, their types, defaults
+    and descriptions taken from the dataclass, in groups; every option documented in
+    ``--help``, no abbreviation taken."""
     p = ArgumentParser(
         prog="audit.py",
+        allow_abbrev=False,  # a typo such as --num_image must fail, not guess
+        formatter_class=HelpFormatter,
         description=(
             "Write an audit report for trained checkpoints: the selected explanation methods "
             "on a seeded, class-stratified sample, with localisation, faithfulness, sanity "
@@ -61,86 +134,33 @@ def build_parser() -> ArgumentParser:
             "train.py saved in the checkpoint's log directory. Output: OUT/report.html "
             "(self-contained), OUT/metrics.json, OUT/figures/*.png. Examples: "
             "'python audit.py --ckpt runs/quickstart/version_0/checkpoints/last.ckpt'; "
-            "'python audit.py --ckpt \"[R18.ckpt, VGG.ckpt]\" --methods \"[gradcam, cam]\"'; "
+            "'python audit.py --ckpt R18.ckpt --ckpt VGG.ckpt --methods \"[gradcam, cam]\"'; "
             "'python audit.py --config audit.yaml' (the same options as YAML; "
-            "--print_config shows one). " + EXIT_CODES + "."
+            "--print_config shows one)."
         ),
+        epilog=exit_status_help(),
     )
     p.add_argument("--config", action=ActionConfigFile,
                    help="a YAML file of these options (an audit config, not the training "
                    "config: that one is --train_config)")
-    p.add_argument("--ckpt", type=str | list[str], required=True,
-                   help="checkpoint to audit (loaded with weights_only=True), or a list of two "
-                   "to compare side by side: --ckpt A.ckpt --ckpt B.ckpt (or --ckpt "
-                   "'[A.ckpt, B.ckpt]'), e.g. a model before and after a shortcut fix")
-    p.add_argument("--train_config", type=str | list[str] | None, default=None,
-                   help="training config of each checkpoint, in order (default: config.yaml "
-                   "in the checkpoint's log directory, <ckpt dir>/../config.yaml)")
-    p.add_argument("--methods", type=str | list[str], default="default",
-                   help="explanation methods: a list such as '[gradcam, occlusion]', one "
-                   "name, or a preset: default = " + ", ".join(PRESETS["default"])
-                   + " (about a minute on a CPU); all = every registered method "
-                   + f"({', '.join(explain.available())})")
-    p.add_argument("--method_options", type=dict[str, dict[str, Any]], default={},
-                   help="engine options per method as YAML, e.g. "
-                   "'{integrated_gradients: {steps: 16}, lime: {samples: 128}}'")
-    p.add_argument("--num_images", type=int, default=64,
-                   help="images to explain: a seeded sample stratified over classes")
-    p.add_argument("--split", type=Literal["val", "test"], default="test",
-                   help="data split the sample and the accuracy come from")
-    p.add_argument("--out", type=str | None, default=None,
-                   help="report directory (default: <log dir of the first checkpoint>/audit); "
-                   "an earlier report there is replaced once the new one is complete")
-    p.add_argument("--device", type=Literal["auto", "cpu", "cuda"], default="auto",
-                   help="where to run the models: auto = cuda when torch sees a GPU, else cpu")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the sample, the randomisation test, tie-breaking and "
-                   "stochastic methods")
-    p.add_argument("--steps", type=int | None, default=None,
-                   help="deletion/insertion steps, each removing or inserting 1/steps of the "
-                   "pixels (default: 10 steps dense at the start, a quadratic schedule; 16 "
-                   "uniform steps with --exact true)")
-    p.add_argument("--threshold", type=float, default=0.2,
-                   help="share of a map's maximum kept for localisation boxes and region IoU")
-    p.add_argument("--sanity_images", type=int, default=8,
-                   help="images in the cascading randomisation test, the first N of the sample "
-                   "(the test re-runs every method once per cascade step)")
-    p.add_argument("--counterfactual_images", type=int, default=100,
-                   help="images per class in the with/without-cue test, when the data "
-                   "declares a cue")
-    p.add_argument("--discovery_images", type=int, default=30,
-                   help="images per class in the label-free shortcut discovery (class-mean "
-                   "saliency maps, then transplant tests for suspects)")
-    p.add_argument("--batch_size", type=int, default=128,
-                   help="images per model call in the perturbation measures and the "
-                   "perturbation methods (scorecam, occlusion, lime, ...)")
-    p.add_argument("--progress", type=bool, default=True, help="show a progress bar")
-    p.add_argument("--cache", type=bool, default=True,
-                   help="reuse per-method results (maps, sanity, faithfulness), the map-free "
-                   "ones (accuracy, shortcut discovery, the cue test) and the figures kept in "
-                   "OUT/cache/ by an earlier audit of the same checkpoint, data, images and "
-                   "options, and keep this audit's there; false recomputes and redraws all")
-    p.add_argument("--exact", type=bool, default=False,
-                   help="run every method with the engine's own defaults and the sanity "
-                   "cascade at every step for every method, without the audit's speed "
-                   "settings (" + "; ".join(
-                       f"{m} {', '.join(f'{k} {v}' for k, v in o.items())}"
-                       for m, o in FAST_OPTIONS.items())
-                   + "; the sanity check of " + ", ".join(SANITY_FINAL_ONLY)
-                   + " on the fully randomised model only; faithfulness on the first "
-                   f"{FAST_FAITHFULNESS_IMAGES} images: BENCHMARKS.md, 'An audit in a "
-                   "minute'); an option in --method_options always wins")
-    p.add_argument("--trust_module", "--trust-module", type=list[str], default=[],
-                   help="a module or package (importable, e.g. on PYTHONPATH) whose classes "
-                   "the training config may name besides lit_modules, e.g. your own "
-                   "LightningDataModule or ImageClassifier subclass; repeat it for several. "
-                   "Default: lit_modules only, because importing a class named in a config "
-                   "runs that module's code, and a config from someone else could run "
-                   "anything: trust only code you would run yourself")
-    p.add_argument("--fail_on_findings", type=bool, default=False,
-                   help=f"exit with status {FLAGGED_EXIT_STATUS} (after writing the report) "
-                   "when the report flags a class (a declared cue it leans on, or a "
-                   "confirmed shortcut), for CI gates")
+    helps = field_help()
+    hints = get_type_hints(AuditSettings)
+    fields = {f.name: f for f in dataclasses.fields(AuditSettings) if f.name not in NOT_OPTIONS}
+    placed = [name for names in GROUPS.values() for name in names]
+    if sorted(placed) != sorted(fields) or set(fields) - set(helps):
+        raise RuntimeError("audit.py: every AuditSettings field needs one GROUPS entry and a "
+                           f"docstring line; fields {sorted(fields)}, grouped {sorted(placed)}")
+    for title, names in GROUPS.items():
+        group = p.add_argument_group(title)
+        for name in names:
+            f = fields[name]
+            kwargs: dict[str, Any] = {"required": True}
+            if f.default is not dataclasses.MISSING:
+                kwargs = {"default": f.default}
+            elif f.default_factory is not dataclasses.MISSING:
+                kwargs = {"default": f.default_factory()}
+            group.add_argument(f"--{name}", type=CLI_TYPES.get(name, hints[name]),
+                               help=helps[name] + _cli_extra(name), **kwargs)
     return p
 
 
@@ -169,13 +189,13 @@ def _as_list(value: str | list[str] | None) -> list[str]:
 
 
 def _repeatable_trust(argv: list[str]) -> list[str]:
-    """``--trust_module A --trust_module B`` (or ``--trust-module``) appends: each plain name
-    becomes ``--trust_module+ NAME``; a YAML list (``'[A, B]'``) is passed as it is."""
+    """``--trust_module A --trust_module B`` appends: each plain name becomes
+    ``--trust_module+ NAME``; a YAML list (``'[A, B]'``) is passed as it is."""
     out: list[str] = []
     i = 0
     while i < len(argv):
         name, eq, value = argv[i].partition("=")
-        if name in ("--trust_module", "--trust-module"):
+        if name == "--trust_module":
             if not eq:
                 value = argv[i + 1] if i + 1 < len(argv) else ""
                 i += 1
@@ -243,23 +263,13 @@ def parse_args(argv: list[str] | None = None) -> AuditSettings:
         trusted = list(check_trusted(args.trust_module))
     except CheckpointError as exc:
         parser.error(str(exc))
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda was asked for, but torch sees no CUDA device")
-    settings = AuditSettings(
-        ckpt=ckpts, train_config=train_configs or None, methods=list(dict.fromkeys(methods)),
-        method_options=dict(args.method_options), num_images=args.num_images,
-        split=args.split, out=args.out, device=device, seed=args.seed, steps=args.steps,
-        threshold=args.threshold, sanity_images=args.sanity_images,
-        counterfactual_images=args.counterfactual_images,
-        discovery_images=args.discovery_images, batch_size=args.batch_size,
-        progress=args.progress, cache=args.cache, exact=args.exact,
-        command=["audit.py", *argv], trust_module=trusted,
-    )
-    settings.fail_on_findings = args.fail_on_findings  # type: ignore[attr-defined]
-    return settings
+    names = [f.name for f in dataclasses.fields(AuditSettings) if f.name not in NOT_OPTIONS]
+    return AuditSettings(**{
+        **{name: getattr(args, name) for name in names},
+        "ckpt": ckpts, "train_config": train_configs or None,
+        "methods": list(dict.fromkeys(methods)), "method_options": dict(args.method_options),
+        "device": str(args.device), "trust_module": trusted, "command": ["audit.py", *argv],
+    })
 
 
 def main(argv: list[str] | None = None) -> AuditResult:
@@ -283,7 +293,7 @@ def main(argv: list[str] | None = None) -> AuditResult:
         print(f"audit.py: {verdict.confirmed_shortcuts} confirmed shortcut(s), "
               f"{verdict.bias_findings} bias finding(s), {verdict.other_problems} other "
               f"problem(s); the worst: {verdict.worst}", file=sys.stderr)
-    if getattr(settings, "fail_on_findings", False) and verdict.status == "findings":
+    if settings.fail_on_findings and verdict.status == "findings":
         flagged = [f"{f['model']}: {f['class'] or f['kind']} ({f['kind']})"
                    for f in out.findings]
         print(f"audit.py: flagged {', '.join(flagged)} (--fail_on_findings)", file=sys.stderr)

@@ -32,6 +32,7 @@ from callbacks import AtomicCheckpointIO, HParamsSummary, InterruptCheckpoint, P
 from explain import records
 from lit_modules import ImageClassifier
 from lit_modules.data.cue import FLAT_KEYS, flat_keys_hint
+from lit_modules.exit_status import HelpFormatter, exit_status_help
 from lit_modules.resume import ResumeError, plan_resume
 
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
@@ -249,6 +250,9 @@ class TrainCLI(LightningCLI):
         # argparse takes any unique prefix of an option, so a typo such as
         # --trainer.max_epoch would quietly set max_epochs: every key must be spelled out.
         kwargs.setdefault("allow_abbrev", False)
+        # The exit statuses, the same table as audit.py's, end every parser's --help.
+        kwargs.setdefault("epilog", exit_status_help())
+        kwargs.setdefault("formatter_class", HelpFormatter)
         return super().init_parser(**kwargs)
 
     def after_fit(self) -> None:

@@ -2,7 +2,8 @@
 
     python bench/remove_shortcut.py [--seeds 0,1,2] [--cases strong,part,two,nocue] \
         [--backbones bench_small,resnet18_cifar] [--epochs 8] [--fix-epochs 2] \
-        [--methods none,augment,penalty,both] [--train-per-class 200] [--markdown out.md]
+        [--methods none,augment,penalty,both] [--fix-lr 2e-3] [--train-per-class 200] \
+        [--markdown out.md]
 
 For each case it writes an ImageFolder tree of a fixed subset of ``../shared/data`` with
 the case's cue stamped into the pixels (bench/shortcut_discovery.py's cues and trees),
@@ -128,8 +129,8 @@ def train(model: ImageClassifier, root: Path, epochs: int, seed: int) -> float:
     return time.perf_counter() - t
 
 
-def recipe(backbone: str, **kw) -> ImageClassifier:
-    return ImageClassifier(backbone=backbone, optimizer="adamw", lr=2e-3, weight_decay=0.05,
+def recipe(backbone: str, lr: float = 2e-3, **kw) -> ImageClassifier:
+    return ImageClassifier(backbone=backbone, optimizer="adamw", lr=lr, weight_decay=0.05,
                            scheduler="onecycle", channels_last=backbone != "bench_small", **kw)
 
 
@@ -215,7 +216,8 @@ def run_case(case: str, backbone: str, seed: int, roots: dict[str, Path], data: 
                            "class_name": cls} for cls, box in shortcuts_of(case)],
             "pixels": pixels, "seed": seed, **spec}
         torch.manual_seed(seed)
-        model = recipe(backbone, init_weights=str(ckpt), shortcut_removal=removal)
+        model = recipe(backbone, lr=args.fix_lr, init_weights=str(ckpt),
+                       shortcut_removal=removal)
         s = train(model, roots[case], args.fix_epochs, seed)
         m = measure(model, case, cue_test, clean_test, args.test_per_class, seed)
         m.seconds = s
@@ -275,6 +277,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--fix-epochs", type=int, default=2)
+    parser.add_argument("--fix-lr", type=float, default=2e-3,
+                        help="peak learning rate of the fine-tuning (the recipe's: 2e-3)")
     parser.add_argument("--train-per-class", type=int, default=200)
     parser.add_argument("--test-per-class", type=int, default=100)
     parser.add_argument("--markdown", default=None)
@@ -313,7 +317,8 @@ def main() -> None:
         f"{time.perf_counter() - started:.0f} s in all.",
         f"Command: python bench/remove_shortcut.py --seeds {args.seeds} --cases "
         f"{','.join(cases)} --backbones {args.backbones} --epochs {args.epochs} "
-        f"--fix-epochs {args.fix_epochs} --train-per-class {args.train_per_class}",
+        f"--fix-epochs {args.fix_epochs} --fix-lr {args.fix_lr} --train-per-class "
+        f"{args.train_per_class} --methods {','.join(args.methods)}",
         "", *summary(rows), "",
         "| case | model | seed | model or fine-tuning | per shortcut: flips vs strongest "
         "control (margin, verdict); its class on clean images | clean accuracy | seconds |",

@@ -24,6 +24,7 @@ from lit_modules.data import (
     SyntheticShapesDataModule,
 )
 from lit_modules.data.fast import reflect_index
+from lit_modules.data.split import ItemKey
 
 KEYS = ("image", "label", "object_mask", "cue_mask", "index")
 # chi-square quantiles at 0.999 (scipy.stats.chi2.ppf(0.999, dof)): a correct sampler
@@ -57,13 +58,6 @@ def chi2(counts: torch.Tensor) -> float:
     counts = counts.double()
     expected = counts.sum() / counts.numel()
     return float(((counts - expected) ** 2 / expected).sum())
-
-
-def chi2_homogeneity(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Do two count vectors over the same cells come from one distribution?"""
-    table = torch.stack([a, b]).double()
-    expected = table.sum(1, keepdim=True) * table.sum(0, keepdim=True) / table.sum()
-    return float(((table - expected) ** 2 / expected).sum())
 
 
 def test_reflect_index_is_f_pad_reflect() -> None:
@@ -124,47 +118,49 @@ def decode(ds: SplitDataset, images: torch.Tensor, table: dict) -> list[tuple[in
     return [table[c.numpy().tobytes()] for c in codes]
 
 
-def test_fast_crops_and_flips_have_the_classic_distribution() -> None:
+def test_classic_and_fast_draw_the_same_uniform_crops_and_flips() -> None:
+    # Until the classic path drew from (seed, epoch, index) (a resumed run replayed other
+    # crops), it drew from the global RNG and this compared the two distributions; now
+    # both read split.augment_draws, so every image gets the same crop on both paths.
     pad, n, epochs = 4, 400, 5
     ds = coded_dataset(n, pad)
     table, masks = crop_table(ds, pad)
     assert len(table) == (2 * pad + 1) ** 2 * 2  # every crop and flip is distinguishable
 
-    fast = []
-    dl = loader(ds, batch_size=128)
+    fast = {}
+    dl = loader(ds, batch_size=128, seed=3)
     for e in range(epochs):
         for batch in epoch(dl, e):
             drawn = decode(ds, batch["image"], table)
-            for d, m in zip(drawn, batch["object_mask"], strict=True):
+            for i, d, m in zip(batch["index"].tolist(), drawn, batch["object_mask"], strict=True):
                 assert torch.equal(m, masks[d])  # the mask got the image's crop and flip
-            fast += drawn
-    torch.manual_seed(0)
-    classic = []
-    for i in range(n * epochs):
-        item = ds[i % n]
-        drawn = decode(ds, item["image"][None], table)[0]
-        assert torch.equal(item["object_mask"], masks[drawn])
-        classic.append(drawn)
+                fast[(e, i)] = d
+    rng = torch.get_rng_state()
+    for e in range(epochs):
+        for i in range(n):
+            item = ds[ItemKey(i, e, 3)]
+            drawn = decode(ds, item["image"][None], table)[0]
+            assert torch.equal(item["object_mask"], masks[drawn])
+            assert drawn == fast[(e, i)], (e, i)
+    assert torch.equal(torch.get_rng_state(), rng)  # the global RNG is not used
 
-    counts = {}
-    for name, draws in (("fast", fast), ("classic", classic)):
-        t = torch.tensor(draws)
-        assert t.shape == (n * epochs, 3)
-        tops = torch.bincount(t[:, 0], minlength=9)
-        lefts = torch.bincount(t[:, 1], minlength=9)
-        joint = torch.bincount(t[:, 0] * 9 + t[:, 1], minlength=81)
-        flips = torch.bincount(t[:, 2], minlength=2)
-        assert tops.numel() == lefts.numel() == 9, name  # offsets stay within 0..2p
-        assert chi2(tops) < CHI2_999[8], (name, tops)
-        assert chi2(lefts) < CHI2_999[8], (name, lefts)
-        assert chi2(joint) < CHI2_999[80], (name, joint)  # top and left independent
-        assert chi2(flips) < CHI2_999[1], (name, flips)
-        counts[name] = (tops, lefts, flips)
-    for a, b in zip(counts["fast"], counts["classic"], strict=True):
-        assert chi2_homogeneity(a, b) < CHI2_999[a.numel() - 1], (a, b)
+    t = torch.tensor(list(fast.values()))
+    assert t.shape == (n * epochs, 3)
+    tops = torch.bincount(t[:, 0], minlength=9)
+    lefts = torch.bincount(t[:, 1], minlength=9)
+    joint = torch.bincount(t[:, 0] * 9 + t[:, 1], minlength=81)
+    flips = torch.bincount(t[:, 2], minlength=2)
+    assert tops.numel() == lefts.numel() == 9  # offsets stay within 0..2p
+    assert chi2(tops) < CHI2_999[8], tops
+    assert chi2(lefts) < CHI2_999[8], lefts
+    assert chi2(joint) < CHI2_999[80], joint  # top and left independent
+    assert chi2(flips) < CHI2_999[1], flips
+    # An image's crop changes from epoch to epoch.
+    per_epoch = t.view(epochs, n, 3)
+    assert (per_epoch[0] != per_epoch[1]).any(1).float().mean() > 0.8
 
 
-def test_fast_train_batch_equals_classic_items_for_the_same_draws(monkeypatch) -> None:
+def test_fast_train_batch_equals_classic_items_of_its_epoch() -> None:
     shapes = SyntheticShapes(40, 32, seed=2, split="train")
     cue = SpuriousCue(list(range(5)), size=5, position="random", p_train=0.7, seed=1)
     ds = SplitDataset(shapes.images, shapes.labels, shapes.masks, "train",
@@ -174,33 +170,34 @@ def test_fast_train_batch_equals_classic_items_for_the_same_draws(monkeypatch) -
     batches = epoch(dl, 3)
     draws = dl.draws(3)
     assert torch.equal(torch.cat([b["index"] for b in batches]), draws.order)
-    real_rand, real_randint = torch.rand, torch.randint
+    assert draws.flips.any() and (draws.tops != 4).any()  # crops and flips were exercised
     stamped = 0
     for batch in batches:
         for j, index in enumerate(batch["index"].tolist()):
-            top, left = int(draws.tops[index]), int(draws.lefts[index])
-            flip = bool(draws.flips[index])
-
-            # The per-item path with its global draws replaced by this item's fast draws;
-            # the cue's own seeded draws (with a generator) pass through.
-            def rand(*args, _flip=flip, **kwargs):
-                if "generator" in kwargs:
-                    return real_rand(*args, **kwargs)
-                return torch.tensor(0.0 if _flip else 0.9)
-
-            def randint(*args, _tl=(top, left), **kwargs):
-                if "generator" in kwargs:
-                    return real_randint(*args, **kwargs)
-                return torch.tensor(_tl)
-
-            monkeypatch.setattr(torch, "rand", rand)
-            monkeypatch.setattr(torch, "randint", randint)
-            item = ds[index]
-            monkeypatch.undo()
+            # The per-item path asked for this item as augmented in epoch 3 under seed 5.
+            item = ds[ItemKey(index, 3, 5)]
             for k in KEYS:
                 assert torch.equal(batch[k][j], item[k]), (k, index)
             stamped += int(item["cue_mask"].any())
     assert 5 < stamped < 30  # the cue was exercised, on some items only
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_classic_and_fast_training_batches_are_equal(workers) -> None:
+    """Same order and crops from (seed, epoch): the classic DataLoader (its items made in
+    worker processes or not) serves the fast path's training batches, bit for bit."""
+    args = {"image_size": 16, "num_train": 40, "batch_size": 16, "seed": 6,
+            "cue": {"classes": [0, 1], "p_train": 0.5}}
+    fast = shapes_dm(**args).train_dataloader()
+    classic = shapes_dm(data_path="classic", num_workers=workers, **args).train_dataloader()
+    rng = torch.get_rng_state()
+    for e in (0, 1, 4):
+        assert_batches_equal(epoch(classic, e), epoch(fast, e))
+    assert torch.equal(torch.get_rng_state(), rng)  # the global RNG is not used
+    # Resumed after 2 batches of epoch 4: the rest of that epoch, then epoch 5 whole.
+    classic.load_state_dict({"epoch": 4, "batches": 2})
+    assert_batches_equal(epoch(classic, 4), epoch(fast, 4)[2:])
+    assert_batches_equal(epoch(classic, 5), epoch(fast, 5))
 
 
 # -- evaluation batches ---------------------------------------------------------------------

@@ -13,6 +13,7 @@ from torchvision.transforms.v2 import functional as TF
 from lit_modules.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataModule
 from lit_modules.data.imagefolder import FAST_PATH_MAX_SIZE, resize_size
 from lit_modules.data.sampling import dataset_labels
+from lit_modules.data.split import ItemKey
 
 
 def make_folder(root: Path, classes: int = 2, per_class: int = 6, test_per_class: int = 3,
@@ -78,15 +79,22 @@ def test_eval_transform_is_deterministic_and_centre_cropped(tmp_path: Path) -> N
 
 
 def test_train_crops_differ_by_seed_and_repeat_with_it(tmp_path: Path) -> None:
+    # The crop is a function of the item's (seed, epoch, index), not of the global RNG
+    # (which it leaves as it was): a resumed run crops as the uninterrupted one did.
     dm = _dm(make_folder(tmp_path), image_size=32)
     dm.setup("fit")
 
-    def item(seed: int) -> torch.Tensor:
-        torch.manual_seed(seed)
-        return dm.train_set[3]["image"]
+    def item(seed: int, epoch: int = 0, global_seed: int = 0) -> torch.Tensor:
+        torch.manual_seed(global_seed)
+        rng = torch.get_rng_state()
+        image = dm.train_set[ItemKey(3, epoch, seed)]["image"]
+        assert torch.equal(torch.get_rng_state(), rng)
+        return image
 
-    assert torch.equal(item(0), item(0))
+    assert torch.equal(item(0), item(0, global_seed=1))
+    assert torch.equal(item(0), dm.train_set[3]["image"])  # a plain index: epoch 0, seed 0
     assert not torch.equal(item(0), item(1))
+    assert not torch.equal(item(0), item(0, epoch=1))
     # Val is not augmented: the same whatever the seed.
     torch.manual_seed(0)
     a = dm.val_set[0]["image"]

@@ -3,9 +3,9 @@
 Items and batches follow the format documented in ``split.py`` (``SplitDataset``).
 
 Two data paths serve these batches (the datamodules' ``data_path``): ``classic``, a
-``DataLoader`` over ``SplitDataset`` items (worker processes, per-item augmentation), and
-``fast`` (``fast.py``), the whole split on the training device with batched augmentation,
-the same values and no workers.
+``DataLoader`` over ``SplitDataset`` items (worker processes, per-item augmentation; the
+training loader is ``classic.py``'s), and ``fast`` (``fast.py``), the whole split on the
+training device with batched augmentation, the same values and no workers.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from .classic import epoch_loader
 from .cue import SPLITS, CueConfig, SpuriousCue, check_split
 from .fast import DeviceLoader, DeviceSplit
 from .split import SplitDataset
@@ -34,8 +35,8 @@ class BaseImageDataModule(L.LightningDataModule):
         batch_size: images per batch.
         num_workers: DataLoader worker processes (workers persist between epochs).
         cue: a spurious cue to stamp (see ``CueConfig``), or None for no cue.
-        loader_seed: seed of the training loader's shuffling (and, on the fast path, of its
-            crops and flips).
+        loader_seed: seed of the training loader's order and of its crops and flips (both
+            paths draw them from ``(loader_seed, epoch, index)`` only).
         data_path: ``classic`` (DataLoader, per-item augmentation on the CPU) or ``fast``
             (the split held on the training device, augmented in batches there; ignores
             ``num_workers``). See ``lit_modules/data/fast.py``.
@@ -143,9 +144,7 @@ class BaseImageDataModule(L.LightningDataModule):
         return held
 
     def _fast_loader(self, split: str, shuffle: bool) -> DeviceLoader:
-        trainer = self.trainer
-        # Each process takes its share (Lightning only shards real DataLoaders itself).
-        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        replicas, rank = self._replicas()
         return DeviceLoader(
             self.device_split(split),
             batch_size=self.batch_size,
@@ -156,20 +155,29 @@ class BaseImageDataModule(L.LightningDataModule):
             rank=rank,
         )
 
+    def _replicas(self) -> tuple[int, int]:
+        """(processes, this one's rank): each process takes its share of the training data
+        itself (Lightning shards only DataLoaders with a sampler it knows)."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader | DeviceLoader:
         if self.data_path == "fast":
             return self._fast_loader(split, shuffle)
-        generator = torch.Generator().manual_seed(self.loader_seed) if shuffle else None
-        return DataLoader(
-            self.dataset(split),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            drop_last=self.drop_last and split == "train",
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        workers = {
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": torch.cuda.is_available(),
+        }
+        if shuffle:
+            # Order and augmentation from (loader_seed, epoch, index), resumable mid-epoch
+            # (classic.py): a resumed run trains on what the uninterrupted one did.
+            replicas, rank = self._replicas()
+            return epoch_loader(self.dataset(split), self.batch_size, self.loader_seed,
+                                drop_last=self.drop_last and split == "train",
+                                num_replicas=replicas, rank=rank, **workers)
+        return DataLoader(self.dataset(split), batch_size=self.batch_size, shuffle=False,
+                          drop_last=self.drop_last and split == "train", **workers)
 
     def train_dataloader(self) -> DataLoader | DeviceLoader:
         return self._loader("train", shuffle=True)

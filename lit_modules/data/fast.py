@@ -15,6 +15,9 @@ Randomness comes only from ``(seed, epoch)``: the epoch's order and its crop off
 flips are drawn on the CPU from private generators and moved to the device once per
 epoch. A resumed run, a run on another device or one with another number of processes
 therefore sees the same crops and flips for every image, and the global RNG is untouched.
+The classic path draws its order and augmentation from the same functions
+(``EpochSampler.indices``, ``split.augment_draws``), so with one process both paths serve
+bitwise equal training batches.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import Sampler
 
 from .cue import derive_seed
-from .split import SplitDataset
+from .split import SplitDataset, augment_draws
 
 
 def reflect_index(size: int, pad: int, device: torch.device | str = "cpu") -> Tensor:
@@ -266,16 +269,10 @@ class DeviceLoader:
     def draws(self, epoch: int) -> EpochDraws:
         """The order, crops and flips of ``epoch`` (on the CPU), from ``(seed, epoch)`` only."""
         d = self.data
-        n = len(d)
         tops = lefts = flips = None
         if d.augment:
-            # Drawn per dataset index, not per position: an image gets the same crop in an
-            # epoch whatever the order and however the data are split over processes.
-            g = torch.Generator().manual_seed(derive_seed("fast-augment", self.seed, epoch))
-            p = d.crop_padding
-            tops = torch.randint(0, 2 * p + 1, (n,), generator=g)
-            lefts = torch.randint(0, 2 * p + 1, (n,), generator=g)
-            flips = torch.rand(n, generator=g) < 0.5 if d.flip else torch.zeros(n, dtype=torch.bool)
+            # The classic path's draws (per dataset index): the same crop and flip per image.
+            tops, lefts, flips = augment_draws(self.seed, epoch, len(d), d.crop_padding, d.flip)
         return EpochDraws(self.sampler.indices(epoch), tops, lefts, flips)
 
     def batch(self, indices: Tensor, draws: EpochDraws) -> dict[str, Tensor]:

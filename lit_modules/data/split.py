@@ -11,6 +11,12 @@ Batch format (other code relies on it), one dict per item:
 Per item: uint8 -> ``[0, 1]`` float -> augmentation (train only; image and object mask
 jointly) -> spurious cue -> normalisation.
 
+Augmentation is a function of ``(seed, epoch, index)`` only (:func:`augment_draws`), never
+of the global RNG: the training loaders ask for an :class:`ItemKey` (index, epoch, seed), so
+a resumed run, a run with another number of workers and the fast path (which draws from
+the same function) all see the same crop and flip for an image in an epoch. A plain index
+means epoch 0 with seed 0.
+
 Its own module because both data paths need it: ``base.py`` builds the ``classic`` path
 on it and ``fast.py`` copies it to the device. With it in ``base.py``, ``base`` and
 ``fast`` imported each other.
@@ -19,13 +25,49 @@ on it and ``fast.py`` copies it to the device. With it in ``base.py``, ``base`` 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .cue import SpuriousCue, check_split
+from .cue import SpuriousCue, check_split, derive_seed
+
+
+class ItemKey(NamedTuple):
+    """What a training loader asks a dataset for: item ``index`` as augmented in ``epoch``
+    of a run whose augmentation is seeded with ``seed``."""
+
+    index: int
+    epoch: int
+    seed: int
+
+
+def item_key(key: int | Tensor | ItemKey) -> ItemKey:
+    """``key`` as an :class:`ItemKey`; a plain index is epoch 0 of seed 0."""
+    if isinstance(key, ItemKey):
+        return ItemKey(int(key.index), int(key.epoch), int(key.seed))
+    return ItemKey(int(key), 0, 0)
+
+
+def augment_draws(
+    seed: int, epoch: int, n: int, crop_padding: int, flip: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The crops and flips of one epoch for ``n`` items, indexed by dataset index.
+
+    Returns int64 ``tops`` and ``lefts`` in ``0..2 * crop_padding`` and bool ``flips``
+    (all False without ``flip``), drawn on the CPU from a private generator seeded with
+    ``(seed, epoch)``. Per dataset index, not per position in the order, so an image gets
+    the same crop in an epoch whatever the order, the number of workers or processes. Both
+    data paths draw from here (the seed's label is the fast path's, where it began, so its
+    runs repeat the earlier ones).
+    """
+    g = torch.Generator().manual_seed(derive_seed("fast-augment", seed, epoch))
+    tops = torch.randint(0, 2 * crop_padding + 1, (n,), generator=g)
+    lefts = torch.randint(0, 2 * crop_padding + 1, (n,), generator=g)
+    flips = torch.rand(n, generator=g) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    return tops, lefts, flips
 
 
 class SplitDataset(Dataset):
@@ -75,38 +117,58 @@ class SplitDataset(Dataset):
         self.cue = cue
         self.flip = flip
         self.crop_padding = crop_padding
+        self._draws: tuple[tuple[int, ...], tuple[Tensor, Tensor, Tensor]] | None = None
         if cue is not None:
             cue.check_fits(*images.shape[2:])
+
+    #: The classic training loader may ask for :class:`ItemKey` items (see ``classic.py``).
+    item_keys = True
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def _augment(self, image: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Random crop and flip from the global RNG (seeded per worker by the DataLoader)."""
+    def draws(self, epoch: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+        """:func:`augment_draws` of ``epoch`` for this split, kept for the epoch in use (each
+        worker process works them out once per epoch)."""
+        key = (seed, epoch, len(self), self.crop_padding, bool(self.flip))
+        if self._draws is None or self._draws[0] != key:
+            self._draws = (key, augment_draws(seed, epoch, len(self), self.crop_padding,
+                                              self.flip))
+        return self._draws[1]
+
+    def _augment(
+        self, image: Tensor, mask: Tensor | None, key: ItemKey
+    ) -> tuple[Tensor, Tensor | None]:
+        """Crop and flip item ``key.index`` as drawn for its epoch (:meth:`draws`)."""
         p = self.crop_padding
+        if p <= 0 and not self.flip:
+            return image, mask
+        tops, lefts, flips = self.draws(key.epoch, key.seed)
         if p > 0:
             h, w = image.shape[-2:]
-            top, left = (int(t) for t in torch.randint(0, 2 * p + 1, (2,)))
+            top, left = int(tops[key.index]), int(lefts[key.index])
             image = F.pad(image.unsqueeze(0), (p, p, p, p), mode="reflect")[0]
             image = image[:, top : top + h, left : left + w]
             if mask is not None:
                 # Reflect the mask too, so object pixels mirrored into the border stay marked.
                 padded = F.pad(mask[None, None].float(), (p, p, p, p), mode="reflect")[0, 0]
                 mask = padded[top : top + h, left : left + w] > 0.5
-        if self.flip and torch.rand(()) < 0.5:
+        if self.flip and bool(flips[key.index]):
             image = image.flip(-1)
             mask = None if mask is None else mask.flip(-1)
         return image, mask
 
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        index = int(index)
+    def __getitem__(self, key: int | ItemKey) -> dict[str, Tensor]:
+        """Item ``key``: an index, or an :class:`ItemKey` (its epoch's augmentation)."""
+        key = item_key(key)
+        index = key.index
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a {self.split} split of {len(self)}")
         image = self.images[index].float().div_(255.0)
         label = self.labels[index]
         mask = None if self.object_masks is None else self.object_masks[index]
         if self.split == "train":
-            image, mask = self._augment(image, mask)
+            image, mask = self._augment(image, mask, key)
         return make_item(image, label, index, self.split, self.cue, self.mean, self.std, mask)
 
 

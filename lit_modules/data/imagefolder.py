@@ -36,7 +36,7 @@ from .base import BaseImageDataModule
 from .choices import DataPath
 from .cifar import IMAGE_EXTENSIONS, imagefolder_classes, imagefolder_files, read_rgb
 from .cue import CueConfig, SpuriousCue, check_split, derive_seed
-from .split import SplitDataset, make_item
+from .split import ItemKey, SplitDataset, item_key, make_item
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def resize_size(image_size: int) -> int:
 
 
 def train_transform(image_size: int) -> v2.Compose:
-    """Random resized crop to ``image_size`` and a horizontal flip (global torch RNG)."""
+    """Random resized crop to ``image_size`` and a horizontal flip (torch's CPU RNG, which
+    ``ImageFileDataset`` seeds per item and epoch)."""
     return v2.Compose([
         v2.RandomResizedCrop(image_size, antialias=True),
         v2.RandomHorizontalFlip(),
@@ -79,6 +80,9 @@ class ImageFileDataset(Dataset):
 
     Per item: decode (RGB) -> ``transform`` on uint8 -> ``[0, 1]`` -> spurious cue ->
     normalisation. ``labels`` is exposed so sampling never decodes images to stratify.
+    On train, the transform's random draws come from torch's CPU RNG seeded with the
+    item's ``(seed, epoch, index)`` (an ``ItemKey``; a plain index is epoch 0, seed 0), the
+    global state restored afterwards: the same crop for a resumed run or another worker.
 
     Args:
         files: one image file per item.
@@ -128,11 +132,22 @@ class ImageFileDataset(Dataset):
         """
         return torch.stack([self.load(int(i)) for i in indices]).float().div_(255.0)
 
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        index = int(index)
+    #: The classic training loader may ask for ``ItemKey`` items (see ``classic.py``).
+    item_keys = True
+
+    def __getitem__(self, key: int | ItemKey) -> dict[str, Tensor]:
+        key = item_key(key)
+        index = key.index
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a {self.split} split of {len(self)}")
-        image = self.load(index).float().div_(255.0)
+        if self.split == "train":
+            with torch.random.fork_rng(devices=[]):  # the CPU generator only, restored
+                torch.default_generator.manual_seed(
+                    derive_seed("item-augment", key.seed, key.epoch, index))
+                image = self.load(index)
+        else:
+            image = self.load(index)
+        image = image.float().div_(255.0)
         return make_item(image, self.labels[index], index, self.split, self.cue, self.mean,
                          self.std)
 

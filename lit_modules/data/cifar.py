@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from .base import BaseImageDataModule
 from .choices import DataPath
-from .cue import CueConfig, derive_seed
+from .cue import CueConfig
+from .sampling import check_limits, limit_indices
 from .split import SplitDataset
 
 CIFAR10_CLASSES = [
@@ -363,10 +364,7 @@ class CIFAR10DataModule(BaseImageDataModule):
         )
         if val_size < 0:
             raise ValueError(f"val_size must be >= 0, got {val_size}")
-        limits = {"train": limit_train, "val": limit_val, "test": limit_test}
-        for split, limit in limits.items():
-            if limit is not None and limit < 1:
-                raise ValueError(f"limit_{split} must be positive or None, got {limit}")
+        limits = check_limits(limit_train, limit_val, limit_test)
         if self.cue is not None:
             self.cue.check_fits(_IMAGE_SIZE, _IMAGE_SIZE)
         self.root = root
@@ -445,14 +443,6 @@ class CIFAR10DataModule(BaseImageDataModule):
         self._class_names = list(CIFAR10_CLASSES)
         return _torchvision_part(path, part)
 
-    def _limit(self, indices: Tensor, split: str) -> Tensor:
-        """A seeded subset of ``limit_<split>`` indices (sorted, for locality on disk)."""
-        limit = self.limits[split]
-        if limit is None or limit >= indices.numel():
-            return indices
-        g = torch.Generator().manual_seed(derive_seed("limit", self.split_seed, split))
-        return indices[torch.randperm(indices.numel(), generator=g)[:limit]].sort().values
-
     def _make(self, part: _Part, indices: Tensor, split: str) -> SplitDataset:
         augment = self.augment and split == "train"
         return SplitDataset(
@@ -480,10 +470,12 @@ class CIFAR10DataModule(BaseImageDataModule):
             chosen = {"val": perm[: self.val_size], "train": perm[self.val_size :]}
             for split in ("train", "val"):
                 if split in splits:
-                    indices = self._limit(chosen[split].sort().values, split)
+                    indices = limit_indices(chosen[split].sort().values, self.limits[split],
+                                            self.split_seed, split)
                     out[split] = self._make(part, indices, split)
         if "test" in splits:
             part = self._load_part(layout, path, "test")
-            indices = self._limit(torch.arange(part.labels.numel()), "test")
+            indices = limit_indices(torch.arange(part.labels.numel()),
+                                    self.limits["test"], self.split_seed, "test")
             out["test"] = self._make(part, indices, "test")
         return out

@@ -36,6 +36,7 @@ from .base import BaseImageDataModule
 from .choices import DataPath
 from .cifar import IMAGE_EXTENSIONS, imagefolder_classes, imagefolder_files, read_rgb
 from .cue import CueConfig, SpuriousCue, check_split, derive_seed
+from .sampling import check_limits, limit_indices
 from .split import ItemKey, SplitDataset, item_key, make_item
 
 log = logging.getLogger(__name__)
@@ -277,10 +278,7 @@ class ImageFolderDataModule(BaseImageDataModule):
             raise ValueError(f"stats_images must be positive, got {stats_images}")
         if val_size < 0 or (isinstance(val_size, float) and val_size >= 1):
             raise ValueError(f"val_size must be a count >= 0 or a fraction in [0, 1), got {val_size}")
-        limits = {"train": limit_train, "val": limit_val, "test": limit_test}
-        for split, limit in limits.items():
-            if limit is not None and limit < 1:
-                raise ValueError(f"limit_{split} must be positive or None, got {limit}")
+        limits = check_limits(limit_train, limit_val, limit_test)
         if self.cue is not None:
             self.cue.check_fits(image_size, image_size)
         self.root = root
@@ -398,14 +396,6 @@ class ImageFolderDataModule(BaseImageDataModule):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
         return {"val": perm[:n_val].sort().values, "train": perm[n_val:].sort().values}
 
-    def _limit(self, indices: Tensor, split: str) -> Tensor:
-        """A seeded subset of ``limit_<split>`` indices (sorted, for locality on disk)."""
-        limit = self.limits[split]
-        if limit is None or limit >= indices.numel():
-            return indices
-        g = torch.Generator().manual_seed(derive_seed("limit", self.split_seed, split))
-        return indices[torch.randperm(indices.numel(), generator=g)[:limit]].sort().values
-
     def _make(self, files: list[Path], labels: Tensor, split: str) -> Dataset:
         augment = self.augment and split == "train"
         mean, std = self._resolved_stats()
@@ -426,11 +416,13 @@ class ImageFolderDataModule(BaseImageDataModule):
             chosen = self._split_indices(labels.numel())
             for split in ("train", "val"):
                 if split in splits:
-                    idx = self._limit(chosen[split], split)
+                    idx = limit_indices(chosen[split], self.limits[split], self.split_seed,
+                                        split)
                     out[split] = self._make([files[i] for i in idx.tolist()], labels[idx], split)
         if "test" in splits:
             files, labels = self._files("test")
-            idx = self._limit(torch.arange(labels.numel()), "test")
+            idx = limit_indices(torch.arange(labels.numel()), self.limits["test"],
+                                self.split_seed, "test")
             out["test"] = self._make([files[i] for i in idx.tolist()], labels[idx], "test")
         return out
 

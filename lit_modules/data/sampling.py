@@ -1,6 +1,7 @@
-"""Picking and stacking a few dataset items: the monitor's fixed images, the audit's sample.
+"""Picking and stacking a few dataset items: the monitor's fixed images, the audit's sample,
+and the seeded ``limit_<split>`` subsets of the datamodules.
 
-Both pick with :func:`stratified_indices` over :func:`dataset_labels` and stack with
+The first two pick with :func:`stratified_indices` over :func:`dataset_labels` and stack with
 :func:`sample_batch`, so the same ``(labels, n, seed)`` gives the same images everywhere
 (and on every DDP rank, with no communication).
 """
@@ -11,6 +12,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from .cue import derive_seed
+
+#: The splits a datamodule can limit (``limit_train``, ``limit_val``, ``limit_test``).
+SPLITS = ("train", "val", "test")
 
 
 def dataset_labels(dataset: Any) -> Tensor:
@@ -63,3 +69,23 @@ def sample_batch(dataset: Any, indices: list[int]) -> dict[str, Tensor]:
         for k in items[0]
         if isinstance(items[0][k], Tensor | int)
     }
+
+
+def check_limits(train: int | None, val: int | None, test: int | None) -> dict[str, int | None]:
+    """``{split: limit}`` of a datamodule's ``limit_<split>`` options (None: the whole
+    split); a limit below 1 is refused naming its option."""
+    limits = dict(zip(SPLITS, (train, val, test), strict=True))
+    for split, limit in limits.items():
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit_{split} must be positive or None, got {limit}")
+    return limits
+
+
+def limit_indices(indices: Tensor, limit: int | None, seed: int, split: str) -> Tensor:
+    """A seeded subset of ``limit`` of ``indices`` (sorted, for locality on disk), or
+    ``indices`` themselves when ``limit`` is None or not below their number. The draw is
+    a function of ``(seed, split)`` only (:func:`derive_seed`), the same in every process."""
+    if limit is None or limit >= indices.numel():
+        return indices
+    g = torch.Generator().manual_seed(derive_seed("limit", seed, split))
+    return indices[torch.randperm(indices.numel(), generator=g)[:limit]].sort().values

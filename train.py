@@ -28,7 +28,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks import AtomicCheckpointIO, HParamsSummary, InterruptCheckpoint, PredictionWriter
+from callbacks import (
+    AtomicCheckpointIO,
+    ExactResume,
+    HParamsSummary,
+    InterruptCheckpoint,
+    PredictionWriter,
+)
 from explain import records
 from lit_modules import ImageClassifier
 from lit_modules.data.cue import FLAT_KEYS, flat_keys_hint
@@ -88,6 +94,9 @@ class TrainCLI(LightningCLI):
       warn and start from scratch); a resumed run logs into its checkpoint's run directory;
     * every fit gets an :class:`~callbacks.InterruptCheckpoint` (SIGTERM, Ctrl-C, errors),
       and checkpoints are written atomically (:class:`~callbacks.AtomicCheckpointIO`);
+    * every fit gets an :class:`~callbacks.ExactResume` (the global RNGs seeded per
+      training step, the loader's position restored), so a resumed fit ends with the
+      uninterrupted one's weights;
     * every fit gets an :class:`~callbacks.HParamsSummary`: its options in TensorBoard's
       HParams tab with its final ``val/acc`` and shortcut measures;
     * ``predict`` writes ``predictions.pt`` and ``predictions.csv`` into the run's log
@@ -199,6 +208,12 @@ class TrainCLI(LightningCLI):
             isinstance(cb, InterruptCheckpoint) for cb in trainer.callbacks
         ):
             trainer.callbacks.append(InterruptCheckpoint())
+        if self.subcommand in (None, "fit") and not any(
+            isinstance(cb, ExactResume) for cb in trainer.callbacks
+        ):
+            # Global RNGs seeded per step, the loader's position handed back: a resumed
+            # fit repeats the uninterrupted one (Lightning saves no RNG state).
+            trainer.callbacks.append(ExactResume())
         if self.subcommand in (None, "fit") and not any(
             isinstance(cb, HParamsSummary) for cb in trainer.callbacks
         ):

@@ -1,7 +1,8 @@
 """Lightning extensions: the explanation monitor, the interrupt checkpoint, atomic
-checkpoints, the prediction writer and the HParams summary."""
+checkpoints, the prediction writer, the HParams summary and what an exact resume needs."""
 
 from .atomic import AtomicCheckpointIO
+from .exact_resume import ExactResume
 from .hparams import HParamsSummary
 from .interrupt import InterruptCheckpoint
 from .monitor import ExplanationMonitor
@@ -9,6 +10,7 @@ from .predictions import PredictionWriter
 
 __all__ = [
     "AtomicCheckpointIO",
+    "ExactResume",
     "ExplanationMonitor",
     "HParamsSummary",
     "InterruptCheckpoint",

@@ -72,18 +72,46 @@ def announce(verdict: tracking.EpochVerdict, names: Sequence[str], method: str) 
                            f"epoch {epoch}: {e.test.describe(names)}")
 
 
+def _resized(true_maps: Tensor, images: Tensor) -> Tensor:
+    """The maps at the images' resolution (bilinear), where they differ."""
+    if true_maps.shape[-2:] == images.shape[-2:]:
+        return true_maps
+    return torch.nn.functional.interpolate(
+        true_maps.float().unsqueeze(1), size=tuple(images.shape[-2:]), mode="bilinear",
+        align_corners=False).squeeze(1)
+
+
 def run_tracker(tracker: tracking.ShortcutTracker, epoch: int, model: nn.Module,
                 images: Tensor, labels: Tensor, preds: Tensor, true_maps: Tensor,
                 hotspots: list[discovery.ClassHotspots], num_classes: int,
                 ) -> tracking.EpochVerdict:
     """One epoch of causal tests on the fixed images (maps resized to the images first)."""
-    if true_maps.shape[-2:] != images.shape[-2:]:
-        true_maps = torch.nn.functional.interpolate(
-            true_maps.float().unsqueeze(1), size=tuple(images.shape[-2:]), mode="bilinear",
-            align_corners=False).squeeze(1)
-    norm, usable = discovery.normalise_maps(true_maps)
+    norm, usable = discovery.normalise_maps(_resized(true_maps, images))
     return tracker.step(epoch, model, images.detach().cpu(), labels, preds, norm, usable,
                         hotspots, num_classes)
+
+
+def baseline(tracker: tracking.ShortcutTracker, model: nn.Module, images: Tensor,
+             labels: Tensor, preds: Tensor, true_maps: Tensor, num_classes: int,
+             ) -> tracking.EpochVerdict:
+    """The followed boxes tested on the starting weights (the "before" point of a run that
+    removes known shortcuts), maps resized to the images first."""
+    norm, usable = discovery.normalise_maps(_resized(true_maps.float(), images))
+    return tracker.baseline(model, images.detach().cpu(), labels, preds, norm, usable,
+                            num_classes)
+
+
+def log_before(verdict: tracking.EpochVerdict, names: Sequence[str], loggers: Sequence[Any],
+               tb: Any) -> None:
+    """The "before" point at step 0: its scalars to every logger, a console line per
+    followed shortcut (:func:`before_line`), the table to TensorBoard's text tab."""
+    scalars = verdict_scalars(verdict, names)
+    for line in before_line(verdict, names):
+        rank_zero_warn(line)
+    for logger in loggers:
+        logger.log_metrics(scalars, step=0)
+    if tb is not None:
+        tb.add_text(scalar_tag(SHORTCUTS, "summary"), tracking.summary_markdown(verdict, names), 0)
 
 
 def before_line(verdict: tracking.EpochVerdict, names: Sequence[str]) -> list[str]:

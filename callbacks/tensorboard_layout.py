@@ -1,9 +1,13 @@
-"""The monitor's TensorBoard names: score tags and the custom-scalars layout."""
+"""The monitor's TensorBoard: score tags, the custom-scalars layout, the writer and the
+step its images are logged at."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
 
 TAG_PREFIX = "explain"
 #: The shortcut tracker's scalars and summary: ``explain/shortcuts/...`` (not a method).
@@ -65,3 +69,24 @@ def custom_scalars_layout(
             f"{score}, every method": ["Multiline", [exact(scalar_tag(m, score)) for m in methods]],
         }
     return layout
+
+
+def writer(trainer: L.Trainer) -> Any:
+    """The first TensorBoardLogger's ``SummaryWriter``, or None."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+def image_step(trainer: L.Trainer) -> int:
+    """The step Lightning logs this validation's metrics at, for the grids.
+
+    While fitting, Lightning logs a validation at the index of the last training batch
+    that stepped the optimiser, which is ``global_step - 1`` for this project's one
+    optimiser (the scalars get it from Lightning itself); ``trainer.validate`` logs at
+    ``global_step``. Sharing it puts the grids on ``val/acc``'s x positions and lets a
+    resumed run purge exactly the lost steps.
+    """
+    fitting = trainer.state.fn == "fit"
+    return max(trainer.global_step - (1 if fitting else 0), 0)

@@ -12,13 +12,15 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from lit_modules.data.protocol import is_auditable
 from lit_modules.data.sampling import dataset_labels, sample_batch, stratified_indices
 
 
 def val_dataset(trainer: L.Trainer) -> Any:
-    """The validation split: the datamodule's ``dataset("val")``, else the val loader's."""
+    """The validation split: the datamodule's ``dataset("val")`` where it is
+    :class:`~lit_modules.data.protocol.AuditableData`, else the val loader's."""
     dm = trainer.datamodule
-    if dm is not None and hasattr(dm, "dataset"):
+    if is_auditable(dm):
         return dm.dataset("val")
     loaders = trainer.val_dataloaders
     loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
@@ -51,10 +53,11 @@ def class_names(trainer: L.Trainer, num_classes: int) -> list[str]:
 
 
 def denormalize(trainer: L.Trainer, images: Tensor) -> Tensor:
-    """Images in ``[0, 1]``: the datamodule's ``denormalize``, else each image stretched to
-    its own range."""
+    """Images in ``[0, 1]``: the datamodule's ``denormalize`` where it is
+    :class:`~lit_modules.data.protocol.AuditableData`, else each image stretched to its
+    own range."""
     dm = trainer.datamodule
-    if dm is not None and hasattr(dm, "denormalize"):
+    if is_auditable(dm):
         return dm.denormalize(images).clamp(0, 1)
     lo = images.amin((1, 2, 3), keepdim=True)
     hi = images.amax((1, 2, 3), keepdim=True)

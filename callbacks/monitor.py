@@ -14,6 +14,7 @@ from torch import Tensor
 import explain
 from explain import records
 from explain.measures import tracking
+from lit_modules.data.protocol import is_auditable
 
 from . import (
     fixed_images,
@@ -207,10 +208,10 @@ class ExplanationMonitor(Callback):
         self._dir = self._log_dir(trainer)
         # The fixed images are a pure function of (labels, seed): every rank picks the same
         # ones. A restored state (resume) replaces them afterwards.
-        dm = trainer.datamodule
-        if self.indices is None and dm is not None and hasattr(dm, "dataset"):
-            self.indices = fixed_images.pick_from(dm.dataset("val"), self.num_images,
-                                                  self.discovery_per_class, self.seed)
+        if self.indices is None and is_auditable(trainer.datamodule):
+            self.indices = fixed_images.pick_from(trainer.datamodule.dataset("val"),
+                                                  self.num_images, self.discovery_per_class,
+                                                  self.seed)
         # A run that removes shortcuts tests their boxes from its first epoch (a resumed
         # run's restored state comes later and keeps what the run saw since).
         removal = getattr(pl_module, "removal_config", None)

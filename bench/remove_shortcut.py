@@ -73,8 +73,12 @@ METHODS = {
     "none": None,
     "augment": {"method": "augment"},
     "penalty": {"method": "penalty", "penalty_weight": 1.0},
-    "penalty x10": {"method": "penalty", "penalty_weight": 10.0},
+    "penalty-x10": {"method": "penalty", "penalty_weight": 10.0},
     "both": {"method": "both"},
+    # Every image of the class covered (the class learned from its content alone); the
+    # penalty, not the data, keeps the pasted cue from mattering.
+    "both-cover-all": {"method": "both", "p_cover": 1.0, "p_paste": 0.0},
+    "augment-cover-all": {"method": "augment", "p_cover": 1.0},
 }
 CLASSES = sd.CLASSES
 

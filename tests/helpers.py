@@ -85,14 +85,15 @@ class KillAt(Callback):
 
     One-shot: it first creates ``marker`` and does nothing when the marker exists, so the
     same config can be used to resume. SIGKILL leaves no chance to save anything, which is
-    the point of the resume tests.
+    the point of the resume tests. ``wait``: seconds to sleep after sending the signal.
     """
 
     def __init__(self, epoch: int, batch: int, marker: str, signal: str = "SIGKILL",
-                 rank: int = 0) -> None:
+                 rank: int = 0, wait: float = 5.0) -> None:
         super().__init__()
         self.epoch, self.batch, self.marker, self.signal = epoch, batch, marker, signal
         self.rank = rank  # under DDP: the process that gets the signal (0: the launcher)
+        self.wait = wait
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (trainer.current_epoch, batch_idx, trainer.global_rank) != (
@@ -103,7 +104,7 @@ class KillAt(Callback):
             return
         Path(self.marker).touch()
         os.kill(os.getpid(), getattr(signal, self.signal))
-        time.sleep(5)  # SIGTERM is handled at the next batch boundary; SIGKILL never returns
+        time.sleep(self.wait)  # SIGTERM is handled at the next batch boundary; SIGKILL never returns
 
 
 class PoisonAt(Callback):
@@ -119,9 +120,12 @@ class PoisonAt(Callback):
                 next(pl_module.parameters()).fill_(float("nan"))
 
 
-def train_subprocess(args: list[str], timeout: float = 300,
-                     grace: float | None = None) -> subprocess.CompletedProcess:
+def train_subprocess(args: list[str], timeout: float = 300, grace: float | None = None,
+                     script: str = "train.py") -> subprocess.CompletedProcess:
     """Run ``python train.py <args>`` in a child process from the repository root.
+
+    ``script``: another entry point to run instead, e.g. ``tests/train_tiny.py`` (train.py
+    with the tiny test backbone registered).
 
     The child gets its own process group, so DDP ranks it starts die with it. After
     ``timeout`` seconds the group is killed and ``TimeoutExpired`` raised; with ``grace``
@@ -129,7 +133,7 @@ def train_subprocess(args: list[str], timeout: float = 300,
     grace period after SIGTERM is over) and the result returned with status -9.
     """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
-    cmd = [sys.executable, "train.py", *args]
+    cmd = [sys.executable, script, *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

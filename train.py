@@ -301,7 +301,8 @@ class TrainCLI(LightningCLI):
 
 
 PREDICT_HELP = (
-    "Predict the datamodule's predict split (the test split) with a trained model: "
+    "Predict the datamodule's predict split (the test split, or the validation split with "
+    "--data.init_args.predict_split val) with a trained model: "
     "python train.py predict --config CONFIG --ckpt_path CKPT. Writes predictions.pt "
     "(index, label, pred, probs, class_names) and predictions.csv (index, label, pred, "
     "confidence, one probability per class) atomically into the run's log directory; "

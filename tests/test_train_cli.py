@@ -61,3 +61,26 @@ def test_fit_is_quiet_and_predict_writes_the_models_argmax(tmp_path: Path) -> No
     assert [float(r["confidence"]) for r in rows] == [
         float(f"{p:.6g}") for p in probs.max(-1).values.tolist()]
     assert list(rows[0])[4:] == [f"p_{n}" for n in dm.class_names]
+
+
+def test_predict_split_val_predicts_the_validation_images(tmp_path: Path) -> None:
+    from helpers import register_tiny_backbone, run_train
+
+    cfg = tiny_config(tmp_path, epochs=1, backbone=register_tiny_backbone(),
+                      data={"num_val": 24, "num_test": 40})
+    run_train(["fit", "--config", str(cfg)])
+    ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
+    run_train(["predict", "--config", str(cfg), "--ckpt_path", str(ckpt),
+               "--data.init_args.predict_split", "val"])
+    out = next((tmp_path / "runs").rglob("predictions.pt"))
+    saved = torch.load(out, weights_only=True)
+    dm = SyntheticShapesDataModule(num_train=64, num_val=24, num_test=40, seed=0)
+    val = dm.dataset("val")
+    assert saved["index"].tolist() == list(range(24))
+    assert saved["label"].tolist() == [int(val[i]["label"]) for i in range(24)]
+    try:
+        SyntheticShapesDataModule(predict_split="train")
+    except ValueError as exc:
+        assert "'val' or 'test'" in str(exc)
+    else:
+        raise AssertionError("predict_split='train' was accepted")

@@ -41,6 +41,8 @@ class BaseImageDataModule(L.LightningDataModule):
             (the split held on the training device, augmented in batches there; ignores
             ``num_workers``). See ``lit_modules/data/fast.py``.
         drop_last: drop the last training batch when it is smaller than ``batch_size``.
+        predict_split: the split ``train.py predict`` predicts: ``test`` or ``val`` (the
+            training split is augmented, so it is not offered).
     """
 
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -55,6 +57,7 @@ class BaseImageDataModule(L.LightningDataModule):
         loader_seed: int = 0,
         data_path: str = "classic",
         drop_last: bool = False,
+        predict_split: str = "test",
     ) -> None:
         super().__init__()
         if data_path not in DATA_PATHS:
@@ -68,6 +71,9 @@ class BaseImageDataModule(L.LightningDataModule):
         self.loader_seed = loader_seed
         self.data_path = data_path
         self.drop_last = drop_last
+        if predict_split not in ("val", "test"):
+            raise ValueError(f"predict_split must be 'val' or 'test', got {predict_split!r}")
+        self.predict_split = predict_split
         self._device_splits: dict[tuple[str, str], DeviceSplit] = {}
         # Built here (not in setup) so a bad cue option fails when the config is parsed. A
         # mapping is accepted too: audit.py rebuilds datamodules from a YAML-loaded config.
@@ -108,7 +114,7 @@ class BaseImageDataModule(L.LightningDataModule):
             "fit": ["train", "val"],
             "validate": ["val"],
             "test": ["test"],
-            "predict": ["test"],
+            "predict": [self.predict_split],
             None: list(SPLITS),
         }
         if stage not in wanted:
@@ -189,7 +195,7 @@ class BaseImageDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader | DeviceLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader(self.predict_split, shuffle=False)
 
     def normalize(self, images01: Tensor) -> Tensor:
         """``[0, 1]`` images ``[..., 3, H, W]`` -> the model's input space."""

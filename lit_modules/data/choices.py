@@ -9,3 +9,5 @@ from typing import Literal
 #: The datamodules' ``data_path`` (``base.DATA_PATHS``): ``classic`` (DataLoader) or
 #: ``fast`` (the split on the training device).
 DataPath = Literal["classic", "fast"]
+# The splits ``train.py predict`` can predict (the training split is augmented: not offered).
+SplitName = Literal["val", "test"]

@@ -34,7 +34,7 @@ from torchvision.datasets.utils import check_integrity
 from tqdm.auto import tqdm
 
 from .base import BaseImageDataModule
-from .choices import DataPath
+from .choices import DataPath, SplitName
 from .cue import CueConfig
 from .sampling import check_limits, limit_indices
 from .split import SplitDataset
@@ -332,6 +332,7 @@ class CIFAR10DataModule(BaseImageDataModule):
         data_path: ``classic`` (DataLoader) or ``fast`` (the split on the training device,
             augmented in batches there; ignores ``num_workers``).
         drop_last: drop the last training batch when it is smaller than ``batch_size``.
+        predict_split: the split ``train.py predict`` predicts: ``test`` or ``val``.
     """
 
     mean = CIFAR10_MEAN
@@ -353,6 +354,7 @@ class CIFAR10DataModule(BaseImageDataModule):
         limit_test: int | None = None,
         data_path: DataPath = "classic",
         drop_last: bool = False,
+        predict_split: SplitName = "test",
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -361,6 +363,7 @@ class CIFAR10DataModule(BaseImageDataModule):
             loader_seed=split_seed,
             data_path=data_path,
             drop_last=drop_last,
+            predict_split=predict_split,
         )
         if val_size < 0:
             raise ValueError(f"val_size must be >= 0, got {val_size}")

@@ -33,7 +33,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .base import BaseImageDataModule
-from .choices import DataPath
+from .choices import DataPath, SplitName
 from .cifar import IMAGE_EXTENSIONS, imagefolder_classes, imagefolder_files, read_rgb
 from .cue import CueConfig, SpuriousCue, check_split, derive_seed
 from .sampling import check_limits, limit_indices
@@ -219,6 +219,7 @@ class ImageFolderDataModule(BaseImageDataModule):
         limit_test: the same for test.
         data_path: ``classic`` (DataLoader, files decoded per item) or ``fast`` (at most 64 px).
         drop_last: drop the last training batch when it is smaller than ``batch_size``.
+        predict_split: the split ``train.py predict`` predicts: ``test`` or ``val``.
     """
 
     has_object_masks = False
@@ -242,6 +243,7 @@ class ImageFolderDataModule(BaseImageDataModule):
         limit_test: int | None = None,
         data_path: DataPath = "classic",
         drop_last: bool = False,
+        predict_split: SplitName = "test",
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -250,6 +252,7 @@ class ImageFolderDataModule(BaseImageDataModule):
             loader_seed=split_seed,
             data_path=data_path,
             drop_last=drop_last,
+            predict_split=predict_split,
         )
         if image_size < 8:
             raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import BaseImageDataModule
-from .choices import DataPath
+from .choices import DataPath, SplitName
 from .cue import CueConfig
 from .shapes import SHAPE_CLASSES, SyntheticShapes
 from .split import SplitDataset
@@ -31,6 +31,7 @@ class SyntheticShapesDataModule(BaseImageDataModule):
         data_path: ``classic`` (DataLoader) or ``fast`` (the split on the training device,
             augmented in batches there; ignores ``num_workers``).
         drop_last: drop the last training batch when it is smaller than ``batch_size``.
+        predict_split: the split ``train.py predict`` predicts: ``test`` or ``val``.
     """
 
     mean = (0.5, 0.5, 0.5)
@@ -50,6 +51,7 @@ class SyntheticShapesDataModule(BaseImageDataModule):
         cue: CueConfig | None = None,
         data_path: DataPath = "classic",
         drop_last: bool = False,
+        predict_split: SplitName = "test",
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -58,6 +60,7 @@ class SyntheticShapesDataModule(BaseImageDataModule):
             loader_seed=seed,
             data_path=data_path,
             drop_last=drop_last,
+            predict_split=predict_split,
         )
         for name, n in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
             if n < 1:

@@ -87,7 +87,7 @@ def test_a_trusted_package_loads_and_audits(tiny_run: Path, tmp_path: Path, monk
     config = _foreign_config(tiny_run, tmp_path, "userpkg_trusted")
     out = tmp_path / "out"
     audit.main(["--ckpt", str(tiny_run), "--train_config", str(config), "--out", str(out),
-                "--trust-module", "other_pkg", "--trust_module", "userpkg_trusted", *FAST])
+                "--trust_module", "other_pkg", "--trust_module", "userpkg_trusted", *FAST])
     assert marker.exists()
     m = json.loads((out / "metrics.json").read_text())
     assert m["data"]["config"]["class_path"] == "userpkg_trusted.UserShapes"

@@ -127,7 +127,7 @@ def test_help_documents_every_cue_field(capsys) -> None:
         ("classes", "class indices whose items may carry the cue"),
         ("size", "side of the square patch in pixels. (type: int, default: 4)"),
         ("color", "RGB colour of the patch"),
-        ("position", "(type: str, default: top_left)"),
+        ("position", "{top_left,top_right,bottom_left,bottom_right,center,random}"),
         ("p_train", "probability that a train item of a cue class carries the patch"),
         ("p_eval", "the same for validation and test items. (type: float, default: 0.95)"),
         ("seed", "seed of the per-item draws"),

@@ -53,12 +53,14 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tenso
     return _weights(Path(cli.trainer.log_dir))
 
 
+# Each case kills a child process that pays ~10 s of imports: the README's test command
+# keeps the two that cover both resume points on the default path; CI runs the rest (slow).
 @pytest.mark.parametrize(("data", "signal"), [
     ("classic", "SIGKILL"),  # resumes from epoch 0's last.ckpt
     ("classic", "SIGTERM"),  # resumes from interrupted.ckpt, mid-epoch 1
-    ("fast", "SIGKILL"),
-    ("fast", "SIGTERM"),
-    ("classic_workers", "SIGTERM"),
+    pytest.param("fast", "SIGKILL", marks=pytest.mark.slow),
+    pytest.param("fast", "SIGTERM", marks=pytest.mark.slow),
+    pytest.param("classic_workers", "SIGTERM", marks=pytest.mark.slow),
 ])
 def test_resumed_run_ends_with_the_uninterrupted_weights(
     tmp_path: Path, reference: dict[str, torch.Tensor], data: str, signal: str

@@ -404,6 +404,7 @@ def _figure_stores(monkeypatch) -> list:
     return stores
 
 
+@pytest.mark.slow  # four audits (75 s): the fast suite stays under 10 minutes
 def test_a_rerun_reuses_cached_results_and_a_changed_checkpoint_does_not(
     trained: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
@@ -518,6 +519,7 @@ def test_sanity_final_step_only_equals_the_full_cascade_last_step(method, tiny_e
     assert torch.equal(last["maps"][method][[0, -1]], full["maps"][method][[0, -1]])
 
 
+@pytest.mark.slow  # two audits, one with every sanity step (66 s)
 def test_sanity_final_only_in_the_report_and_exact_runs_every_step(trained: Path,
                                                                    tmp_path: Path,
                                                                    monkeypatch) -> None:

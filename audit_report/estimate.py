@@ -18,7 +18,6 @@ from explain.measures.inference import predict_proba
 from explain.measures.sanity import cascade_steps
 
 from .settings import (
-    PER_CLASS_COST_FAMILIES,
     SANITY_FINAL_ONLY,
     AuditSettings,
     curve_schedule,
@@ -67,7 +66,7 @@ def estimate_seconds(settings: AuditSettings, model: torch.nn.Module, images: to
         total += 3 * settings.counterfactual_images * num_classes * forward
     few = images[:CALIBRATION_IMAGES]
     if "discovery" not in reused:
-        saliency = _timed(lambda: explain.run(model, images, "saliency", targets=torch.zeros(
+        saliency = _timed(lambda: explain.run(model, images, explain.DISCOVERY_METHOD, targets=torch.zeros(
             len(images), dtype=torch.long))) / len(images)  # discovery's batches are alike
         sampled = min(settings.discovery_images * num_classes, split_size)
         # The shortcut search's model calls per class: screens on 24 images, full tests on
@@ -77,14 +76,14 @@ def estimate_seconds(settings: AuditSettings, model: torch.nn.Module, images: to
     steps = len(cascade_steps(model))
     # The classes the audit explains (every one, or true and predicted beyond the limit).
     zeros = torch.zeros(len(few), dtype=torch.long)
-    shared = explain.auto_targets(zeros, zeros, num_classes)
+    shared = explain.CLASS_SELECTION.targets(zeros, zeros, num_classes)
     for method in fresh:
         torch.manual_seed(settings.seed)
         # Per-class-cost methods are asked for one class an image, by the sample and the
         # cascade alike (plus the predicted class of the errors, not counted).
-        family = explain.get(method).family
-        k = len(few) if family == "cam" else FEW_CALIBRATION_IMAGES
-        targets = zeros if family in PER_CLASS_COST_FAMILIES else shared
+        cost = explain.get(method).cost
+        k = len(few) if cost.light else FEW_CALIBRATION_IMAGES
+        targets = zeros if cost.backward_per_class else shared
         targets = None if targets is None else targets[:k]
         per_image = _timed(lambda m=method, x=few[:k], t=targets: explain.run(
             model, x, m, targets=t, **method_options(m, settings))) / k

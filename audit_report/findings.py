@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import explain
+
 # A method fails the sanity check when, with the whole network re-initialised, its maps
 # still keep this mean rank correlation with the trained model's (Adebayo et al. 2018).
 SANITY_FLAG_THRESHOLD = 0.5
@@ -30,7 +32,7 @@ BORDER_MIN_IMAGES = 3
 BORDER_FRACTION = 0.1
 # The method whose maps stand for the model where one method must be chosen (the
 # images x classes grid, the bias figure, the border-energy finding, the filmstrip).
-PREFERRED_LEAD_METHOD = "gradcam"
+PREFERRED_LEAD_METHOD = explain.DEFAULT_METHOD
 
 
 def lead_method(methods: list[str] | dict[str, Any]) -> str | None:

@@ -37,7 +37,6 @@ from .sections.bias import counterfactual_key
 from .sections.removal import ShortcutRemovalSection, removal_spec
 from .sections.shortcuts import discovery_key
 from .settings import (
-    PER_CLASS_COST_FAMILIES,
     AuditSettings,
     curve_schedule,
     method_options,
@@ -62,7 +61,7 @@ def class_maps(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     targets shares the class-free work between the true and the predicted class.
     """
     rows = torch.arange(len(labels))
-    if explain.get(method).family in PER_CLASS_COST_FAMILIES:
+    if explain.get(method).cost.backward_per_class:
         true = explain.run(net, images, method, targets=labels, **options).cpu()
         pred = true.clone()
         wrong = (preds != labels).nonzero().flatten()
@@ -81,7 +80,7 @@ def class_maps(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 def maps_parts(audit: AuditRun, model: ModelAudit, method: str) -> dict[str, Any]:
     """The cache key's parts of one method's maps of the sample."""
     # The key says when the maps are true+predicted only; for few classes it is what it was.
-    many = len(audit.sample.class_names) > explain.ALL_CLASSES_MAX
+    many = not explain.CLASS_SELECTION.every_class(len(audit.sample.class_names))
     return audit.cache_parts(model, method, **({"classes": "true+predicted"} if many else {}))
 
 
@@ -109,7 +108,7 @@ def explain_methods(audit: AuditRun, model: ModelAudit) -> None:
     not sink the whole report: its error is recorded and shown.
     """
     sample, settings = audit.sample, audit.settings
-    every_class = len(sample.class_names) <= explain.ALL_CLASSES_MAX
+    every_class = explain.CLASS_SELECTION.every_class(len(sample.class_names))
     for method in settings.methods:
         info = explain.get(method)
         entry = MethodMaps(method, info.family, info.class_specific)

@@ -56,11 +56,6 @@ def make_sample(run: LoadedRun, split: str, n: int, seed: int) -> Sample:
 def explained_classes(num_classes: int) -> str:
     """Which classes the audit's maps cover, in words (report and ``metrics.json``).
 
-    Every class up to ``explain.ALL_CLASSES_MAX``; beyond, each image's true and predicted
-    class only (:func:`explain.auto_targets`).
+    The rule is :data:`explain.CLASS_SELECTION`'s.
     """
-    limit = explain.ALL_CLASSES_MAX
-    if num_classes <= limit:
-        return f"every class ({num_classes} classes, at most {limit})"
-    return (f"the true and the predicted class of each image only ({num_classes} classes, "
-            f"more than {limit})")
+    return explain.CLASS_SELECTION.describe(num_classes)

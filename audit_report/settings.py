@@ -55,10 +55,6 @@ FAST_FAITHFULNESS_IMAGES = 32
 # (the curves' ends are shared by all methods; BENCHMARKS.md "An audit in a minute").
 FAST_CURVE = (10, "quadratic")
 EXACT_CURVE = (16, "uniform")
-# Families whose cost grows with the number of classes explained: one backward through the
-# whole network per class. The audit asks them only for the classes its sections read (the
-# true and the predicted one), which gives the same maps as slicing an all-class run.
-PER_CLASS_COST_FAMILIES = ("gradient",)
 
 
 @dataclass
@@ -151,7 +147,7 @@ def method_options(method: str, settings: AuditSettings) -> dict[str, Any]:
     """
     info = explain.get(method)
     options: dict[str, Any] = {}
-    if info.family == "perturbation":
+    if info.cost.batched_forwards:
         params = inspect.signature(info.fn).parameters
         options = {k: settings.batch_size for k in EXPENSIVE_OPTIONS if k in params}
     if not settings.exact:

@@ -8,6 +8,7 @@ from typing import Any, Literal, get_args
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 
@@ -134,7 +135,7 @@ class ExplanationMonitor(Callback):
         shortcut_tests: list[ShortcutTest] | None = None,
     ) -> None:
         super().__init__()
-        self.methods = list(methods) if methods is not None else ["gradcam"]
+        self.methods = list(methods) if methods is not None else [explain.DEFAULT_METHOD]
         for m in self.methods:
             explain.get(m)  # unknown names fail here, listing the valid ones
         if num_images < 1:
@@ -157,7 +158,8 @@ class ExplanationMonitor(Callback):
             raise ValueError(f"shortcut_method {shortcut_method!r} is not among the monitored "
                              f"methods {self.methods}")
         self.shortcut_method = shortcut_method or (
-            "saliency" if "saliency" in self.methods else self.methods[0])
+            explain.DISCOVERY_METHOD if explain.DISCOVERY_METHOD in self.methods
+            else self.methods[0])
         self.tracker = tracking.ShortcutTracker(
             shortcut_tests if shortcut_tests is not None else ["box"], seed=seed)
         self.every_n_epochs = every_n_epochs
@@ -217,6 +219,12 @@ class ExplanationMonitor(Callback):
         removal = getattr(pl_module, "removal_config", None)
         for s in getattr(removal, "shortcuts", ()):
             self.tracker.follow(s.class_index, s.box)
+        if getattr(removal, "shortcuts", ()) and self.discovery_per_class == 0:
+            # The epoch's shortcut tests run with discovery only: with it off nothing
+            # shows the shortcut leaving, and the user should hear it before the run.
+            rank_zero_warn("the monitor will not test the shortcut removal's boxes after "
+                           "each epoch: discovery_per_class is 0 (set it to 8, the "
+                           "default, to see their margins fall in TensorBoard)")
         if trainer.world_size > 1:
             # Every rank logs rank zero's broadcast numbers unsynced (see rank_zero.share):
             # Lightning's advice to sync_dist them would only average identical values, one

@@ -26,8 +26,9 @@ def explained(explain_classes: str, classes: str, num_classes: int) -> tuple[str
         return "all", "explain_classes=all" if classes != "all" else "classes=all"
     if explain_classes == "shown":
         return classes, "explain_classes=shown: the classes the grid shows"
-    limit = explain.ALL_CLASSES_MAX
-    if num_classes <= limit:
+    rule = explain.CLASS_SELECTION
+    limit = rule.max_all
+    if rule.every_class(num_classes):
         return "all", f"explain_classes=auto: {num_classes} classes <= {limit}, all"
     return "predicted", (
         f"explain_classes=auto: {num_classes} classes > {limit}, only the true and "
@@ -63,7 +64,7 @@ def class_maps(
             wanted = [labels] + ([preds] if mode == "predicted" else [])
             targets = torch.stack(wanted, 1)  # [N, T]: one call shares the forwards
             some = explain.run(model, images, method, targets=targets, **options).cpu()
-            if num_classes > explain.ALL_CLASSES_MAX:
+            if not explain.CLASS_SELECTION.every_class(num_classes):
                 return some, targets.cpu()
             n = len(images)
             maps = some.new_zeros(n, num_classes, *some.shape[-2:])

@@ -36,10 +36,24 @@ from .base import (
     resolve_layer,
     split_for,
 )
-from .registry import MethodInfo, available, get, register
+from .presets import DEFAULT_METHOD, DISCOVERY_METHOD
+from .registry import (
+    CLASS_SELECTION,
+    ClassCost,
+    ClassSelection,
+    MethodInfo,
+    available,
+    get,
+    register,
+)
 
 __all__ = [
     "ALL_CLASSES_MAX",
+    "DEFAULT_METHOD",
+    "DISCOVERY_METHOD",
+    "CLASS_SELECTION",
+    "ClassCost",
+    "ClassSelection",
     "ExplainContext",
     "ExplainError",
     "MapLayout",
@@ -97,10 +111,6 @@ def _num_classes(model: nn.Module, images: torch.Tensor) -> int:
 # Working memory a chunk of classes may take (see class_chunk_for): 1,000 ImageNet classes
 # of 224x224 images then go through in chunks that stay within a few GB with the output.
 CLASS_CHUNK_BYTES = 512 * 2**20
-# Families whose cost per class is a backward pass: chunking the classes bounds memory at
-# the price of nothing (the forward is memoised). Perturbation methods score every class
-# from each perturbed forward, and their per-class state is small: they are not chunked.
-CHUNKED_FAMILIES = ("cam", "gradient")
 
 
 def class_chunk_for(images: torch.Tensor, budget: int = CLASS_CHUNK_BYTES) -> int:
@@ -120,7 +130,7 @@ def class_chunk_for(images: torch.Tensor, budget: int = CLASS_CHUNK_BYTES) -> in
 def run(
     model: nn.Module,
     images: torch.Tensor,
-    method: str = "gradcam",
+    method: str = DEFAULT_METHOD,
     layer: str | nn.Module | None = None,
     targets: torch.Tensor | None = None,
     class_chunk: int | None = None,
@@ -179,7 +189,7 @@ def run(
             ctx = ExplainContext(model, x, layer_name, selectors, num_classes, split, layout)
             t = selectors.shape[0]
             chunk = t
-            if t > 1 and info.family in CHUNKED_FAMILIES:
+            if t > 1 and info.cost.chunked:
                 chunk = int(class_chunk) if class_chunk is not None else class_chunk_for(x)
             # [B, T, H, W] filled chunk by chunk: no second copy of the whole output.
             maps, finite = None, True

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .fold import fold_batchnorm
+from .registry import CLASS_SELECTION
 
 
 class ExplainError(ValueError):
@@ -507,23 +508,16 @@ class ExplainContext:
         )
 
 
-#: ``auto`` class selection (the monitor's ``explain_classes``, the audit's maps): every
-#: class up to this many, else only each image's true and predicted class. The maps of
-#: every class grow with the class count (64 images x 1,000 classes at 224 x 224 are 12 GB
-#: of float32) and so does the cost of per-class methods (saliency: one backward a class),
-#: while the grids and most scores read only the true and predicted classes.
-ALL_CLASSES_MAX = 32
+#: Kept for callers that read the number: the rule itself is
+#: :data:`explain.registry.CLASS_SELECTION`.
+ALL_CLASSES_MAX = CLASS_SELECTION.max_all
 
 
 def auto_targets(
     labels: torch.Tensor, preds: torch.Tensor, num_classes: int
 ) -> torch.Tensor | None:
-    """The ``targets`` of the ``auto`` rule: None (every class) for at most
-    :data:`ALL_CLASSES_MAX` classes, else ``[B, 2]``: each image's true and predicted class.
-    """
-    if num_classes <= ALL_CLASSES_MAX:
-        return None
-    return torch.stack([torch.as_tensor(labels).long(), torch.as_tensor(preds).long()], 1)
+    """The ``targets`` of the ``auto`` rule (:meth:`ClassSelection.targets`)."""
+    return CLASS_SELECTION.targets(labels, preds, num_classes)
 
 
 def make_selectors(

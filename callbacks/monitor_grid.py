@@ -11,6 +11,8 @@ from torch import Tensor
 
 from explain import records, render
 
+from . import grid_captions
+
 
 def grid(
     images01: Tensor,
@@ -55,10 +57,10 @@ def grid(
         map_classes = pick[:, None]
     tiles = render.upscale(tiles.clamp(0, 1), upscale)
     texts = captions(names, labels, preds, probs, map_classes,
-                     render.caption_marks(render.caption_size(tiles.shape[-1])))
-    colours = torch.tensor([render.CAPTION_RIGHT if right else render.CAPTION_WRONG
+                     grid_captions.caption_marks(grid_captions.caption_size(tiles.shape[-1])))
+    colours = torch.tensor([grid_captions.CAPTION_RIGHT if right else grid_captions.CAPTION_WRONG
                             for right in ok.tolist()]).repeat_interleave(len(tiles) // n, 0)
-    return render.grid(render.caption(tiles, texts, colours), ncol=ncol)
+    return render.grid(grid_captions.caption(tiles, texts, colours), ncol=ncol)
 
 
 def captions(

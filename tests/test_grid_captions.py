@@ -7,11 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from callbacks import ExplanationMonitor
-from explain import render
+from callbacks import ExplanationMonitor, grid_captions
 
 NAMES = ["cat", "dog", "automobile"]
-RIGHT = torch.tensor([render.CAPTION_RIGHT])
+RIGHT = torch.tensor([grid_captions.CAPTION_RIGHT])
 
 
 def _white(strip: torch.Tensor) -> torch.Tensor:
@@ -22,12 +21,12 @@ def _white(strip: torch.Tensor) -> torch.Tensor:
 def test_a_caption_draws_its_text_above_the_tile() -> None:
     torch.manual_seed(0)
     tile = torch.rand(1, 3, 128, 128) * 0.5  # never white
-    out = render.caption(tile, [["cat", "\u2713 0.82"]], RIGHT)
+    out = grid_captions.caption(tile, [["cat", "\u2713 0.82"]], RIGHT)
     strip_h = out.shape[-2] - 128
-    assert out.shape == (1, 3, 128 + strip_h, 128) and strip_h >= 2 * render.caption_size(128)
+    assert out.shape == (1, 3, 128 + strip_h, 128) and strip_h >= 2 * grid_captions.caption_size(128)
     assert torch.equal(out[..., strip_h:, :], tile)  # the tile itself is untouched
     strip = out[0, :, :strip_h]
-    blank = render.caption(tile, [["", ""]], RIGHT)[0, :, :strip_h]
+    blank = grid_captions.caption(tile, [["", ""]], RIGHT)[0, :, :strip_h]
     assert not _white(blank).any()  # no text: only the strip colour
     assert torch.allclose(blank, RIGHT[0][:, None, None].expand_as(blank), atol=1 / 255)
     text = _white(strip)
@@ -35,21 +34,21 @@ def test_a_caption_draws_its_text_above_the_tile() -> None:
     # Each line sits in its own band: the name in the upper half, the verdict below.
     rows = text.any(1).nonzero().flatten()
     assert rows.min() < strip_h / 2 < rows.max()
-    other = _white(render.caption(tile, [["dog", "\u2717 0.82"]], RIGHT)[0, :, :strip_h])
+    other = _white(grid_captions.caption(tile, [["dog", "\u2717 0.82"]], RIGHT)[0, :, :strip_h])
     assert (text != other).sum() > 50  # different words, different pixels
 
 
 def test_a_long_line_shrinks_then_loses_its_end_but_stays_in_the_tile() -> None:
     tile = torch.zeros(1, 3, 128, 128)
     long = "\u2717 0.61 automobile_and_more"
-    strip = render.caption(tile, [["cat", long]], RIGHT)[0, :, :-128]
+    strip = grid_captions.caption(tile, [["cat", long]], RIGHT)[0, :, :-128]
     text = _white(strip)
-    margin = max(2, render.caption_size(128) // 6)
+    margin = max(2, grid_captions.caption_size(128) // 6)
     assert not text[:, -margin + 1:].any()  # nothing runs into the next tile
     assert text[strip.shape[1] // 2:, 128 // 2:].any()  # the line does reach the far half
     # The visible start of the line is the same as for the short "0.61" alone: the number
     # (drawn first) survives, the name loses its end.
-    assert render._fit(_draw(), long, 32, 128 - 2 * margin)[1].startswith("\u2717 0.61 a")
+    assert grid_captions._fit(_draw(), long, 32, 128 - 2 * margin)[1].startswith("\u2717 0.61 a")
 
 
 def _draw():
@@ -76,7 +75,7 @@ def test_captions_name_class_probability_and_verdict_for_every_tile() -> None:
         ["dog", "x 0.61 automobile"], ["cat", "x 0.20"], ["dog", "x 0.19"],
         ["automobile", "x 0.61"]]
     # Marks the font can draw: check and cross with DejaVu (matplotlib's copy).
-    assert render.caption_marks() == ("\u2713", "\u2717")
+    assert grid_captions.caption_marks() == ("\u2713", "\u2717")
 
 
 @pytest.mark.parametrize("classes", [None, torch.tensor([[0, 0], [1, 2]])])
@@ -91,9 +90,9 @@ def test_the_all_classes_grid_captions_every_tile_with_its_images_verdict(classe
     trainer = SimpleNamespace(datamodule=SimpleNamespace(class_names=NAMES))
     grid = monitor._grid(trainer, images, maps, classes, labels, preds, probs)
     cols = maps.shape[1] + 1  # the image, then each map
-    strip = render.caption(torch.zeros(1, 3, 32, 32), [["a", "b"]]).shape[-2] - 32
+    strip = grid_captions.caption(torch.zeros(1, 3, 32, 32), [["a", "b"]]).shape[-2] - 32
     assert grid.shape == (3, 2 * (strip + 32 + 2) + 2, cols * 34 + 2)
-    for row, colour in ((0, render.CAPTION_RIGHT), (1, render.CAPTION_WRONG)):
+    for row, colour in ((0, grid_captions.CAPTION_RIGHT), (1, grid_captions.CAPTION_WRONG)):
         y = 2 + row * (strip + 34) + 1
         for c in range(cols):
             assert grid[:, y, 2 + c * 34 + 30].tolist() == pytest.approx(list(colour), abs=1e-2)

@@ -19,8 +19,8 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.util import tensor_util
 
 import explain
-from callbacks import ExplanationMonitor, shortcut_watch
-from explain import records, render
+from callbacks import ExplanationMonitor, grid_captions, shortcut_watch
+from explain import records
 from lit_modules.data.sampling import stratified_indices
 
 SCALARS = ["cue_energy/biased", "cue_energy/clean", "object_energy", "pointing_game",
@@ -28,7 +28,7 @@ SCALARS = ["cue_energy/biased", "cue_energy/clean", "object_energy", "pointing_g
 
 
 #: Height of the caption strip above each 128-px grid tile (two lines of text).
-CAPTION = render.caption(torch.zeros(1, 3, 128, 128), [["a", "b"]]).shape[-2] - 128
+CAPTION = grid_captions.caption(torch.zeros(1, 3, 128, 128), [["a", "b"]]).shape[-2] - 128
 
 
 def _decode(image_event) -> torch.Tensor:
@@ -93,7 +93,7 @@ def test_two_epochs_log_grids_scalars_and_maps(tmp_path) -> None:
             for i, ok in enumerate(right):
                 for t in (2 * i, 2 * i + 1):
                     y, x = 2 + (t // 8) * (130 + CAPTION), 2 + (t % 8) * 130
-                    want = render.CAPTION_RIGHT if ok else render.CAPTION_WRONG
+                    want = grid_captions.CAPTION_RIGHT if ok else grid_captions.CAPTION_WRONG
                     assert pixels[:, y + 1, x + 125].tolist() == pytest.approx(
                         list(want), abs=1 / 255), (i, t)
     files = sorted(glob.glob(os.path.join(log_dir, "explanations", "epoch_*.pt")))

@@ -399,3 +399,55 @@ def test_audit_compares_a_repeated_ckpt_instead_of_keeping_the_last() -> None:
     assert settings.ckpt == ["before.ckpt", "after.ckpt"]
     assert settings.train_config == ["a.yaml", "b.yaml"]
     assert parse_args(["--ckpt", "a.ckpt", "--ckpt+", "b.ckpt"]).ckpt == ["a.ckpt", "b.ckpt"]
+
+
+def test_a_monitor_without_discovery_images_says_it_will_not_follow_the_boxes(
+        tmp_path: Path) -> None:
+    """The epochs' box tests need the discovery images: without them the user is told at
+    the start of the run."""
+    config = tiny_config(tmp_path, epochs=1, backbone=register_tiny_backbone(),
+                         trainer_args={"limit_train_batches": 1, "limit_val_batches": 1},
+                         model={"shortcut_removal": {"shortcuts": [
+                             {"class_index": 0, "box": [0, 0, 8, 8]}]}},
+                         monitor={"discovery_per_class": 0})
+    with pytest.warns(UserWarning, match="will not test the shortcut removal's boxes"):
+        run_train(["fit", "--config", str(config)])
+
+
+def test_the_projection_removes_the_box_without_training_and_folds_into_the_head(
+        shortcut_ckpt: Path) -> None:
+    """P-ClArC: the cue's direction in the head's input, projected out and folded into the
+    last Linear, takes the planted box's transplant to the controls with no training."""
+    from lit_modules.shortcut_projection import (
+        fit_projection,
+        fold_projection,
+        head_inputs,
+        last_linear,
+    )
+
+    model = classifier()
+    model.load_state_dict(torch.load(shortcut_ckpt, weights_only=True)["state_dict"])
+    model.eval()
+    before = measured(model)
+    x, y = blobs(128, 2)  # "validation" images: not those the measure uses
+    projection = fit_projection(model, x, y, [ShortcutBox(0, BOX)], seed=0)
+    assert projection.directions.shape[1] == 1
+    test_x, _ = blobs(64, 3)
+    _, head = last_linear(model)
+    with torch.no_grad():
+        h = head_inputs(model, test_x)
+        v, z = projection.directions, projection.levels
+        projected = head(h - (h @ v - z) @ v.T)
+    fold_projection(model, projection)
+    with torch.no_grad():
+        folded = model(test_x)
+    assert torch.allclose(folded, projected, atol=1e-4)  # the fold is the projection
+    after = measured(model)
+    assert before.transplant.margin.mean >= 0.5
+    assert after.transplant.margin.mean <= 0.15, after
+    # It takes away what the box gave and nothing else: the other three classes keep
+    # their accuracy, while class 0, which the model knew only by the box (0% with it
+    # covered), is lost. Winning a class back takes training (the fine-tuning test above).
+    assert before.class_accuracy_covered <= 0.2
+    assert after.class_accuracy <= 0.2
+    assert after.accuracy >= before.accuracy - 1 / CLASSES - 0.02

@@ -297,6 +297,10 @@ class Remover:
         out = images.clone()
         y = labels.detach().long().cpu()
         b = y.numel()
+        # Covers come from classes without a shortcut of their own where the batch has
+        # any: two classes can share one cue (the quickstart's circle and square carry the
+        # same patch), and covering circle's box with square's corner would put it back.
+        carriers = torch.isin(y, torch.tensor([s.class_index for s in self.config.shortcuts]))
         for s in self.config.shortcuts:
             x0, y0, x1, y1 = s.box
             own = y == s.class_index
@@ -314,7 +318,9 @@ class Remover:
                     src = pool[torch.randint(pool.numel(), (dst.numel(),), generator=g)]
                     out[dst.to(out.device), :, y0:y1, x0:x1] = \
                         images[src.to(images.device), :, y0:y1, x0:x1]
-            others = torch.nonzero(~own).flatten()
+            others = torch.nonzero(~carriers).flatten()
+            if not others.numel():
+                others = torch.nonzero(~own).flatten()
             if cover.any() and others.numel():
                 dst = torch.nonzero(cover).flatten()
                 src = others[torch.randint(others.numel(), (dst.numel(),), generator=g)]

@@ -168,6 +168,18 @@ def test_augment_pastes_and_covers_at_the_rates_asked_and_repeats_per_step() -> 
     assert (x[y == 0, :, 0:4, 0:4] == 3.0).all()
 
 
+def test_two_classes_sharing_a_cue_are_never_covered_with_each_other() -> None:
+    """Classes 0 and 1 carry the same bright box (as the quickstart's circle and square):
+    a cover taken from the other shortcut class would put the cue back."""
+    x, y = blobs(400, 4)
+    x[y == 1, :, 0:4, 0:4] = 3.0
+    r = Remover(ShortcutRemoval([ShortcutBox(0, BOX), ShortcutBox(1, BOX)], p_paste=0.0,
+                                p_cover=1.0))
+    out = r.augment(x, y, step=3)
+    boxes = out[(y == 0) | (y == 1), :, 0:4, 0:4]
+    assert not (boxes == 3.0).flatten(1).all(1).any()  # every carrier's cue is gone
+
+
 def test_without_a_pixels_file_the_box_comes_from_the_class_in_the_batch() -> None:
     x, y = blobs(64, 2)
     r = Remover(ShortcutRemoval([ShortcutBox(0, BOX)], p_paste=1.0, p_cover=0.0))

@@ -10,7 +10,8 @@
 Layout: :mod:`.settings` (what is asked), :mod:`.sample` (the images), :mod:`.run` (the
 orchestration and the per-method map cache), :mod:`.sections` (one object per section:
 compute -> typed result -> render -> findings), :mod:`.findings` (the judgement rules and
-thresholds), :mod:`.figures` (matplotlib), :mod:`.page` (HTML and CSS), :mod:`.files`
+thresholds), :mod:`.figures` (matplotlib), :mod:`.page` (the page and its figures),
+:mod:`.html` and ``templates/`` (the HTML and CSS, Jinja2 with autoescaping), :mod:`.files`
 (metrics.json, the report folder swap). Uses :mod:`explain` and :mod:`explain.measures`;
 neither of those imports this package.
 """

@@ -23,7 +23,7 @@ from explain import render
 from explain.measures.agreement import pearson
 from explain.measures.statistics import t_quantile
 
-from .page import finite
+from .html import finite
 
 # What the colour of an overlay means, for each way the maps are scaled before drawing.
 PER_MAP = "share of the map's maximum\n(negative values at 0)"

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from markupsafe import Markup
+
+from ..html import macro
+
 if TYPE_CHECKING:
     from ..findings import Finding
     from ..page import Page
@@ -20,6 +24,12 @@ class Section:
     tensors for its figures and stay out of ``metrics.json``) for each model, renders it as
     HTML, and states its findings. Adding a section = writing one subclass and listing it in
     :data:`audit_report.sections.SECTIONS`.
+
+    The HTML comes from the section's template, ``templates/sections/<key>.html.j2``: its
+    macros (``intro``, ``body``...) are called through :meth:`html` with the typed result
+    and plain values, and escape every value they print. What :meth:`intro`, :meth:`render`
+    and :meth:`render_all` return is :class:`markupsafe.Markup`; the page escapes a plain
+    ``str`` as text.
 
     Attributes:
         id: HTML anchor; with ``-`` as ``_``, the section's key in ``metrics.json``.
@@ -57,14 +67,23 @@ class Section:
         """Headline findings from this section's result (none by default)."""
         return []
 
-    def intro(self, page: Page) -> str:
-        """HTML before the per-model bodies (what the section measures and how to read it)."""
-        return ""
+    @property
+    def template(self) -> str:
+        """The section's template, named after its key."""
+        return f"sections/{self.key}.html.j2"
 
-    def render(self, page: Page, model: ModelAudit, result: Any) -> str:
+    def html(self, part: str, **context: Any) -> Markup:
+        """The macro ``part`` of the section's template, called with ``context``."""
+        return macro(self.template, part)(**context)
+
+    def intro(self, page: Page) -> Markup:
+        """HTML before the per-model bodies (what the section measures and how to read it)."""
+        return Markup()
+
+    def render(self, page: Page, model: ModelAudit, result: Any) -> Markup:
         """HTML body for one model."""
         raise NotImplementedError
 
-    def render_all(self, page: Page) -> str:
+    def render_all(self, page: Page) -> Markup:
         """The whole section's HTML (intro, then each model's body)."""
         return self.intro(page) + page.per_model(self)

@@ -27,10 +27,12 @@ from ..findings import (
     lead_method,
     mean_of,
 )
-from ..page import Drawing, esc, fmt_prop, fmt_stat, measure_head, signed
+from ..page import Drawing
 from .base import Section
 
 if TYPE_CHECKING:
+    from markupsafe import Markup
+
     from ..page import Page
     from ..settings import AuditSettings
     from ..state import AuditRun, ModelAudit
@@ -134,35 +136,14 @@ class BiasSection(Section):
                 ))
         return out
 
-    def intro(self, page: Page) -> str:
-        return (
-            "<p>Does a class lean on something other than the object? Border energy shows "
-            "evidence in the image frame; cue energy shows evidence on a known spurious patch; "
-            "the counterfactual test measures what happens to predictions when the patch is "
-            "added or removed on the same images, against a control patch of the same size and "
-            "place.</p>"
-        )
+    def intro(self, page: Page) -> Markup:
+        return self.html("intro")
 
-    def render(self, page: Page, model: ModelAudit, result: BiasResult) -> str:
-        out = []
-        if result.flagged:
-            items = "".join(
-                f"<li><b>{esc(f['class'])}</b>: {esc('; '.join(f['evidence']))}</li>"
-                for f in result.flagged
-            )
-            out.append(f'<div class="findings"><b>Flagged classes</b><ul>{items}</ul></div>')
-        elif result.counterfactual is not None:
-            out.append('<p><span class="badge ok">no class flagged</span> by the '
-                       "counterfactual test.</p>")
-        if result.counterfactual is not None:
-            out.append(self._counterfactual_table(page, result))
-        else:
-            out.append(f'<p class="muted">Counterfactual test not run: '
-                       f"{esc(result.counterfactual_skipped or '')}.</p>")
-        out.append(self._energy_table(page, result))
+    def render(self, page: Page, model: ModelAudit, result: BiasResult) -> Markup:
         lead = lead_method(result.methods)
+        energy = None
         if lead is not None:
-            out.append(page.figures.add(
+            energy = page.figures.add(
                 f"bias{page.tag(model)}",
                 # Only the lead method's numbers: the figure is drawn again when they change.
                 Drawing(fig_bias, {lead: result.methods[lead]}, lead, page.names,
@@ -174,81 +155,6 @@ class BiasSection(Section):
                 "far above the line mean the class's evidence sits in that region. Sample "
                 "sizes are in the tables.",
                 "bias energy",
-            ))
-        return "".join(out)
-
-    @staticmethod
-    def _counterfactual_table(page: Page, result: BiasResult) -> str:
-        cf = result.counterfactual
-        flagged = {f["class"] for f in result.flagged}
-        rows = []
-        for name, row in cf["classes"].items():
-            rows.append(
-                f'<tr{" class=flag" if name in flagged else ""}><td>{esc(name)}'
-                f"{' (cue class)' if row['cue_class'] else ''}</td>"
-                f'<td class="num">{fmt_prop(row["accuracy_with_cue"])}</td>'
-                f'<td class="num">{fmt_prop(row["accuracy_without_cue"])}</td>'
-                f'<td class="num">{fmt_prop(row["accuracy_with_control"])}</td>'
-                f'<td class="num">{row["confidence_with_cue"]:.2f} / '
-                f'{row["confidence_without_cue"]:.2f}</td>'
-                f'<td class="num">{_margin(row["cue_reliance_margin"], row["cue_reliance_margin_ci95"])}'
-                f' <span class="n">n={row["n"]}</span></td>'
-                f'<td class="num">{_margin(row["cue_attraction_margin"], row["cue_attraction_margin_ci95"])}'
-                f' <span class="n">n={row["attraction_n"]}</span></td></tr>'
             )
-        return (
-            "<h3>Counterfactual: the same images with the cue, without it, and with a control "
-            "patch</h3>"
-            f"<p>{cf['n_images']} {esc(page.audit.settings.split)} images, stratified over "
-            "classes; every image is scored clean, with the cue stamped on it, and with a "
-            "control patch (same size and place, a checkerboard of the cue colour's complement "
-            "and black, which the data never carried). A fragile model moves its predictions "
-            "for any patch, so the evidence is the cue's effect beyond the control's: a class is "
-            f"flagged when its accuracy with the cue exceeds its accuracy with the control by at "
-            f"least {cf['threshold']:.0%} points (reliance), or when the cue makes at least "
-            f"{cf['threshold']:.0%} more of other classes' images predicted as this class than "
-            "the control does (attraction), and the 95% interval (Student's t, paired by "
-            "image) of that margin excludes zero.</p>"
-            "<table><tr><th>class</th><th class=\"num\">accuracy with cue \u2191</th>"
-            "<th class=\"num\">accuracy without cue \u2191</th>"
-            "<th class=\"num\">accuracy with control \u2191</th>"
-            "<th class=\"num\">true-class confidence with / without</th>"
-            + measure_head("cue_reliance", "reliance beyond control")
-            + measure_head("cue_attraction", "attraction beyond control") + "</tr>"
-            + "".join(rows) + "</table>"
-        )
-
-    @staticmethod
-    def _energy_table(page: Page, result: BiasResult) -> str:
-        has_cue = any("cue_energy" in m for m in result.methods.values())
-        head = (f"<tr><th>method</th><th>class</th>{measure_head('border_energy')}"
-                + (measure_head("cue_energy") + '<th class="num">same region, no cue</th>'
-                   if has_cue else "") + "</tr>")
-        rows = []
-        for method, stats in result.methods.items():
-            for name in page.names:
-                cells = f'<td class="num">{fmt_stat(stats["border_energy"].get(name))}</td>'
-                if has_cue:
-                    cells += (
-                        f'<td class="num">{fmt_stat(stats.get("cue_energy", {}).get(name))}</td>'
-                        '<td class="num">'
-                        f'{fmt_stat(stats.get("cue_region_energy_without_cue", {}).get(name))}'
-                        "</td>")
-                rows.append(f"<tr><td>{esc(method)}</td><td>{esc(name)}</td>{cells}</tr>")
-        area = (f"The border ({result.border_width} px) is {result.border_area:.0%} of the "
-                "image")
-        if result.cue_area is not None:
-            area += f"; the cue patch is {result.cue_area:.1%}"
-        return (f"<h3>Where the evidence sits, per method and class</h3><p>{area} (the "
-                "baselines for a map spread evenly).</p>"
-                f"<details><summary>Table for every method ({len(rows)} rows)</summary>"
-                f"<table>{head}{''.join(rows)}</table></details>")
-
-
-def _margin(value: float, ci: list[float]) -> str:
-    """A margin with its interval, e.g. ``+0.45 [0.30, 0.60]``."""
-    lo, hi = ci
-    text = signed(value)
-    if all(isinstance(v, float) and v == v for v in (lo, hi)):
-        text += f' <span class="ci">[{lo:+.2f}, {hi:+.2f}]</span>'
-    return text
+        return self.html("body", result=result, classes=page.names,
+                         split=page.audit.settings.split, energy=energy)

@@ -12,10 +12,12 @@ from explain.records import explanations_dir, load_monitor_records, record_class
 
 from ..figures import fig_evolution_curves, fig_evolution_maps
 from ..findings import lead_method
-from ..page import Drawing, not_run
+from ..page import Drawing
 from .base import VISUAL, Section
 
 if TYPE_CHECKING:
+    from markupsafe import Markup
+
     from ..page import Page
     from ..state import AuditRun, ModelAudit
 
@@ -99,16 +101,13 @@ class EvolutionSection(Section):
         numbers, filmstrip = evolution_data(*found)
         return EvolutionResult(None, **numbers, filmstrip=filmstrip)
 
-    def intro(self, page: Page) -> str:
-        return ("<p>From the maps the training monitor saved every epoch (the same fixed "
-                "validation images throughout).</p>")
+    def intro(self, page: Page) -> Markup:
+        return self.html("intro")
 
-    def render(self, page: Page, model: ModelAudit, result: EvolutionResult) -> str:
-        if result.skipped:
-            return not_run(result.skipped, "Not available")
-        out = []
-        if result.filmstrip is not None:
-            out.append(page.figures.add(
+    def render(self, page: Page, model: ModelAudit, result: EvolutionResult) -> Markup:
+        filmstrip = curves = None
+        if not result.skipped and result.filmstrip is not None:
+            filmstrip = page.figures.add(
                 f"evolution_maps{page.tag(model)}",
                 Drawing(fig_evolution_maps, result.filmstrip),
                 f"Filmstrip: the monitor's {result.filmstrip_method} map (true class) of each "
@@ -118,9 +117,9 @@ class EvolutionSection(Section):
                 f"(e.g. a corner) across images. n={result.n_images} images, "
                 f"{len(result.epochs)} epochs.",
                 "evolution filmstrip",
-            ))
-        if result.scalars:
-            out.append(page.figures.add(
+            )
+        if not result.skipped and result.scalars:
+            curves = page.figures.add(
                 f"evolution_curves{page.tag(model)}",
                 Drawing(fig_evolution_curves,
                         {"scalars": result.scalars, "epochs": result.epochs}),
@@ -130,5 +129,5 @@ class EvolutionSection(Section):
                 "(1 \u2212 cosine with the previous epoch) and concentration. "
                 f"n={result.n_images} fixed validation images.",
                 "evolution curves",
-            ))
-        return "".join(out)
+            )
+        return self.html("body", result=result, filmstrip=filmstrip, curves=curves)

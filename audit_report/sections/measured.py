@@ -33,11 +33,12 @@ from ..figures import (
     fig_sanity_maps,
 )
 from ..findings import CAM_AGREEMENT_MIN, SANITY_FLAG_THRESHOLD, Finding, mean_of
-from ..page import Drawing, esc, fmt_stat, measure_head, method_table, not_run
+from ..page import Drawing
 from ..settings import SANITY_FINAL_ONLY, curve_schedule, faithfulness_images, method_options
 from .base import VISUAL, Section
 
 if TYPE_CHECKING:
+    from markupsafe import Markup
     from torch import Tensor
 
     from ..page import Page
@@ -96,29 +97,16 @@ class CamVsGradcamSection(Section):
             "Linear head they should be equal up to scale, so check the explained layer."
         )]
 
-    def intro(self, page: Page) -> str:
-        return (
-            "<p>Both backbones end in global average pooling and one linear layer, the "
-            "architecture CAM needs. For such heads Grad-CAM's channel weights are the class "
-            "weights divided by the map's area, so the two should agree exactly (correlation 1, "
-            "IoU 1); a lower agreement points to a wrong layer or a bug.</p>"
-        )
+    def intro(self, page: Page) -> Markup:
+        return self.html("intro")
 
-    def render(self, page: Page, model: ModelAudit, result: AgreementResult) -> str:
-        if result.skipped:
-            return not_run(result.skipped)
-        out = [
-            "<table><tr>" + measure_head("cam_gradcam_correlation", "Pearson correlation")
-            + measure_head("cam_gradcam_iou",
-                           f"IoU of regions \u2265 {result.threshold:.0%} of max")
-            + f"</tr><tr><td class=\"num\">{fmt_stat(result.correlation, digits=4)}</td>"
-            f"<td class=\"num\">{fmt_stat(result.iou)}</td></tr></table>"
-        ]
-        if result.cam is not None:
+    def render(self, page: Page, model: ModelAudit, result: AgreementResult) -> Markup:
+        pair = None
+        if not result.skipped and result.cam is not None:
             n = page.sample.show
             fig = Drawing(fig_cam_pair, page.sample.images01[:n], result.cam[:n],
                           result.gradcam[:n], page.column_labels(n))
-            out.append(page.figures.add(
+            pair = page.figures.add(
                 f"cam_vs_gradcam{page.tag(model)}", fig,
                 "Top row: the image; middle: CAM (class weights of the linear head applied "
                 "to the last conv map); bottom: Grad-CAM, both for the true class and "
@@ -126,8 +114,8 @@ class CamVsGradcamSection(Section):
                 "per-image correlation. On a global-average-pooling + Linear head the two "
                 f"are equal up to a constant factor. n={n} images.",
                 "CAM vs Grad-CAM",
-            ))
-        return "".join(out)
+            )
+        return self.html("body", result=result, pair=pair)
 
 
 LOCALISATION_MEASURES = ["box_iou", "localisation_accuracy", "pointing_game",
@@ -174,23 +162,11 @@ class LocalisationSection(Section):
         return [Finding(f"Best localisation: {best}, box IoU \u2265 0.5 on "
                         f"{mean_of(stat):.0%} of images (n={stat['n']}).")]
 
-    def intro(self, page: Page) -> str:
-        return (
-            "<p>Weakly-supervised localisation (Zhou et al. 2016) asks whether a map, made for "
-            "classification, also finds the object. Box IoU is scored against the bounding box "
-            "of the object mask; localisation accuracy counts IoU \u2265 0.5 (ground-truth "
-            "class known); the pointing game (Zhang et al. 2016) checks whether the map's peak "
-            "is on the object; the energy-based pointing game (Wang et al. 2020) takes the "
-            "share of positive map mass on the object. All four: higher is better.</p>"
-        )
+    def intro(self, page: Page) -> Markup:
+        return self.html("intro")
 
-    def render(self, page: Page, model: ModelAudit, result: LocalisationResult) -> str:
-        out = []
-        if result.ground_truth:
-            out.append(method_table(LOCALISATION_MEASURES, result.methods))
-        else:
-            out.append('<p class="note">This data has no object masks, so boxes are drawn '
-                       "but not scored.</p>")
+    def render(self, page: Page, model: ModelAudit, result: LocalisationResult) -> Markup:
+        boxes = None
         if result.boxes:
             n = page.sample.show
             fig = Drawing(
@@ -201,7 +177,7 @@ class LocalisationSection(Section):
                 None if result.gt_boxes is None else result.gt_boxes[:n],
                 page.column_labels(n),
             )
-            out.append(page.figures.add(
+            boxes = page.figures.add(
                 f"localisation{page.tag(model)}", fig,
                 f"Localisation boxes: each map (true class) is thresholded at "
                 f"{result.threshold:.0%} of its maximum and the box around the largest "
@@ -209,8 +185,8 @@ class LocalisationSection(Section):
                 "dashed green where known. A good box hugs the green one. "
                 f"n={n} images shown of {result.n_images}.",
                 "localisation boxes",
-            ))
-        return "".join(out)
+            )
+        return self.html("body", result=result, measures=LOCALISATION_MEASURES, boxes=boxes)
 
 
 FAITHFULNESS_MEASURES = ["deletion_auc", "insertion_auc", "average_drop",
@@ -280,31 +256,17 @@ class FaithfulnessSection(Section):
         return [Finding(f"Most faithful by insertion AUC (higher is better): {best}, "
                         f"{mean_of(stat):.2f} (n={stat['n']}).")]
 
-    def intro(self, page: Page) -> str:
+    def intro(self, page: Page) -> Markup:
         steps, schedule = curve_schedule(page.audit.settings)
         pace = (f"{steps} steps of {1 / steps:.1%} of the pixels" if schedule == "uniform"
                 else f"{steps} steps, small first (the share changed grows as the square of "
                 "the step: the curves move most at the start)")
-        return (
-            "<p>Does the map point at what the model actually uses? Deletion and insertion "
-            f"(Petsiuk et al. 2018) change the image in {pace}, "
-            "most important first; deleted pixels take "
-            "the dataset's mean colour, insertion starts from a Gaussian-blurred image. Average "
-            "Drop and Increase in Confidence (Chattopadhay et al. 2018) keep only the explained "
-            "evidence (the image multiplied by the max-scaled map). All four explain the "
-            "predicted class and use its softmax probability. Directions: deletion AUC "
-            "\u2193, insertion AUC \u2191, Average Drop \u2193, Increase in Confidence \u2191."
-            "</p>"
-        )
+        return self.html("intro", pace=pace)
 
-    def render(self, page: Page, model: ModelAudit, result: FaithfulnessResult) -> str:
-        out = [method_table(FAITHFULNESS_MEASURES, result.methods)]
-        if result.n_images < len(page.sample.labels):
-            out.append(f'<p class="note">Measured on the first {result.n_images} images of '
-                       f"the sample (every class alike); <code>--exact true</code> uses all "
-                       f"{len(page.sample.labels)}.</p>")
+    def render(self, page: Page, model: ModelAudit, result: FaithfulnessResult) -> Markup:
+        curves = None
         if result.curves:
-            out.append(page.figures.add(
+            curves = page.figures.add(
                 f"faithfulness{page.tag(model)}", Drawing(fig_faithfulness, result.curves),
                 "Mean probability of the predicted class while the pixels a method ranks "
                 "highest are deleted (left: a steep fall is faithful, lower area is better) "
@@ -312,8 +274,9 @@ class FaithfulnessSection(Section):
                 f"area is better). x: fraction of pixels changed. n={result.n_images} images "
                 "per curve.",
                 "deletion and insertion curves",
-            ))
-        return "".join(out)
+            )
+        return self.html("body", result=result, measures=FAITHFULNESS_MEASURES,
+                         sample_size=len(page.sample.labels), curves=curves)
 
 
 @dataclass
@@ -443,47 +406,13 @@ class SanitySection(Section):
             severity="medium", numbers={"methods": bad, "threshold": result.flag_threshold},
         )]
 
-    def intro(self, page: Page) -> str:
-        return (
-            "<p>Model-parameter randomisation (Adebayo et al. 2018): the layers are re-"
-            "initialised cascading from the classifier down to the first convolution, and each "
-            "method's maps are compared with those of the trained model by the Spearman rank "
-            "correlation of their absolute values. A method whose maps barely change when the "
-            "weights are destroyed does not reflect what the model learned. A randomised map "
-            "that turns flat counts as correlation 0.</p>"
-        )
+    def intro(self, page: Page) -> Markup:
+        return self.html("intro")
 
-    def render(self, page: Page, model: ModelAudit, result: SanityResult) -> str:
-        head = ("<tr><th>method</th>"
-                + "".join(f'<th class="num">{esc(s)}</th>' for s in result.steps)
-                + "<th>verdict</th></tr>")
-        rows = []
-        for name, stat in result.methods.items():
-            verdict = ('<span class="badge bad">does not reflect the model</span>'
-                       if stat["flagged"] else '<span class="badge ok">passes</span>')
-            if stat.get("uncertain"):
-                verdict += (' <span class="n">(borderline: the interval spans '
-                            f'{result.flag_threshold})</span>')
-            cells = "".join(f'<td class="num">{fmt_stat(x, digits=2)}</td>'
-                            for x in stat["spearman"])
-            rows.append(f'<tr{" class=flag" if stat["flagged"] else ""}><td>{esc(name)}</td>'
-                        f"{cells}<td>{verdict}</td></tr>")
-        out = [
-            "<p>Columns: the cascade, left to right; each column re-initialises one more "
-            "block. Cells: Spearman rank correlation with the trained model's maps "
-            f"<span class=\"dir\">\u2193</span> (n={result.n_images} images, true class).</p>"
-            f"<table>{head}{''.join(rows)}</table>"
-        ]
-        if result.final_only:
-            out.append(
-                '<p class="note">' + esc(", ".join(result.final_only)) + " ran on the trained "
-                "and the fully randomised model only (n/a in between): the verdict reads "
-                "that last step alone, and its value is the full cascade's (the same "
-                "re-initialisation, seeds and images). <code>--exact true</code> runs every "
-                "step.</p>"
-            )
+    def render(self, page: Page, model: ModelAudit, result: SanityResult) -> Markup:
+        curves = maps = None
         if result.spearman:
-            out.append(page.figures.add(
+            curves = page.figures.add(
                 f"sanity_curves{page.tag(model)}",
                 Drawing(fig_sanity_curves, result.steps, result.spearman, result.flag_threshold),
                 "Mean Spearman rank correlation (with 95% interval) between the maps of the "
@@ -492,8 +421,8 @@ class SanitySection(Section):
                 "method that reflects the model drops towards 0; a curve that stays high "
                 f"(dashed line: {result.flag_threshold}) is flagged. n={result.n_images} images.",
                 "sanity curves",
-            ))
-            out.append(page.figures.add(
+            )
+            maps = page.figures.add(
                 f"sanity_maps{page.tag(model)}",
                 Drawing(fig_sanity_maps, page.sample.images01[0], result.maps,
                                 ["trained", *result.steps]),
@@ -503,5 +432,5 @@ class SanitySection(Section):
                 "nothing; a map that keeps the object's outline after the whole network "
                 "is random shows the input, not the model. n=1 image.",
                 "sanity maps",
-            ))
-        return "".join(out)
+            )
+        return self.html("body", result=result, curves=curves, maps=maps)

@@ -7,11 +7,11 @@ that run's shortcuts, side by side (``audit.py --ckpt before --ckpt after``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from markupsafe import Markup
 
 import explain
 from explain.measures import discovery, reliance
@@ -19,7 +19,6 @@ from lit_modules.data.sampling import dataset_labels, sample_batch, stratified_i
 from lit_modules.shortcut_removal import ShortcutRemoval
 
 from ..findings import Finding
-from ..page import esc
 from .base import Section
 from .shortcuts import DISCOVERY_CHUNK, DISCOVERY_METHOD
 
@@ -132,56 +131,18 @@ class ShortcutRemovalSection(Section):
                                             "after_removal": c.verdict}))
         return out
 
-    def render_all(self, page: Page) -> str:
+    def render_all(self, page: Page) -> Markup:
         models = page.audit.models
         results: list[RemovalResult] = [m.results[self.id] for m in models]
-        first = results[0]
-        out = [
-            "<p>One of the checkpoints was fine-tuned to remove shortcut(s) "
-            f"(counter-measure <b>{esc(first.method)}</b>). Each model is measured on each "
-            f"shortcut, on the same {first.n_images} images: the transplant (the box cut from "
-            "the class's images and pasted onto other classes' images, against its controls), "
-            "the class's accuracy on its own images with the box covered by another class's "
-            "content (the images the shortcut was hiding), accuracy on all of them, and the "
-            "saliency mass left in the box over its area share (1 = no more than anywhere "
-            "else). <i>Gone</i>: the margin over the controls is under 10 points with its 95% "
-            "interval reaching 0; <i>still there</i>: confirmed as by the shortcut search; "
-            "<i>weakened</i>: in between.</p>"]
-        head = "<tr><th>measure</th>" + "".join(
-            f"<th>{esc(m.label)}: {esc(m.name)}{' (fixed)' if r.fixed else ''}</th>"
-            for m, r in zip(models, results, strict=True)) + "</tr>"
-        for k, check in enumerate(first.checks):
+        shortcuts = []
+        for k, check in enumerate(results[0].checks):
             row = [r.checks[k] for r in results]
-            lines = [
-                ("pasted: turned into the class", [
-                    f"{c.flip_rate:.0%} vs controls " + " / ".join(
-                        f"{v:.0%}" for v in c.controls.values())
-                    + f" (margin {c.margin['mean']:+.2f}, 95% [{c.margin['low']:+.2f}, "
-                    f"{c.margin['high']:+.2f}], n={c.targets})" for c in row]),
-                ("its own images, as they are", [f"{c.class_accuracy:.0%}" for c in row]),
-                ("its own images, box covered", [f"{c.class_accuracy_covered:.0%}"
-                                                 for c in row]),
-                ("accuracy, every image", [f"{c.accuracy:.1%}" for c in row]),
-                ("saliency in the box / area share", [_ratio(c.relevance_ratio) for c in row]),
-                ("search confirms it again", ["yes" if c.rediscovered else "no" for c in row]),
-                ("verdict", [f"<b>{esc(c.verdict)}</b>" for c in row]),
-            ]
-            body = "".join(f"<tr><td>{esc(name)}</td>" + "".join(
-                f"<td>{v}</td>" for v in values) + "</tr>" for name, values in lines)
-            x0, y0, x1, y1 = check.box
-            out.append(f"<h3>{esc(check.cls)}: box x {x0}-{x1}, y {y0}-{y1}</h3>"
-                       f'<table class="facts">{head}{body}</table>')
             fixed = [c for c, r in zip(row, results, strict=True) if r.fixed]
-            if fixed:
-                out.append(f"<p>{esc(_sentence(fixed[-1]))}</p>")
-        return "".join(out)
+            shortcuts.append((check, row, _sentence(fixed[-1]) if fixed else None))
+        return self.html("body", models=models, results=results, shortcuts=shortcuts)
 
-    def render(self, page: Page, model: ModelAudit, result: Any) -> str:
-        return ""  # render_all draws the models side by side
-
-
-def _ratio(value: float) -> str:
-    return "-" if not math.isfinite(value) else f"{value:.2f}"
+    def render(self, page: Page, model: ModelAudit, result: Any) -> Markup:
+        return Markup()  # render_all draws the models side by side
 
 
 def _sentence(c: ShortcutCheck) -> str:

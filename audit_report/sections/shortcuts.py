@@ -13,10 +13,12 @@ from lit_modules.data.sampling import dataset_labels, sample_batch, stratified_i
 
 from ..figures import fig_hotspots, fig_transplant
 from ..findings import Finding
-from ..page import Drawing, esc
+from ..html import macro
+from ..page import Drawing
 from .base import VISUAL, Section
 
 if TYPE_CHECKING:
+    from markupsafe import Markup
     from torch import Tensor
 
     from ..page import Page
@@ -270,118 +272,46 @@ class SuspectedShortcutsSection(Section):
                     "reliance on its natural colours (this test cannot tell them apart)."))
         return out
 
-    def intro(self, page: Page) -> str:
-        result = page.audit.models[0].results[self.id]
-        return (
-            "<p>A shortcut nobody declared (a watermark, a tag, a patch, a colour cast) is "
-            "found by experiment, not by looking. For each class the "
-            f"{esc(result.method)} maps of its own images (true class, {result.n_images} "
-            "images in all) point to where it looks: the class-mean map's best window "
-            "(its mass over its area share is the <i>lift</i>, a detector only). Every class "
-            "is then tested (up to 16 classes; beyond, the highest lifts): content cut from "
-            "its images is pasted onto other classes' images, and must turn more of them "
-            "into the class than every control does, by at least 10 points with a 95% "
-            "paired interval (Student's t) above zero. Tried in order: <b>a box</b> (windows "
-            "of 1/8 to 1/3 of the side at the hotspot; the one with the largest margin, the "
-            "smallest among near ties; controls: each source's most salient window elsewhere, "
-            "and the same place cut from another class's image), then <b>each image's own "
-            "hotspot</b> (a cue that moves). Apart from these, <b>the class's colour statistics</b> are moved onto "
-            "other images (control: a third class's statistics); a model that follows them "
-            "relies on colour, which may be a tint or the class's natural colour.</p>"
-        )
+    def intro(self, page: Page) -> Markup:
+        return self.html("intro", result=page.audit.models[0].results[self.id])
 
-    def render(self, page: Page, model: ModelAudit, result: ShortcutResult) -> str:
-        out = []
-        if not result.suspects:
-            out.append(
-                '<p><span class="badge ok">no suspect</span> No test of any of the '
-                f"{len(result.classes)} classes turned even 10% of other classes' images into "
-                "it: no shortcut by a fixed box or a moving hotspot.</p>")
+    def render(self, page: Page, model: ModelAudit, result: ShortcutResult) -> Markup:
+        suspects = []
         for s in result.suspects:
-            badge = ('<span class="badge bad">confirmed</span>' if s["confirmed"]
-                     else '<span class="badge ok">not confirmed</span>')
-            controls = "; ".join(
-                f"{v:.0%} with {esc(CONTROL_WORDS.get(k, k))} (margin "
-                f"{s['margins'][k]['mean']:+.2f}, 95% [{s['margins'][k]['low']:+.2f}, "
-                f"{s['margins'][k]['high']:+.2f}])" for k, v in s["controls"].items())
-            rows = [
-                ("test", esc(_what(s))),
-                ("lift / consistency of its hotspot",
-                 f"{s['lift']:.1f} / {s['consistency']:.0%}"),
-                (f"pasted: turned into {esc(s['class'])}",
-                 f"{s['flip_rate']:.0%}; {controls}; n={s['targets']}"),
-            ]
-            if "accuracy" in s:
-                rows.append(("cover: its own accuracy",
-                             f"{s['accuracy']:.0%} as is, {s['accuracy_hotspot_covered']:.0%} "
-                             "with the box covered, "
-                             f"{s['accuracy_random_covered']:.0%} with a random window covered"))
-            out.append(f"<h3>{esc(s['class'])} {badge}</h3><table class=\"facts\">" + "".join(
-                f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows) + "</table>")
             ex = result.examples.get(s["class"])
+            transplant = None
             if ex is not None and len(ex["before"]) and s.get("box"):
-                out.append(page.figures.add(
+                transplant = page.figures.add(
                     f"transplant_{s['index']}{page.tag(model)}",
                     Drawing(fig_transplant, ex["before"], ex["after"], s["box"], [
                         [f"\u2192 {page.names[int(p)]}" for p in ex[key]]
                         for key in ("pred_before", "pred_after")]),
                     f"Other classes' images before (top) and after (bottom) the "
                     f"{s['class']} box (yellow) is pasted onto them, with the model's "
-                    "prediction above each.", "transplant examples"))
-        relying = {n: c for n, c in result.colour.items() if c["relies"]}
-        if relying:
-            out.append(
-                "<p><b>Colour.</b> Giving other classes' images a class's average colour "
-                "statistics (per-channel mean and spread) turns them into that class, more "
-                "than a third class's colour does, for: " + ", ".join(
-                    f"{esc(n)} ({c['flip_rate']:.0%} vs "
-                    f"{c['controls']['other_class_colour']:.0%}, n={c['targets']})"
-                    for n, c in relying.items())
-                + ". A tint or filter on a class would look like this, and so does a model "
-                "that relies on a class's natural colours: read it as reliance on colour, "
-                "not as a confirmed shortcut.</p>")
+                    "prediction above each.", "transplant examples")
+            suspects.append((s, _what(s), transplant))
+        hotspots = None
         if result.mean_maps is not None:
             boxes = {name: c["box"] for name, c in result.classes.items()}
-            suspects = {s["class"] for s in result.suspects if s["confirmed"]}
-            out.append(page.figures.add(
+            confirmed = {s["class"] for s in result.suspects if s["confirmed"]}
+            hotspots = page.figures.add(
                 f"hotspots{page.tag(model)}",
-                Drawing(fig_hotspots, result.mean_maps, list(result.classes), boxes, suspects,
+                Drawing(fig_hotspots, result.mean_maps, list(result.classes), boxes, confirmed,
                         [c["lift"] for c in result.classes.values()]),
                 f"Class-mean {result.method} map of each class (true class, each map "
                 "normalised to sum 1 before averaging) with its hotspot window; red: a "
                 "confirmed shortcut. A shortcut at a fixed place shows as a sharp spot; objects "
-                "that move from image to image blur into a spread map.", "class-mean maps"))
+                "that move from image to image blur into a spread map.", "class-mean maps")
         plan = page.audit.results.get("removal_plan")
-        if plan is not None and plan.model == model.label:
-            out.append(_removal_note(plan))
-        for name, chk in (result.self_check or {}).items():
-            found = (f"found the box {chk['found_box']} (IoU {chk['iou']:.2f} with the declared "
-                     f"{chk['declared_box']}), whose transplant turns {chk['found_flip_rate']:.0%} "
-                     "of other classes' images into it"
-                     if chk["found_box"] is not None else "did <b>not</b> find it")
-            out.append(
-                f'<p class="note">Self-check for {esc(name)}: the data declares a cue; '
-                f"discovery, told nothing, {found}; the declared box itself turns "
-                f"{chk['declared_flip_rate']:.0%}.</p>")
-        return "".join(out)
+        removal = (_removal_note(plan)
+                   if plan is not None and plan.model == model.label else None)
+        return self.html("body", result=result, suspects=suspects,
+                         control_words=CONTROL_WORDS, hotspots=hotspots, removal=removal)
 
 
-def _removal_note(plan: Any) -> str:
+def _removal_note(plan: Any) -> Markup:
     """The command that fine-tunes the confirmed shortcuts away, as the report shows it."""
-    names = ", ".join(esc(s["class_name"]) for s in plan.shortcuts)
-    skipped = (f" ({esc(', '.join(plan.skipped))}: no fixed box, which the counter-measures "
-               "need)" if plan.skipped else "")
-    return (
-        f'<div class="fix"><p><b>Remove it.</b> The audit wrote <code>{esc(plan.config_path)}'
-        f"</code> (and the box contents cut from the {esc(plan.pixels_from or 'audited')} "
-        f"split's images, <code>{esc(plan.pixels_path)}</code>) for {names}{skipped}. This "
-        f"fine-tunes the audited checkpoint's weights for {plan.epochs} epochs with the "
-        f"<i>{esc(plan.method)}</i> counter-measure (the box's content pasted onto other "
-        "classes' images and covered in the class's own, so it no longer predicts the "
-        "class), while the monitor tests the box every epoch:</p>"
-        f"<pre>{esc(plan.command)}</pre><p>Then audit both checkpoints side by side "
-        "(<code>python audit.py --ckpt BEFORE --ckpt AFTER</code>): a before/after section "
-        "says whether each shortcut is gone.</p></div>")
+    return macro("sections/shortcuts.html.j2", "removal_note")(plan=plan)
 
 
 CONTROL_WORDS = {

@@ -8,8 +8,10 @@ counter-measures act inside the training step, on whatever batch arrives (the
 * ``augment`` (decorrelation): with probability ``p_paste`` an image of another class gets
   the box's content cut from the class's images pasted at the box; with probability
   ``p_cover`` an image of the class gets the box covered with the same place of another
-  class's image in the batch. The content then appears about as often whatever the label,
-  so it stops predicting the class, and the covered images teach the class itself.
+  class's image in the batch (and, at the same rate, the other classes' images that were
+  not pasted: a cover's seam must not become the class's new cue). The content then
+  appears about as often whatever the label, so it stops predicting the class, and the
+  covered images teach the class itself.
 * ``penalty``: an attribution penalty inside the boxes, times ``penalty_weight``, added to
   the loss. ``penalty_map: occlusion`` (default): the box's occlusion effect, the KL
   divergence from the predictions on the image to those on the image with the box's
@@ -105,7 +107,8 @@ class ShortcutRemoval:
             (input-gradient penalty inside the boxes) or ``both``.
         p_paste: probability that an image of another class gets the box's content pasted.
         p_cover: probability that an image of the shortcut's class gets the box covered with
-            another class's content at the same place.
+            another class's content at the same place; images of classes without a shortcut
+            (not pasted) get such a cover at the same rate, so the cover's seam is no cue.
         penalty_weight: weight of the penalty (``penalty`` and ``both``).
         penalty_map: what the penalty measures inside the boxes: ``occlusion`` (the change
             in predictions when the box's content is swapped) or ``input_gradient`` (Right
@@ -292,7 +295,8 @@ class Remover:
              p_cover: float = 1.0) -> Tensor:
         """A new batch where, per shortcut, other classes' images get the class's box
         content pasted (probability ``p_paste``) and the class's own images get the box
-        covered with another class's content at the same place (``p_cover``)."""
+        covered with another class's content at the same place (``p_cover``; images of
+        classes without a shortcut that are not pasted get such a cover at the same rate)."""
         self.check_fits(*images.shape[-2:])
         out = images.clone()
         y = labels.detach().long().cpu()
@@ -305,7 +309,12 @@ class Remover:
             x0, y0, x1, y1 = s.box
             own = y == s.class_index
             paste = (~own) & (torch.rand(b, generator=g) < p_paste)
-            cover = own & (torch.rand(b, generator=g) < p_cover)
+            drawn = torch.rand(b, generator=g) < p_cover
+            cover = own & drawn
+            # The same cover, at the same rate, on images of classes without a shortcut:
+            # a cover's seam (another image's content in the box) must predict no class,
+            # or the model learns "seam = the shortcut's class" in place of the cue.
+            seam = (~carriers) & (~paste) & drawn
             bank = self.bank.get(s.class_index)
             pool = torch.nonzero(own).flatten()
             if paste.any():
@@ -321,8 +330,9 @@ class Remover:
             others = torch.nonzero(~carriers).flatten()
             if not others.numel():
                 others = torch.nonzero(~own).flatten()
-            if cover.any() and others.numel():
-                dst = torch.nonzero(cover).flatten()
+            if (cover | seam).any() and others.numel():
+                # (A seam image drawing itself as its source is left as it is.)
+                dst = torch.nonzero(cover | seam).flatten()
                 src = others[torch.randint(others.numel(), (dst.numel(),), generator=g)]
                 # From the original batch: a cover is never another image's pasted cue.
                 out[dst.to(out.device), :, y0:y1, x0:x1] = \

@@ -163,6 +163,10 @@ def test_augment_pastes_and_covers_at_the_rates_asked_and_repeats_per_step() -> 
     assert 0.5 < covered[y == 0].float().mean() < 0.7
     # Covers come from other classes' original boxes, never from the pasted bank.
     assert not pasted[covered].any()
+    # Other classes' images that were not pasted get a cover at the same rate: the seam
+    # of a cover says nothing of the label.
+    seamed = (box != x[:, :, 0:4, 0:4]).flatten(1).any(1) & (y != 0) & ~pasted
+    assert 0.5 < seamed[(y != 0) & ~pasted].float().mean() < 0.7
     # Outside the box nothing changes, and the input is untouched.
     assert torch.equal(out[:, :, 4:], x[:, :, 4:])
     assert (x[y == 0, :, 0:4, 0:4] == 3.0).all()

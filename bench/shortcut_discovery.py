@@ -74,7 +74,7 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 DATA_SEED = 0  # which images, and which of a class carry a partial cue: fixed across seeds
 VAL_SIZE = 300  # taken from the training images by the DataModule (seeded, split_seed 0)
 AUDIT_PER_CLASS = 30  # audit_report.settings.AuditSettings.discovery_images
-METHOD = "saliency"  # audit_report/sections/shortcuts.py: DISCOVERY_METHOD
+METHOD = explain.DISCOVERY_METHOD  # what the audit's and the monitor's discovery use
 CONFIRMED = "relies on a shortcut at epoch "
 GONE = "no longer relies on"
 

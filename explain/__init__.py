@@ -36,7 +36,7 @@ from .base import (
     resolve_layer,
     split_for,
 )
-from .presets import DEFAULT_METHOD, DISCOVERY_METHOD
+from .presets import CAM_IDENTITY_PAIR, DEFAULT_METHOD, DISCOVERY_METHOD
 from .registry import (
     CLASS_SELECTION,
     ClassCost,
@@ -49,6 +49,7 @@ from .registry import (
 
 __all__ = [
     "ALL_CLASSES_MAX",
+    "CAM_IDENTITY_PAIR",
     "DEFAULT_METHOD",
     "DISCOVERY_METHOD",
     "CLASS_SELECTION",

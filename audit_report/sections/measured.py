@@ -73,15 +73,17 @@ class CamVsGradcamSection(Section):
 
     def _agreement(self, audit: AuditRun, model: ModelAudit) -> AgreementResult:
         sample, threshold = audit.sample, audit.settings.threshold
-        if "cam" not in explain.available():
-            return AgreementResult(skipped="the engine has no 'cam' method", threshold=threshold)
+        cam_name, gradcam_name = explain.CAM_IDENTITY_PAIR
+        if cam_name not in explain.available():
+            return AgreementResult(skipped=f"the engine has no {cam_name!r} method",
+                                   threshold=threshold)
         try:
-            cam = explain.run(model.model, sample.images, "cam", targets=sample.labels,
+            cam = explain.run(model.model, sample.images, cam_name, targets=sample.labels,
                               layer=audit.settings.layer).cpu()
         except explain.ExplainError as exc:
             return AgreementResult(skipped=f"CAM does not apply to this model: {exc}",
                                    threshold=threshold)
-        grad = explain.run(model.model, sample.images, "gradcam", targets=sample.labels,
+        grad = explain.run(model.model, sample.images, gradcam_name, targets=sample.labels,
                            layer=audit.settings.layer).cpu()
         summary = agreement_summary(cam, grad, threshold)
         return AgreementResult(None, summary["correlation"], summary["iou"],

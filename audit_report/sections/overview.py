@@ -133,7 +133,7 @@ class ImagesClassesSection(Section):
                     f"{k - show} classes were not computed.")
             target = f"classes 0-{show - 1} of {k}"
         if method is None or method not in ok:
-            method = "gradcam"  # shown even when not selected: every CNN has it
+            method = explain.DEFAULT_METHOD  # shown even when not selected: any CNN has it
         options = method_options(method, audit.settings)
         # None: not selected, or a per-class-cost method asked for two classes only.
         maps = ok[method].shown_all if method in ok else None

@@ -25,9 +25,10 @@ if TYPE_CHECKING:
     from ..settings import AuditSettings
     from ..state import AuditRun, ModelAudit
 
-# A pixel-level method: Grad-CAM at a ResNet's layer4 has 4 x 4 cells at 32 x 32 and misses a
-# 4-pixel cue; saliency resolves it and costs one backward for the true class.
-DISCOVERY_METHOD = "saliency"
+# A pixel-level method (explain/presets.py): Grad-CAM at a ResNet's layer4 has 4 x 4 cells
+# at 32 x 32 and misses a 4-pixel cue; saliency resolves it and costs one backward for the
+# true class.
+DISCOVERY_METHOD = explain.DISCOVERY_METHOD
 # The audit tests more candidates than the monitor warns about: a suspect here is only
 # reported as a shortcut when the transplant experiment confirms it, so a lower bar costs a
 # few transplant runs, not false alarms.

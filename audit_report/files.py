@@ -28,11 +28,12 @@ class AuditError(RuntimeError):
 
 
 def jsonable(obj: Any) -> Any:
-    """Results -> JSON types: dataclasses (minus their ``visual`` fields), tensors, paths and
+    """Results -> JSON types: dataclasses (minus their ``visual`` fields; a field's
+    ``json`` metadata renames its key, e.g. ``class_name`` -> ``class``), tensors, paths and
     tuples; NaN and infinities become null (valid JSON)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {
-            f.name: jsonable(getattr(obj, f.name))
+            f.metadata.get("json", f.name): jsonable(getattr(obj, f.name))
             for f in dataclasses.fields(obj)
             if not f.metadata.get("visual")
         }
@@ -48,6 +49,19 @@ def jsonable(obj: Any) -> Any:
         return obj if math.isfinite(obj) else None
     if isinstance(obj, Path):
         return str(obj)
+    return obj
+
+
+def plain(obj: Any) -> Any:
+    """Nested dataclasses -> dicts of their fields (by field name), through lists, tuples
+    and dicts; tensors and everything else as they are. What the cache can store under
+    its safe loading, and what a result's own ``from_plain`` rebuilds."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(plain(v) for v in obj)
     return obj
 
 

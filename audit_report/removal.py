@@ -89,8 +89,8 @@ def plan_removal(audit: AuditRun, out: Path) -> RemovalPlan | None:
     run = model.run
     if result is None or run.ckpt_path is None or run.config_path is None:
         return None
-    confirmed = [s for s in result.suspects if s["confirmed"]]
-    boxed = [s for s in confirmed if s.get("box") and s["kind"] in ("box", "cluster")]
+    confirmed = [s for s in result.suspects if s.confirmed]
+    boxed = [s for s in confirmed if s.box and s.kind in ("box", "cluster")]
     if not boxed:
         return None
     epochs = proposed_epochs(_trained_epochs(model))
@@ -101,11 +101,11 @@ def plan_removal(audit: AuditRun, out: Path) -> RemovalPlan | None:
         "--config", shlex.quote(str(config_path))])
     return RemovalPlan(
         model=model.label,
-        shortcuts=[{"class_index": int(s["index"]), "box": [int(v) for v in s["box"]],
-                    "class_name": str(s["class"])} for s in boxed],
+        shortcuts=[{"class_index": int(s.index), "box": [int(v) for v in s.box],
+                    "class_name": str(s.class_name)} for s in boxed],
         epochs=epochs, method="augment", config_path=str(config_path),
         pixels_path=str(pixels_path), command=command, pixels_from="",
-        skipped=[str(s["class"]) for s in confirmed if s not in boxed])
+        skipped=[str(s.class_name) for s in confirmed if s not in boxed])
 
 
 def _trained_epochs(model: ModelAudit) -> int | None:

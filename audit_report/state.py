@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lit_modules.loading import LoadedRun
 
+from . import files
 from .cache import ResultCache
 from .findings import Finding
 from .sample import Sample
@@ -115,7 +116,9 @@ class AuditRun:
         value = compute()
         stored = value
         if result_type is not None:
-            stored = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+            # Field by field, nested records as plain dicts (the result type rebuilds them).
+            stored = {f.name: files.plain(getattr(value, f.name))
+                      for f in dataclasses.fields(value)}
         self.keep(kind, parts, stored)
         return value
 

@@ -26,7 +26,7 @@ from audit_report.sections.base import Section
 from audit_report.sections.bias import BiasSection
 from audit_report.sections.measured import SanitySection
 from audit_report.sections.removal import ShortcutRemovalSection
-from audit_report.sections.shortcuts import SuspectedShortcutsSection
+from audit_report.sections.shortcuts import Margin, Suspect, SuspectedShortcutsSection
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTILE = ["<img src=x onerror=alert(1)>", 'a & "b"', "</figcaption><script>"]
@@ -106,12 +106,12 @@ def _hostile_audit() -> SimpleNamespace:
     shortcut = ShortcutResult(
         method=HOSTILE[0], n_images=6, window=[8, 8], z_threshold=2.5, min_lift=1.5,
         smallest_flagged_lift=nan, classes={HOSTILE[0]: {"box": [0, 0, 8, 8], "lift": 3.0}},
-        suspects=[{
-            "class": HOSTILE[0], "index": 0, "kind": "box", "box": [0, 0, 8, 8], "size": None,
-            "share": 1.0, "lift": 3.0, "z": 3.0, "consistency": 0.8, "flip_rate": 0.9,
-            "controls": {HOSTILE[2]: 0.1}, "targets": 6, "confirmed": True,
-            "margins": {HOSTILE[2]: {"mean": 0.8, "low": 0.7, "high": 0.9, "n": 6}},
-            "accuracy": 1.0, "accuracy_hotspot_covered": 0.2, "accuracy_random_covered": 0.9}],
+        suspects=[Suspect(
+            class_name=HOSTILE[0], index=0, kind="box", box=[0, 0, 8, 8], size=None,
+            share=1.0, lift=3.0, z=3.0, consistency=0.8, largest_cluster_share=1.0,
+            flip_rate=0.9, controls={HOSTILE[2]: 0.1}, targets=6, confirmed=True,
+            margins={HOSTILE[2]: Margin(0.8, 0.7, 0.9, 6)}, margin=Margin(0.8, 0.7, 0.9, 6),
+            accuracy=1.0, accuracy_hotspot_covered=0.2, accuracy_random_covered=0.9)],
         colour={HOSTILE[1]: {"flip_rate": 0.5, "controls": {"other_class_colour": 0.1},
                              "targets": 6, "relies": True}},
         self_check={HOSTILE[2]: {"declared_box": [0, 0, 8, 8], "declared_flip_rate": 0.9,
@@ -198,3 +198,21 @@ def test_a_name_a_template_was_not_given_raises() -> None:
         macro("macros.html.j2", "not_run")()  # the reason not given
     with pytest.raises(UndefinedError):  # a result that lacks a field the template reads
         SanitySection().html("body", result=SimpleNamespace(steps=[], methods={}))
+
+
+def test_shortcut_results_stay_typed_through_the_cache_and_keep_their_json() -> None:
+    """The cache stores plain dicts (safe loading); the result is typed again on the way
+    back, and metrics.json still names the class ``class``."""
+    import dataclasses
+
+    from audit_report.files import jsonable, plain
+
+    result = _hostile_audit().models[0].results["shortcuts"]
+    stored = {f.name: plain(getattr(result, f.name)) for f in dataclasses.fields(result)}
+    assert isinstance(stored["suspects"][0], dict)
+    back = ShortcutResult(**stored)
+    assert back.suspects == result.suspects and isinstance(back.suspects[0], Suspect)
+    assert isinstance(back.suspects[0].margins[HOSTILE[2]], Margin)
+    record = jsonable(back)["suspects"][0]
+    assert record["class"] == HOSTILE[0] and "class_name" not in record
+    assert record["margin"] == {"mean": 0.8, "low": 0.7, "high": 0.9, "n": 6}

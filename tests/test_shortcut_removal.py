@@ -243,10 +243,10 @@ def test_the_pixels_file_round_trips_and_anything_else_is_refused(tmp_path: Path
 
 def _planned_audit(ckpt: Path, config: Path, dm) -> SimpleNamespace:
     """The parts of an AuditRun the plan reads: a first model with a confirmed box."""
-    suspects = [{"index": 0, "class": "circle", "kind": "box", "box": [0, 0, 8, 8],
-                 "confirmed": True},
-                {"index": 3, "class": "plus", "kind": "moving", "box": None,
-                 "confirmed": True}]
+    suspects = [SimpleNamespace(index=0, class_name="circle", kind="box", box=[0, 0, 8, 8],
+                                confirmed=True),
+                SimpleNamespace(index=3, class_name="plus", kind="moving", box=None,
+                                confirmed=True)]
     run = SimpleNamespace(ckpt_path=ckpt, config_path=config, meta={"epoch": 1})
     model = SimpleNamespace(label="A", run=run,
                             results={"shortcuts": SimpleNamespace(suspects=suspects)})

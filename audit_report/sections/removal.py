@@ -103,7 +103,7 @@ class ShortcutRemovalSection(Section):
             for i in range(0, len(labels), DISCOVERY_CHUNK)])
         norm, _ = discovery.normalise_maps(maps)
         found = model.results.get("shortcuts")
-        again = {s["index"] for s in getattr(found, "suspects", []) if s["confirmed"]}
+        again = {s.index for s in getattr(found, "suspects", []) if s.confirmed}
         own = getattr(model.model, "hparams", {}).get("shortcut_removal")
         result = RemovalResult(fixed=bool(own), method=spec.method, n_images=len(idx))
         for s in spec.shortcuts:

@@ -50,8 +50,61 @@ DISCOVERY_CHUNK = 64
 # alarm, once the window-from-elsewhere control stopped overlapping the box; and it found no
 # partial-class cue in the real-CIFAR benchmark (glyph on half of horse: 0 of 1).
 AUDIT_TESTS = ("box", "moving")
-# Bumped when what the section computes changes, so an earlier report's cache is not reused.
-SEARCH_VERSION = 3
+# Bumped when what the section computes or stores changes, so an earlier report's cache is
+# not reused (4: suspects stored as typed records).
+SEARCH_VERSION = 4
+
+
+@dataclass
+class Margin:
+    """A transplant's margin over a control: mean of paired differences, 95% t interval."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    @classmethod
+    def of(cls, iv: discovery.Interval) -> Margin:
+        return cls(iv.mean, iv.low, iv.high, iv.n)
+
+
+@dataclass
+class Suspect:
+    """One tested class: its hotspot, the test that speaks for it (the confirmed one, else
+    the strongest), and for a confirmed box the cover test of the class's own images.
+
+    ``class_name`` is ``class`` in ``metrics.json`` (the key the schema and users know).
+    """
+
+    class_name: str = field(metadata={"json": "class"})
+    index: int
+    kind: str  # the test: box, cluster or moving (explain.measures.tracking)
+    box: list[int] | None
+    size: list[int] | None
+    share: float
+    lift: float
+    z: float
+    consistency: float
+    largest_cluster_share: float
+    flip_rate: float
+    controls: dict[str, float]
+    margins: dict[str, Margin]
+    margin: Margin
+    targets: int
+    confirmed: bool
+    accuracy: float | None = None
+    accuracy_hotspot_covered: float | None = None
+    accuracy_random_covered: float | None = None
+    cover_drop_vs_random: Margin | None = None
+
+    @classmethod
+    def from_plain(cls, value: dict[str, Any]) -> Suspect:
+        """Rebuilt from the cache's plain dict (field names, nested margins as dicts)."""
+        margins = {k: Margin(**v) for k, v in value["margins"].items()}
+        drop = value.get("cover_drop_vs_random")
+        return cls(**{**value, "margins": margins, "margin": Margin(**value["margin"]),
+                      "cover_drop_vs_random": None if drop is None else Margin(**drop)})
 
 
 @dataclass
@@ -65,13 +118,19 @@ class ShortcutResult:
     min_lift: float
     smallest_flagged_lift: float
     classes: dict[str, dict[str, Any]]
-    suspects: list[dict[str, Any]]
+    suspects: list[Suspect]
     colour: dict[str, dict[str, Any]] = field(default_factory=dict)  # class -> colour move
     declared_cue_found: bool | None = None  # a self-check where the data declares a cue
     self_check: dict[str, dict[str, Any]] | None = None  # per declared cue class
     mean_maps: Tensor | None = field(default=None, metadata=VISUAL)  # [K, H, W]
     examples: dict[str, dict[str, Tensor]] = field(default_factory=dict, metadata=VISUAL)
     images01: Tensor | None = field(default=None, metadata=VISUAL)
+
+    def __post_init__(self) -> None:
+        # From the cache the suspects come back as plain dicts (its safe loading holds
+        # no classes of ours): typed again here, so every reader sees one type.
+        self.suspects = [s if isinstance(s, Suspect) else Suspect.from_plain(s)
+                         for s in self.suspects]
 
 
 def _box(window: tuple[int, int, int, int]) -> list[int]:
@@ -90,21 +149,20 @@ def discovery_key(settings: AuditSettings) -> dict[str, Any]:
             "tests": list(AUDIT_TESTS) + ["colour"], "version": SEARCH_VERSION}
 
 
-def _test_entry(test: causal.CausalTest, name: str, hs: discovery.ClassHotspots,
-                ) -> dict[str, Any]:
+def _suspect(test: causal.CausalTest, name: str, hs: discovery.ClassHotspots) -> Suspect:
     """One tested class as the report and metrics.json show it."""
     spot = hs.hotspot
-    return {
-        "class": name, "index": test.label, "kind": test.kind,
-        "box": _box(test.box) if test.box is not None else None,
-        "size": list(test.size) if test.size else None, "share": test.share,
-        "lift": spot.lift if spot else float("nan"), "z": hs.z,
-        "consistency": spot.consistency if spot else float("nan"),
-        "largest_cluster_share": max((c.share for c in hs.clusters), default=1.0),
-        "flip_rate": test.flip_rate, "controls": dict(test.controls),
-        "margins": {k: _interval(v) for k, v in test.intervals.items()},
-        "margin": _interval(test.margin), "targets": test.n, "confirmed": test.confirmed,
-    }
+    nan = float("nan")
+    return Suspect(
+        class_name=name, index=test.label, kind=test.kind,
+        box=_box(test.box) if test.box is not None else None,
+        size=list(test.size) if test.size else None, share=test.share,
+        lift=spot.lift if spot else nan, z=hs.z,
+        consistency=spot.consistency if spot else nan,
+        largest_cluster_share=max((c.share for c in hs.clusters), default=1.0),
+        flip_rate=test.flip_rate, controls=dict(test.controls),
+        margins={k: Margin.of(v) for k, v in test.intervals.items()},
+        margin=Margin.of(test.margin), targets=test.n, confirmed=test.confirmed)
 
 
 def _examples(model: Any, images: Tensor, labels: Tensor, preds: Tensor, label: int,
@@ -183,14 +241,14 @@ class SuspectedShortcutsSection(Section):
                 continue  # every test's flips alone stayed under the margin: not a suspect
             name = names[c]
             classes[name]["suspect"] = True
-            entry = _test_entry(test, name, hotspots[c])
+            entry = _suspect(test, name, hotspots[c])
             if test.box is not None and test.confirmed:
                 cover = discovery.cover_test(model.model, images, labels, c, test.box,
                                              seed=settings.seed, batch_size=settings.batch_size)
-                entry.update({"accuracy": cover.accuracy,
-                              "accuracy_hotspot_covered": cover.accuracy_hotspot_covered,
-                              "accuracy_random_covered": cover.accuracy_random_covered,
-                              "cover_drop_vs_random": _interval(cover.drop_vs_random)})
+                entry.accuracy = cover.accuracy
+                entry.accuracy_hotspot_covered = cover.accuracy_hotspot_covered
+                entry.accuracy_random_covered = cover.accuracy_random_covered
+                entry.cover_drop_vs_random = Margin.of(cover.drop_vs_random)
                 examples[name] = _examples(model.model, images, labels, preds, c, test.box,
                                            show, settings)
             suspects.append(entry)
@@ -225,42 +283,42 @@ class SuspectedShortcutsSection(Section):
         declared = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
         checks = {}
         for c in cue.classes:
-            found = next((s for s in result.suspects if s["index"] == c and s["confirmed"]
-                          and s.get("box")), None)
+            found = next((s for s in result.suspects if s.index == c and s.confirmed
+                          and s.box), None)
             told = causal.box_test(model.model, images, labels, preds, c, declared,
                                    seed=settings.seed, batch_size=settings.batch_size)
             checks[names[c]] = {
                 "declared_box": list(declared), "declared_flip_rate": told.flip_rate,
-                "found_box": found["box"] if found else None,
-                "found_flip_rate": found["flip_rate"] if found else None,
-                "iou": causal.iou(tuple(found["box"]), declared) if found else 0.0,
+                "found_box": found.box if found else None,
+                "found_flip_rate": found.flip_rate if found else None,
+                "iou": causal.iou(tuple(found.box), declared) if found else 0.0,
             }
         result.self_check = checks
         result.declared_cue_found = any(v["iou"] > 0 for v in checks.values())
 
     def leads(self, audit: AuditRun) -> bool:
         """The page opens with this section when any model has a confirmed suspect."""
-        return any(s["confirmed"] for m in audit.models for s in m.results[self.id].suspects)
+        return any(s.confirmed for m in audit.models for s in m.results[self.id].suspects)
 
     def findings(self, audit: AuditRun, model: ModelAudit,
                  result: ShortcutResult) -> list[Finding]:
         out = []
         for s in result.suspects:
             what = _what(s)
-            ctrl = " and ".join(f"{v:.0%}" for v in s["controls"].values())
-            if s["confirmed"]:
+            ctrl = " and ".join(f"{v:.0%}" for v in s.controls.values())
+            if s.confirmed:
                 out.append(Finding(
-                    f"class {s['class']}: shortcut confirmed by experiment: {what} turns "
-                    f"{s['flip_rate']:.0%} of other classes' images into {s['class']} against "
-                    f"{ctrl} for the controls (n={s['targets']}; {result.method} lift "
-                    f"{s['lift']:.1f}).", flag=True, kind="shortcut", cls=s["class"],
+                    f"class {s.class_name}: shortcut confirmed by experiment: {what} turns "
+                    f"{s.flip_rate:.0%} of other classes' images into {s.class_name} against "
+                    f"{ctrl} for the controls (n={s.targets}; {result.method} lift "
+                    f"{s.lift:.1f}).", flag=True, kind="shortcut", cls=s.class_name,
                     severity="high", numbers={
-                        "test": s["kind"], "box": s["box"], "flip_rate": s["flip_rate"],
-                        "controls": s["controls"], "margin": s["margin"],
-                        "targets": s["targets"]}))
+                        "test": s.kind, "box": s.box, "flip_rate": s.flip_rate,
+                        "controls": s.controls, "margin": s.margin,
+                        "targets": s.targets}))
             else:
                 out.append(Finding(
-                    f"class {s['class']}: {what} turns {s['flip_rate']:.0%} of other classes' "
+                    f"class {s.class_name}: {what} turns {s.flip_rate:.0%} of other classes' "
                     f"images into it, but not more than the controls ({ctrl}): not confirmed "
                     "as a shortcut."))
         for name, c in result.colour.items():
@@ -279,22 +337,22 @@ class SuspectedShortcutsSection(Section):
     def render(self, page: Page, model: ModelAudit, result: ShortcutResult) -> Markup:
         suspects = []
         for s in result.suspects:
-            ex = result.examples.get(s["class"])
+            ex = result.examples.get(s.class_name)
             transplant = None
-            if ex is not None and len(ex["before"]) and s.get("box"):
+            if ex is not None and len(ex["before"]) and s.box:
                 transplant = page.figures.add(
-                    f"transplant_{s['index']}{page.tag(model)}",
-                    Drawing(fig_transplant, ex["before"], ex["after"], s["box"], [
+                    f"transplant_{s.index}{page.tag(model)}",
+                    Drawing(fig_transplant, ex["before"], ex["after"], s.box, [
                         [f"\u2192 {page.names[int(p)]}" for p in ex[key]]
                         for key in ("pred_before", "pred_after")]),
                     f"Other classes' images before (top) and after (bottom) the "
-                    f"{s['class']} box (yellow) is pasted onto them, with the model's "
+                    f"{s.class_name} box (yellow) is pasted onto them, with the model's "
                     "prediction above each.", "transplant examples")
             suspects.append((s, _what(s), transplant))
         hotspots = None
         if result.mean_maps is not None:
             boxes = {name: c["box"] for name, c in result.classes.items()}
-            confirmed = {s["class"] for s in result.suspects if s["confirmed"]}
+            confirmed = {s.class_name for s in result.suspects if s.confirmed}
             hotspots = page.figures.add(
                 f"hotspots{page.tag(model)}",
                 Drawing(fig_hotspots, result.mean_maps, list(result.classes), boxes, confirmed,
@@ -324,14 +382,14 @@ CONTROL_WORDS = {
 }
 
 
-def _what(s: dict[str, Any]) -> str:
+def _what(s: Suspect) -> str:
     """How a tested class's content reads in a sentence."""
-    if s["kind"] == "colour":
+    if s.kind == "colour":
         return "moving its colour statistics onto other images"
-    if s["kind"] == "moving":
-        kh, kw = s["size"]
+    if s.kind == "moving":
+        kh, kw = s.size
         return f"each of its images' own {kh}\u00d7{kw} hotspot"
-    where = causal.box_label(tuple(s["box"]))
-    if s["kind"] == "cluster":
-        return f"the box {where} of a cluster of {s['share']:.0%} of its images"
+    where = causal.box_label(tuple(s.box))
+    if s.kind == "cluster":
+        return f"the box {where} of a cluster of {s.share:.0%} of its images"
     return f"the box {where}"

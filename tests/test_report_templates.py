@@ -26,7 +26,15 @@ from audit_report.sections.base import Section
 from audit_report.sections.bias import BiasSection
 from audit_report.sections.measured import SanitySection
 from audit_report.sections.removal import ShortcutRemovalSection
-from audit_report.sections.shortcuts import Margin, Suspect, SuspectedShortcutsSection
+from audit_report.sections.shortcuts import (
+    ClassSpot,
+    ClusterSpot,
+    ColourReliance,
+    Margin,
+    SelfCheck,
+    Suspect,
+    SuspectedShortcutsSection,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTILE = ["<img src=x onerror=alert(1)>", 'a & "b"', "</figcaption><script>"]
@@ -105,17 +113,17 @@ def _hostile_audit() -> SimpleNamespace:
     nan = math.nan
     shortcut = ShortcutResult(
         method=HOSTILE[0], n_images=6, window=[8, 8], z_threshold=2.5, min_lift=1.5,
-        smallest_flagged_lift=nan, classes={HOSTILE[0]: {"box": [0, 0, 8, 8], "lift": 3.0}},
+        smallest_flagged_lift=nan, classes={HOSTILE[0]: ClassSpot(
+            [0, 0, 8, 8], 3.0, 3.0, 0.8, 6, True, [ClusterSpot(0.5, [0, 0, 8, 8], 3.0, 0.8)])},
         suspects=[Suspect(
             class_name=HOSTILE[0], index=0, kind="box", box=[0, 0, 8, 8], size=None,
             share=1.0, lift=3.0, z=3.0, consistency=0.8, largest_cluster_share=1.0,
             flip_rate=0.9, controls={HOSTILE[2]: 0.1}, targets=6, confirmed=True,
             margins={HOSTILE[2]: Margin(0.8, 0.7, 0.9, 6)}, margin=Margin(0.8, 0.7, 0.9, 6),
             accuracy=1.0, accuracy_hotspot_covered=0.2, accuracy_random_covered=0.9)],
-        colour={HOSTILE[1]: {"flip_rate": 0.5, "controls": {"other_class_colour": 0.1},
-                             "targets": 6, "relies": True}},
-        self_check={HOSTILE[2]: {"declared_box": [0, 0, 8, 8], "declared_flip_rate": 0.9,
-                                 "found_box": None, "found_flip_rate": None, "iou": 0.0}})
+        colour={HOSTILE[1]: ColourReliance(0.5, {"other_class_colour": 0.1},
+                                           Margin(0.4, 0.2, 0.6, 6), 6, True)},
+        self_check={HOSTILE[2]: SelfCheck([0, 0, 8, 8], 0.9, None, None, 0.0)})
     sanity = SanityResult(
         steps=[HOSTILE[0]], n_images=2, target="true class", flag_threshold=0.5,
         methods={HOSTILE[1]: {"flagged": True, "uncertain": True, "spearman": [STAT]}},
@@ -213,6 +221,9 @@ def test_shortcut_results_stay_typed_through_the_cache_and_keep_their_json() -> 
     back = ShortcutResult(**stored)
     assert back.suspects == result.suspects and isinstance(back.suspects[0], Suspect)
     assert isinstance(back.suspects[0].margins[HOSTILE[2]], Margin)
+    assert back.classes == result.classes and isinstance(back.classes[HOSTILE[0]], ClassSpot)
+    assert isinstance(back.classes[HOSTILE[0]].clusters[0], ClusterSpot)
+    assert back.colour == result.colour and back.self_check == result.self_check
     record = jsonable(back)["suspects"][0]
     assert record["class"] == HOSTILE[0] and "class_name" not in record
     assert record["margin"] == {"mean": 0.8, "low": 0.7, "high": 0.9, "n": 6}

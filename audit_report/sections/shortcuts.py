@@ -108,6 +108,67 @@ class Suspect:
 
 
 @dataclass
+class ClusterSpot:
+    """A cluster of a class's maps with its own hotspot (share of the class's images)."""
+
+    share: float
+    box: list[int]
+    lift: float
+    consistency: float
+
+
+@dataclass
+class ClassSpot:
+    """A class's hotspot: the class-mean map's best window, its lift (a detector only)."""
+
+    box: list[int]
+    lift: float
+    z: float
+    consistency: float
+    n: int
+    suspect: bool
+    clusters: list[ClusterSpot]
+
+    @classmethod
+    def from_plain(cls, value: dict[str, Any]) -> ClassSpot:
+        return cls(**{**value, "clusters": [ClusterSpot(**c) for c in value["clusters"]]})
+
+
+@dataclass
+class ColourReliance:
+    """The colour move of one class: its statistics moved onto other classes' images."""
+
+    flip_rate: float
+    controls: dict[str, float]
+    margin: Margin
+    targets: int
+    relies: bool
+
+    @classmethod
+    def from_plain(cls, value: dict[str, Any]) -> ColourReliance:
+        return cls(**{**value, "margin": Margin(**value["margin"])})
+
+
+@dataclass
+class SelfCheck:
+    """Where the data declares a cue: the found box against the declared one."""
+
+    declared_box: list[int]
+    declared_flip_rate: float
+    found_box: list[int] | None
+    found_flip_rate: float | None
+    iou: float
+
+
+def _typed(value: Any, kind: type) -> Any:
+    """``value`` as ``kind``: as it is, or rebuilt from the cache's plain dict."""
+    if isinstance(value, kind):
+        return value
+    rebuild = getattr(kind, "from_plain", None)
+    return rebuild(value) if rebuild is not None else kind(**value)
+
+
+@dataclass
 class ShortcutResult:
     """Per class: the hotspot of the class-mean map; per suspect: the transplant and cover."""
 
@@ -117,11 +178,11 @@ class ShortcutResult:
     z_threshold: float
     min_lift: float
     smallest_flagged_lift: float
-    classes: dict[str, dict[str, Any]]
+    classes: dict[str, ClassSpot]
     suspects: list[Suspect]
-    colour: dict[str, dict[str, Any]] = field(default_factory=dict)  # class -> colour move
+    colour: dict[str, ColourReliance] = field(default_factory=dict)  # class -> colour move
     declared_cue_found: bool | None = None  # a self-check where the data declares a cue
-    self_check: dict[str, dict[str, Any]] | None = None  # per declared cue class
+    self_check: dict[str, SelfCheck] | None = None  # per declared cue class
     mean_maps: Tensor | None = field(default=None, metadata=VISUAL)  # [K, H, W]
     examples: dict[str, dict[str, Tensor]] = field(default_factory=dict, metadata=VISUAL)
     images01: Tensor | None = field(default=None, metadata=VISUAL)
@@ -129,16 +190,15 @@ class ShortcutResult:
     def __post_init__(self) -> None:
         # From the cache the suspects come back as plain dicts (its safe loading holds
         # no classes of ours): typed again here, so every reader sees one type.
-        self.suspects = [s if isinstance(s, Suspect) else Suspect.from_plain(s)
-                         for s in self.suspects]
+        self.suspects = [_typed(s, Suspect) for s in self.suspects]
+        self.classes = {k: _typed(v, ClassSpot) for k, v in self.classes.items()}
+        self.colour = {k: _typed(v, ColourReliance) for k, v in self.colour.items()}
+        if self.self_check is not None:
+            self.self_check = {k: _typed(v, SelfCheck) for k, v in self.self_check.items()}
 
 
 def _box(window: tuple[int, int, int, int]) -> list[int]:
     return [int(v) for v in window]
-
-
-def _interval(iv: discovery.Interval) -> dict[str, float]:
-    return {"mean": iv.mean, "low": iv.low, "high": iv.high, "n": iv.n}
 
 
 def discovery_key(settings: AuditSettings) -> dict[str, Any]:
@@ -219,13 +279,11 @@ class SuspectedShortcutsSection(Section):
         for h in hotspots:
             if h.hotspot is None:
                 continue
-            classes[names[h.label]] = {
-                "box": _box(h.hotspot.window), "lift": h.hotspot.lift, "z": h.z,
-                "consistency": h.hotspot.consistency, "n": h.hotspot.n, "suspect": False,
-                "clusters": [{"share": c.share, "box": _box(c.hotspot.window),
-                              "lift": c.hotspot.lift, "consistency": c.hotspot.consistency}
-                             for c in h.clusters],
-            }
+            classes[names[h.label]] = ClassSpot(
+                box=_box(h.hotspot.window), lift=h.hotspot.lift, z=h.z,
+                consistency=h.hotspot.consistency, n=h.hotspot.n, suspect=False,
+                clusters=[ClusterSpot(c.share, _box(c.hotspot.window), c.hotspot.lift,
+                                      c.hotspot.consistency) for c in h.clusters])
         preds = discovery.predict(model.model, images, settings.batch_size)
         suspects, examples = [], {}
         denorm = getattr(dm, "denormalize", None)
@@ -240,7 +298,7 @@ class SuspectedShortcutsSection(Section):
             if test is None:
                 continue  # every test's flips alone stayed under the margin: not a suspect
             name = names[c]
-            classes[name]["suspect"] = True
+            classes[name].suspect = True
             entry = _suspect(test, name, hotspots[c])
             if test.box is not None and test.confirmed:
                 cover = discovery.cover_test(model.model, images, labels, c, test.box,
@@ -257,9 +315,8 @@ class SuspectedShortcutsSection(Section):
             t = causal.colour_test(model.model, images, labels, preds, c, settings.seed,
                                    settings.batch_size, screen=True)
             if t.n and not t.screened:
-                colour[names[c]] = {"flip_rate": t.flip_rate, "controls": dict(t.controls),
-                                    "margin": _interval(t.margin), "targets": t.n,
-                                    "relies": t.confirmed}
+                colour[names[c]] = ColourReliance(t.flip_rate, dict(t.controls),
+                                                  Margin.of(t.margin), t.n, t.confirmed)
         window = discovery.window_size(*images.shape[-2:])
         result = ShortcutResult(
             DISCOVERY_METHOD, len(idx), list(window), AUDIT_SUSPECT_Z,
@@ -287,14 +344,13 @@ class SuspectedShortcutsSection(Section):
                           and s.box), None)
             told = causal.box_test(model.model, images, labels, preds, c, declared,
                                    seed=settings.seed, batch_size=settings.batch_size)
-            checks[names[c]] = {
-                "declared_box": list(declared), "declared_flip_rate": told.flip_rate,
-                "found_box": found.box if found else None,
-                "found_flip_rate": found.flip_rate if found else None,
-                "iou": causal.iou(tuple(found.box), declared) if found else 0.0,
-            }
+            checks[names[c]] = SelfCheck(
+                declared_box=list(declared), declared_flip_rate=told.flip_rate,
+                found_box=found.box if found else None,
+                found_flip_rate=found.flip_rate if found else None,
+                iou=causal.iou(tuple(found.box), declared) if found else 0.0)
         result.self_check = checks
-        result.declared_cue_found = any(v["iou"] > 0 for v in checks.values())
+        result.declared_cue_found = any(v.iou > 0 for v in checks.values())
 
     def leads(self, audit: AuditRun) -> bool:
         """The page opens with this section when any model has a confirmed suspect."""
@@ -322,11 +378,11 @@ class SuspectedShortcutsSection(Section):
                     f"images into it, but not more than the controls ({ctrl}): not confirmed "
                     "as a shortcut."))
         for name, c in result.colour.items():
-            if c["relies"]:
+            if c.relies:
                 out.append(Finding(
                     f"class {name}: predictions follow colour statistics: giving other classes' "
-                    f"images its average colour turns {c['flip_rate']:.0%} of them into {name} "
-                    f"against {c['controls']['other_class_colour']:.0%} with a third class's "
+                    f"images its average colour turns {c.flip_rate:.0%} of them into {name} "
+                    f"against {c.controls['other_class_colour']:.0%} with a third class's "
                     "colour. A tint or filter on this class would look like this; so does "
                     "reliance on its natural colours (this test cannot tell them apart)."))
         return out
@@ -351,12 +407,12 @@ class SuspectedShortcutsSection(Section):
             suspects.append((s, _what(s), transplant))
         hotspots = None
         if result.mean_maps is not None:
-            boxes = {name: c["box"] for name, c in result.classes.items()}
+            boxes = {name: c.box for name, c in result.classes.items()}
             confirmed = {s.class_name for s in result.suspects if s.confirmed}
             hotspots = page.figures.add(
                 f"hotspots{page.tag(model)}",
                 Drawing(fig_hotspots, result.mean_maps, list(result.classes), boxes, confirmed,
-                        [c["lift"] for c in result.classes.values()]),
+                        [c.lift for c in result.classes.values()]),
                 f"Class-mean {result.method} map of each class (true class, each map "
                 "normalised to sum 1 before averaging) with its hotspot window; red: a "
                 "confirmed shortcut. A shortcut at a fixed place shows as a sharp spot; objects "

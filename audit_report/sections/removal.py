@@ -10,17 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
 from markupsafe import Markup
 
-import explain
 from explain.measures import discovery, reliance
-from lit_modules.data.sampling import dataset_labels, sample_batch, stratified_indices
 from lit_modules.shortcut_removal import ShortcutRemoval
 
 from ..findings import Finding
 from .base import Section
-from .shortcuts import DISCOVERY_CHUNK, DISCOVERY_METHOD
+from .shortcuts import discovery_sample
 
 if TYPE_CHECKING:
     from ..page import Page
@@ -90,17 +87,9 @@ class ShortcutRemovalSection(Section):
     def _measure(self, audit: AuditRun, model: ModelAudit,
                  spec: ShortcutRemoval) -> RemovalResult:
         settings = audit.settings
-        dataset = audit.data_run.datamodule.dataset(settings.split)
         names = audit.sample.class_names
-        # The images of the shortcut search (same count and seed), so both agree.
-        idx = stratified_indices(dataset_labels(dataset),
-                                 settings.discovery_images * len(names), settings.seed + 2)
-        batch = sample_batch(dataset, idx)
-        images, labels = batch["image"].float(), batch["label"].long()
-        maps = torch.cat([
-            explain.run(model.model, images[i:i + DISCOVERY_CHUNK], DISCOVERY_METHOD,
-                        targets=labels[i:i + DISCOVERY_CHUNK]).cpu()
-            for i in range(0, len(labels), DISCOVERY_CHUNK)])
+        # The images of the shortcut search, so both agree.
+        idx, images, labels, maps = discovery_sample(audit, model)
         norm, _ = discovery.normalise_maps(maps)
         found = model.results.get("shortcuts")
         again = {s.index for s in getattr(found, "suspects", []) if s.confirmed}

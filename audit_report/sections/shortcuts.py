@@ -201,6 +201,25 @@ def _box(window: tuple[int, int, int, int]) -> list[int]:
     return [int(v) for v in window]
 
 
+def discovery_sample(audit: AuditRun, model: ModelAudit,
+                     ) -> tuple[list[int], Tensor, Tensor, Tensor]:
+    """The shortcut search's images (``discovery_images`` a class, seeded), their labels,
+    and the model's :data:`DISCOVERY_METHOD` maps of the true class: ``(indices, images,
+    labels, maps)``. The before/after section reads the same, so both agree."""
+    settings = audit.settings
+    dataset = audit.data_run.datamodule.dataset(settings.split)
+    k = len(audit.sample.class_names)
+    idx = stratified_indices(dataset_labels(dataset), settings.discovery_images * k,
+                             settings.seed + 2)
+    batch = sample_batch(dataset, idx)
+    images, labels = batch["image"].float(), batch["label"].long()
+    maps = torch.cat([
+        explain.run(model.model, images[i:i + DISCOVERY_CHUNK], DISCOVERY_METHOD,
+                    targets=labels[i:i + DISCOVERY_CHUNK]).cpu()
+        for i in range(0, len(labels), DISCOVERY_CHUNK)])
+    return idx, images, labels, maps
+
+
 def discovery_key(settings: AuditSettings) -> dict[str, Any]:
     """What the discovery's result depends on besides the checkpoint, data, split and seed
     (its cache key, also read by the time estimate)."""
@@ -259,16 +278,8 @@ class SuspectedShortcutsSection(Section):
         """Discovery on its own sample, the transplant and cover tests of each suspect."""
         settings, sample = audit.settings, audit.sample
         dm = audit.data_run.datamodule
-        dataset = dm.dataset(settings.split)
         k = len(sample.class_names)
-        idx = stratified_indices(dataset_labels(dataset), settings.discovery_images * k,
-                                 settings.seed + 2)
-        batch = sample_batch(dataset, idx)
-        images, labels = batch["image"].float(), batch["label"].long()
-        maps = torch.cat([
-            explain.run(model.model, images[i:i + DISCOVERY_CHUNK], DISCOVERY_METHOD,
-                        targets=labels[i:i + DISCOVERY_CHUNK]).cpu()
-            for i in range(0, len(labels), DISCOVERY_CHUNK)])
+        idx, images, labels, maps = discovery_sample(audit, model)
         norm, usable = discovery.normalise_maps(maps)
         hotspots = discovery.class_hotspots(maps, labels, k, cluster=True, seed=settings.seed)
         mean_maps = torch.stack([tracking.class_mean_maps(norm, usable, labels, c)

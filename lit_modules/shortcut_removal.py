@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from .data.cue import derive_seed
+from .options import options_from
 
 METHODS = ("augment", "penalty", "both")
 PENALTY_MAPS = ("occlusion", "input_gradient")
@@ -155,16 +156,7 @@ class ShortcutRemoval:
     @classmethod
     def coerce(cls, value: ShortcutRemoval | Mapping[str, Any] | None) -> ShortcutRemoval | None:
         """From itself, a plain mapping (a checkpoint's hyperparameters, a YAML file) or None."""
-        if value is None or isinstance(value, ShortcutRemoval):
-            return value
-        if not isinstance(value, Mapping):
-            raise TypeError(f"shortcut_removal must be a mapping or None, got {value!r}")
-        fields = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in value if k not in fields]
-        if unknown:
-            raise ValueError(f"unknown shortcut_removal option(s) {unknown}; the fields are "
-                             f"{fields}")
-        return cls(**value)
+        return options_from(cls, value, "shortcut_removal")
 
     def as_dict(self) -> dict[str, Any]:
         """Primitives only: what a checkpoint's hyperparameters keep (``weights_only``)."""

@@ -27,6 +27,8 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
+from ..options import options_from
+
 #: Where the patch sits (a ``Literal``: a wrong value fails when the config is parsed).
 CuePosition = Literal["top_left", "top_right", "bottom_left", "bottom_right", "center", "random"]
 POSITIONS: tuple[str, ...] = get_args(CuePosition)
@@ -187,15 +189,7 @@ class CueConfig:
     def coerce(cls, value: CueConfig | Mapping[str, Any] | None) -> CueConfig | None:
         """A ``CueConfig`` from itself, a plain mapping (a config read back with
         ``yaml.safe_load``, as ``audit.py`` does) or None; the error lists the fields."""
-        if value is None or isinstance(value, CueConfig):
-            return value
-        if not isinstance(value, Mapping):
-            raise TypeError(f"cue must be a CueConfig, a mapping or None, got {value!r}")
-        fields = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in value if k not in fields]
-        if unknown:
-            raise ValueError(f"unknown cue option(s) {unknown}; the fields are {fields}")
-        return cls(**value)
+        return options_from(cls, value, "cue")
 
     def as_dict(self) -> dict[str, object]:
         """The fields as primitives (``color`` a tuple), e.g. for a report or a config."""

@@ -78,3 +78,22 @@ def load_checkpoint(
             f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a dict of tensors"
         )
     return obj
+
+
+def load_weights(module: torch.nn.Module, checkpoint: dict[str, Any], source: str,
+                 target: str) -> None:
+    """Copy ``checkpoint``'s ``state_dict`` (or the checkpoint itself when it is a bare
+    state dict) into ``module``, strictly.
+
+    ``source`` names the file in errors ("checkpoint 'x.ckpt'"), ``target`` the model it
+    should fit ("the model built from 'config.yaml'"). Raises :class:`CheckpointError` when
+    there are no tensors to load or they do not fit.
+    """
+    state = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{source} has no 'state_dict' of tensors")
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source} does not fit {target}: {exc}") from exc

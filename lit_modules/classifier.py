@@ -204,18 +204,11 @@ class ImageClassifier(L.LightningModule):
 
     def load_init_weights(self, path: str | Path) -> None:
         """Copy the model weights of checkpoint ``path`` (``weights_only``) into this module."""
-        from .checkpoint_file import CheckpointError, load_checkpoint
+        from .checkpoint_file import load_checkpoint, load_weights
 
-        state = load_checkpoint(path).get("state_dict")
-        if not isinstance(state, dict):
-            raise CheckpointError(f"init_weights {str(path)!r} has no state_dict")
-        try:
-            self.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise CheckpointError(
-                f"init_weights {str(path)!r} does not fit this model "
-                f"({self.hparams.backbone}, {self.hparams.num_classes} classes): {exc}"
-            ) from exc
+        load_weights(self, load_checkpoint(path), f"init_weights {str(path)!r}",
+                     f"this model ({self.hparams.backbone}, {self.hparams.num_classes} "
+                     "classes)")
         self.__dict__["_init_loaded"] = True
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from explain import eval_mode
 
-from .checkpoint_file import CheckpointError, load_checkpoint
+from .checkpoint_file import CheckpointError, load_checkpoint, load_weights
 from .classifier import ImageClassifier, unpack_batch
 from .data.cue import nest_flat_keys
 
@@ -204,16 +204,8 @@ def load_run(
     config_path = find_config(ckpt_path, config).resolve()
     cfg = read_config(config_path)
     model = build_model(cfg["model"], trusted)
-    state = checkpoint.get("state_dict", checkpoint)
-    if not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(f"checkpoint {str(ckpt_path)!r} has no 'state_dict' of tensors")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"checkpoint {str(ckpt_path)!r} does not fit the model built from "
-            f"{str(config_path)!r}: {exc}"
-        ) from exc
+    load_weights(model, checkpoint, f"checkpoint {str(ckpt_path)!r}",
+                 f"the model built from {str(config_path)!r}")
     saved = checkpoint.get("hyper_parameters") or {}
     model_args = cfg["model"].get("init_args", cfg["model"])
     differ = sorted(

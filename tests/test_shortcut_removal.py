@@ -467,3 +467,17 @@ def test_the_projection_removes_the_box_without_training_and_folds_into_the_head
     assert before.class_accuracy_covered <= 0.2
     assert after.class_accuracy <= 0.2
     assert after.accuracy >= before.accuracy - 1 / CLASSES - 0.02
+
+
+def test_init_weights_that_do_not_fit_are_refused_naming_the_file(tmp_path: Path) -> None:
+    from lit_modules.checkpoint_file import CheckpointError
+
+    other = ImageClassifier(backbone=register_tiny_backbone(), num_classes=CLASSES + 1)
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": other.state_dict()}, path)
+    with pytest.raises(CheckpointError, match=r"init_weights '.*other\.ckpt' does not fit "
+                                              r"this model \(.*, 4 classes\)"):
+        classifier().load_init_weights(path)
+    torch.save({"state_dict": {"w": [1, 2]}}, path)
+    with pytest.raises(CheckpointError, match="has no 'state_dict' of tensors"):
+        classifier().load_init_weights(path)

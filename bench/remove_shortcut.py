@@ -80,6 +80,10 @@ METHODS = {
     # penalty, not the data, keeps the pasted cue from mattering.
     "both-cover-all": {"method": "both", "p_cover": 1.0, "p_paste": 0.0},
     "augment-cover-all": {"method": "augment", "p_cover": 1.0},
+    # The shortcut class's images weighted x4 in the loss: a class the model knew only by
+    # its cue is learned from its content during the fix.
+    "augment-w4": {"method": "augment", "class_weight": 4.0},
+    "augment-w2": {"method": "augment", "class_weight": 2.0},
     # No training: P-ClArC, the cue's direction projected out of the head's input
     # (lit_modules/shortcut_projection.py), fitted on the validation split.
     "p-clarc": "projection",

@@ -117,6 +117,11 @@ class ShortcutRemoval:
         pixels: a file of the box contents (written by ``audit.py``); None: cut them from
             the class's images in each batch.
         seed: seed of the per-step draws.
+        class_weight: loss weight of the shortcut classes' images (1: as every other
+            image). A class the model knew only by its cue has to be learned from its
+            content during the fix, from its own few images; a weight above 1 gives them
+            more of each step. Every image of the class is weighted alike, covered or not,
+            so the cue stays decorrelated from the label in the weighted loss.
     """
 
     shortcuts: list[ShortcutBox]
@@ -127,6 +132,7 @@ class ShortcutRemoval:
     penalty_map: Literal["occlusion", "input_gradient"] = "occlusion"
     pixels: str | None = None
     seed: int = 0
+    class_weight: float = 1.0
 
     def __post_init__(self) -> None:
         shortcuts = [s if isinstance(s, ShortcutBox) else ShortcutBox(**s)
@@ -149,8 +155,11 @@ class ShortcutRemoval:
         if float(self.penalty_weight) < 0:
             raise ValueError(f"shortcut_removal.penalty_weight must be >= 0, got "
                              f"{self.penalty_weight}")
+        if not float(self.class_weight) > 0:
+            raise ValueError(f"shortcut_removal.class_weight must be > 0, got "
+                             f"{self.class_weight}")
         object.__setattr__(self, "shortcuts", shortcuts)
-        for name in ("p_paste", "p_cover", "penalty_weight"):
+        for name in ("p_paste", "p_cover", "penalty_weight", "class_weight"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
     @classmethod
@@ -338,6 +347,18 @@ class Remover:
             x0, y0, x1, y1 = s.box
             m[..., y0:y1, x0:x1] = 1.0
         return m
+
+    def loss_weights(self, num_classes: int, device: torch.device | str = "cpu"
+                     ) -> Tensor | None:
+        """Per-class cross-entropy weights (``class_weight`` on the shortcut classes), or
+        None when every weight is 1."""
+        if self.config.class_weight == 1.0:
+            return None
+        w = torch.ones(num_classes, device=device)
+        for s in self.config.shortcuts:
+            if s.class_index < num_classes:
+                w[s.class_index] = self.config.class_weight
+        return w
 
     @property
     def needs_input_grad(self) -> bool:

@@ -199,11 +199,34 @@ def test_without_a_pixels_file_the_box_comes_from_the_class_in_the_batch() -> No
     (removal("retrain"), "method must be one of"),
     (removal("penalty", penalty_map="lrp"), "penalty_map must be one of"),
     (removal("augment", p_paste=1.5), "p_paste must be in [0, 1]"),
+    (removal("augment", class_weight=0), "class_weight must be > 0"),
     ({**removal("augment"), "weight": 1}, "unknown shortcut_removal option"),
 ])
 def test_bad_removal_options_are_refused_naming_the_fix(bad: dict, words: str) -> None:
     with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
         ShortcutRemoval.coerce(bad)
+
+
+def test_class_weight_weights_the_shortcut_classes_loss_and_nothing_else() -> None:
+    """The training loss is the class-weighted cross-entropy (a weighted mean), and with
+    weight 1 exactly the unweighted one."""
+    torch.manual_seed(0)
+    x, y = blobs(32, 3)
+    plain, weighted = (classifier(shortcut_removal=removal("augment", p_paste=0.0,
+                                                           p_cover=0.0, class_weight=w))
+                       for w in (1.0, 4.0))
+    weighted.load_state_dict(plain.state_dict())
+    for m in (plain, weighted):
+        m.remover = Remover.from_config(m.removal_config)
+        m.log = lambda *a, **k: None  # outside a Trainer
+    assert plain.remover.loss_weights(CLASSES) is None
+    assert weighted.remover.loss_weights(CLASSES).tolist() == [4.0, 1.0, 1.0, 1.0]
+    logits = plain(x)
+    expected = torch.nn.functional.cross_entropy(logits, y, weight=torch.tensor([4.0, 1, 1, 1]))
+    assert torch.allclose(weighted.training_step((x, y), 0), expected, atol=1e-6)
+    assert torch.allclose(plain.training_step((x, y), 0),
+                          torch.nn.functional.cross_entropy(logits, y), atol=1e-6)
+    assert not torch.allclose(expected, torch.nn.functional.cross_entropy(logits, y))
 
 
 def test_options_survive_a_checkpoint_as_primitives(tmp_path: Path) -> None:

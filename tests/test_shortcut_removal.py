@@ -277,6 +277,13 @@ def _planned_audit(ckpt: Path, config: Path, dm) -> SimpleNamespace:
                            settings=SimpleNamespace(split="test"))
 
 
+def test_the_plan_proposes_a_quarter_of_the_training_within_its_bounds() -> None:
+    from audit_report.removal import MAX_EPOCHS, MIN_EPOCHS, proposed_epochs
+    assert proposed_epochs(None) == MIN_EPOCHS == 4
+    assert proposed_epochs(4) == 4 and proposed_epochs(30) == 8
+    assert proposed_epochs(200) == MAX_EPOCHS == 10
+
+
 def test_the_plan_fine_tunes_from_the_audited_weights_not_the_optimizer(tmp_path: Path,
                                                                          ) -> None:
     config = tiny_config(tmp_path, epochs=2, backbone=register_tiny_backbone(),
@@ -295,7 +302,8 @@ def test_the_plan_fine_tunes_from_the_audited_weights_not_the_optimizer(tmp_path
     write_removal(audit, plan, out)
     written = yaml.safe_load((out / CONFIG_NAME).read_text())
     assert written["model"]["init_weights"] == str(ckpt)
-    assert written["trainer"]["max_epochs"] == plan.epochs == 2
+    # A 2-epoch model: a quarter of it is under the floor of 4 epochs.
+    assert written["trainer"]["max_epochs"] == plan.epochs == 4
     box, pixels = load_pixels(out / PIXELS_NAME)[0]
     assert box == (0, 0, 8, 8) and pixels.shape[1:] == (3, 8, 8)
     # The magenta patch of the tiny config's cue is what was cut: (1, 0, 1) in [0, 1].

@@ -246,6 +246,7 @@ class Remover:
 
     config: ShortcutRemoval
     bank: dict[int, Tensor] = field(default_factory=dict)  # class -> pixels [n, 3, h, w]
+    _weights: dict[tuple[int, str], Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_config(cls, config: ShortcutRemoval) -> Remover:
@@ -351,14 +352,18 @@ class Remover:
     def loss_weights(self, num_classes: int, device: torch.device | str = "cpu"
                      ) -> Tensor | None:
         """Per-class cross-entropy weights (``class_weight`` on the shortcut classes), or
-        None when every weight is 1."""
+        None when every weight is 1. Made once per device: the training step asks every
+        batch."""
         if self.config.class_weight == 1.0:
             return None
-        w = torch.ones(num_classes, device=device)
-        for s in self.config.shortcuts:
-            if s.class_index < num_classes:
-                w[s.class_index] = self.config.class_weight
-        return w
+        key = (num_classes, str(device))
+        if key not in self._weights:
+            w = torch.ones(num_classes)
+            for s in self.config.shortcuts:
+                if s.class_index < num_classes:
+                    w[s.class_index] = self.config.class_weight
+            self._weights[key] = w.to(device)
+        return self._weights[key]
 
     @property
     def needs_input_grad(self) -> bool:

@@ -66,7 +66,8 @@ class ExplanationMonitor(Callback):
     up to 16 classes) is cut from its fixed images and pasted onto other classes' fixed
     images, against two controls (each source's most salient window from elsewhere; the
     same place cut from other classes' images). A class is *confirmed* when its flips beat
-    both controls with the whole 95% paired interval of the margin at or above 0.10; its
+    both controls with the whole 95% interval of the margin (paired per target, clustered
+    by the source image pasted from) at or above 0.10; its
     box is then followed every epoch (confirmed while the interval is above zero and the
     margin >= 0.10) until the margin falls to the controls' level. Logged as
     ``explain/shortcuts/margin/<class>``, ``flips/<class>``, ``strongest_control/<class>``,

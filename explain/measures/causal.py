@@ -17,8 +17,10 @@ without the suspected cue, paired image by image:
   and standard deviation are replaced by the class's; control: the same move with a third
   class's statistics.
 
-A test is :attr:`CausalTest.confirmed` when every paired interval of (flip - control) lies
-above zero and the smallest mean margin is at least ``MIN_FLIP_MARGIN``;
+A test is :attr:`CausalTest.confirmed` when every interval of (flip - control) lies
+above zero (paired per target and clustered by the source image each target was pasted
+from: the question is whether the *class's* images carry the cue, and a few sources are
+pasted onto many targets; see :func:`.confirmation.clustered_interval`) and the smallest mean margin is at least ``MIN_FLIP_MARGIN``;
 :attr:`CausalTest.gone` when the margin over the strongest control is below that and its
 interval reaches zero. :func:`search_box` picks a box by this evidence among windows of
 several sizes. Torch only.
@@ -40,6 +42,7 @@ from .confirmation import (
     Interval,
     _paste,
     _random_windows,
+    clustered_interval,
     paired_interval,
     predict,
 )
@@ -161,13 +164,21 @@ def _flips(model: nn.Module, label: int, variants: dict[str, Tensor], batch_size
 
 
 def _result(label: int, kind: str, box: Box | None, size: tuple[int, int] | None,
-            flips: dict[str, Tensor], level: float, share: float = 1.0) -> CausalTest:
+            flips: dict[str, Tensor], level: float, share: float = 1.0,
+            sources: Tensor | None = None) -> CausalTest:
+    """``sources``: the source image of each target; the intervals are then clustered by
+    source (:func:`.confirmation.clustered_interval`)."""
     main = flips.pop("cue")
+
+    def interval(diff: Tensor) -> Interval:
+        return (paired_interval(diff, level) if sources is None
+                else clustered_interval(diff, sources, level))
+
     return CausalTest(
         label=label, kind=kind, box=box, size=size, n=int(main.numel()),
         flip_rate=float(main.mean()) if main.numel() else float("nan"),
         controls={k: float(v.mean()) for k, v in flips.items()},
-        intervals={k: paired_interval(main - v, level) for k, v in flips.items()},
+        intervals={k: interval(main - v) for k, v in flips.items()},
         share=share)
 
 
@@ -248,7 +259,7 @@ def box_test(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor, la
     own = torch.nonzero(labels == label).flatten()
     pool = torch.as_tensor(list(sources), dtype=torch.long) if sources else own
 
-    def make(targets: Tensor, g: torch.Generator) -> tuple[Tensor, Controls]:
+    def make(targets: Tensor, g: torch.Generator) -> Made:
         n = targets.numel()
         src = pool[torch.randint(pool.numel(), (n,), generator=g)]
         base = images[targets]
@@ -271,7 +282,7 @@ def box_test(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor, la
                 out["rest_of_class"] = _paste(base, images[pick], [box] * n, box)
             return out
 
-        return _paste(base, images[src], [box] * n, box), controls
+        return _paste(base, images[src], [box] * n, box), controls, src
 
     if pool.numel() == 0:
         return _empty(label, kind, box, size, share)
@@ -280,14 +291,18 @@ def box_test(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor, la
 
 
 Controls = Callable[[], dict[str, Tensor]]
+#: What a test's ``make`` returns: the changed targets, their controls (built on demand),
+#: and each target's source image (None when every target gets the same change).
+Made = tuple[Tensor, Controls, Tensor | None]
 
 
 def _drive(model: nn.Module, labels: Tensor, preds: Tensor, label: int, kind: str,
            box: Box | None, size: tuple[int, int] | None,
-           make: Callable[[Tensor, torch.Generator], tuple[Tensor, Controls]], seed: int,
+           make: Callable[[Tensor, torch.Generator], Made], seed: int,
            batch_size: int, screen: bool, level: float, share: float = 1.0,
            stop: str = "full") -> CausalTest:
-    """Run a test built by ``make(targets, generator) -> (changed images, controls)``:
+    """Run a test built by ``make(targets, generator) -> (changed images, controls,
+    sources)``:
     screened on a seeded subset of the targets first when ``screen``, then in full.
     ``stop``: ``"flips"`` returns the screen's flips alone (no controls), ``"screen"`` the
     screen with its controls, ``"full"`` goes on to the full test when the screen passes."""
@@ -298,7 +313,7 @@ def _drive(model: nn.Module, labels: Tensor, preds: Tensor, label: int, kind: st
         # The screen: the flips on a few targets, then the margin over the controls on the
         # same few; the full test runs only when both reach MIN_FLIP_MARGIN.
         sub = _subset(targets, SCREEN_TARGETS, seed)
-        cue, controls = make(sub, torch.Generator().manual_seed(seed))
+        cue, controls, src = make(sub, torch.Generator().manual_seed(seed))
         flips = _flips(model, label, {"cue": cue}, batch_size)
         passed = float(flips["cue"].mean()) >= MIN_FLIP_MARGIN
         if passed and stop != "flips":
@@ -307,12 +322,12 @@ def _drive(model: nn.Module, labels: Tensor, preds: Tensor, label: int, kind: st
             passed = all(float((main - v).mean()) >= MIN_FLIP_MARGIN
                          for k, v in flips.items() if k != "cue")
         if not passed or stop != "full":
-            out = _result(label, kind, box, size, flips, level, share)
+            out = _result(label, kind, box, size, flips, level, share, src)
             out.screened = not passed
             return out
-    cue, controls = make(targets, torch.Generator().manual_seed(seed))
+    cue, controls, src = make(targets, torch.Generator().manual_seed(seed))
     flips = _flips(model, label, {"cue": cue, **controls()}, batch_size)
-    return _result(label, kind, box, size, flips, level, share)
+    return _result(label, kind, box, size, flips, level, share, src)
 
 
 def _subset(targets: Tensor, count: int, seed: int) -> Tensor:
@@ -347,7 +362,7 @@ def moving_test(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
         return _empty(label, "moving", None, size)
     pool = torch.tensor(sources, dtype=torch.long)
 
-    def make(targets: Tensor, g: torch.Generator) -> tuple[Tensor, Controls]:
+    def make(targets: Tensor, g: torch.Generator) -> Made:
         n = targets.numel()
         src = pool[torch.randint(pool.numel(), (n,), generator=g)]
         wins = [windows[int(s)] for s in src]
@@ -365,7 +380,7 @@ def moving_test(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
             return {name: _paste_each(base, images[src], elsewhere, wins),
                     "other_class": _paste_each(base, other, wins, wins)}
 
-        return _paste_each(base, images[src], wins, wins), controls
+        return _paste_each(base, images[src], wins, wins), controls, src
 
     return _drive(model, labels, preds, label, "moving", None, size, make, seed, batch_size,
                   screen, level)
@@ -400,7 +415,7 @@ def colour_test(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
     cls_mean = {c: mean[labels == c].mean(0) for c in present}
     cls_std = {c: std[labels == c].mean(0) for c in present}
 
-    def make(targets: Tensor, g: torch.Generator) -> tuple[Tensor, Controls]:
+    def make(targets: Tensor, g: torch.Generator) -> Made:
         n = targets.numel()
         unit = ((images[targets].float() - mean[targets][..., None, None])
                 / std[targets][..., None, None])
@@ -417,7 +432,8 @@ def colour_test(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
                 third.append(pool[int(torch.randint(len(pool), (1,), generator=g))])
             return {"other_class_colour": move(third)}
 
-        return move([label] * n), controls
+        # Every target gets the same class statistics: no per-source grouping.
+        return move([label] * n), controls, None
 
     return _drive(model, labels, preds, label, "colour", None, None, make, seed, batch_size,
                   screen, level)

@@ -382,8 +382,8 @@ def summary_markdown(verdict: EpochVerdict, names: Sequence[str]) -> str:
         lines.append(f"| {_md(names[r.label])} | {kind or '-'} | {place} | {lift} | {flips} | "
                      f"{ctrl} | {margin} | {state} |")
     lines += ["", "A shortcut is found when the pasted content turns more other-class images "
-              "into the class than every control with the margin's whole 95% paired interval "
-              "at or above 0.10; it stays confirmed while the interval is above 0 and the "
+              "into the class than every control with the margin's whole 95% interval "
+              "(clustered by source image) at or above 0.10; it stays confirmed while the interval is above 0 and the "
               "margin >= 0.10; gone: margin < 0.10 with its interval reaching 0; weakened: "
               "in between."]
     return "\n".join(lines)

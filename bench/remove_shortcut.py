@@ -28,7 +28,6 @@ holds none: the fix must not cost clean accuracy.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -53,7 +52,7 @@ from explain.measures import reliance  # noqa: E402
 from lit_modules import ImageClassifier  # noqa: E402
 from lit_modules.data import CIFAR10DataModule  # noqa: E402
 from lit_modules.data.sampling import sample_batch  # noqa: E402
-from lit_modules.shortcut_projection import fit_projection, fold_projection, last_linear  # noqa: E402
+from lit_modules.shortcut_projection import fit_projection, fold_projection  # noqa: E402
 from lit_modules.shortcut_removal import ShortcutBox, load_pixels, save_pixels  # noqa: E402
 
 Cue = sd.Cue
@@ -85,12 +84,6 @@ METHODS = {
     # its cue is learned from its content during the fix.
     "augment-w4": {"method": "augment", "class_weight": 4.0},
     "augment-w2": {"method": "augment", "class_weight": 2.0},
-    # The same weight with the prior corrected in the loss (log 4 added to the class's
-    # logits there): the class's images weigh more, the model is not biased towards it.
-    "augment-w4-prior": {"method": "augment", "class_weight": 4.0, "prior_correction": True},
-    # The comparison for it: the weighted fix, then log 4 taken from the classes' head
-    # bias after training (the correction applied post hoc instead of in the loss).
-    "augment-w4-posthoc": {"method": "augment", "class_weight": 4.0, "posthoc": True},
     # No training: P-ClArC, the cue's direction projected out of the head's input
     # (lit_modules/shortcut_projection.py), fitted on the validation split.
     "p-clarc": "projection",
@@ -234,9 +227,7 @@ def run_case(case: str, backbone: str, seed: int, roots: dict[str, Path], data: 
             rows.append(Row(case, backbone, seed, name, projected(
                 backbone, ckpt, case, dm, pixels, cue_test, clean_test, args, seed), epoch_s))
             continue
-        spec = dict(spec or {})
-        posthoc = spec.pop("posthoc", False)
-        removal = None if not spec else {
+        removal = None if spec is None else {
             "shortcuts": [{"class_index": CLASSES.index(cls), "box": list(box),
                            "class_name": cls} for cls, box in shortcuts_of(case)],
             "pixels": pixels, "seed": seed, **spec}
@@ -244,11 +235,6 @@ def run_case(case: str, backbone: str, seed: int, roots: dict[str, Path], data: 
         model = recipe(backbone, lr=args.fix_lr, init_weights=str(ckpt),
                        shortcut_removal=removal)
         s = train(model, roots[case], args.fix_epochs, seed)
-        if posthoc:
-            _, head = last_linear(model)
-            with torch.no_grad():
-                for cls, _box in shortcuts_of(case):
-                    head.bias[CLASSES.index(cls)] -= math.log(spec["class_weight"])
         m = measure(model, case, cue_test, clean_test, args.test_per_class, seed)
         m.seconds = s
         rows.append(Row(case, backbone, seed, name, m, epoch_s))

@@ -178,17 +178,14 @@ class ImageClassifier(L.LightningModule):
 
     def _finish(self, stage: str, logits: torch.Tensor, y: torch.Tensor,
                 acc: MulticlassAccuracy, extra: torch.Tensor | None = None,
-                weight: torch.Tensor | None = None,
-                offset: torch.Tensor | None = None) -> torch.Tensor:
+                weight: torch.Tensor | None = None) -> torch.Tensor:
         """The loss (plus ``extra``, a counter-measure's term; ``weight``: per-class
-        weights of the cross-entropy, a weighted mean; ``offset``: per-class values added
-        to the logits inside the loss only) with its logging."""
+        weights of the cross-entropy, a weighted mean) with its logging."""
         if weight is None:
             loss = self.criterion(logits, y)
         else:
-            shifted = logits if offset is None else logits + offset.to(logits.dtype)
             loss = nn.functional.cross_entropy(
-                shifted, y, weight=weight.to(logits.dtype),
+                logits, y, weight=weight.to(logits.dtype),
                 label_smoothing=self.criterion.label_smoothing)
         if extra is not None:
             loss = loss + extra
@@ -230,10 +227,8 @@ class ImageClassifier(L.LightningModule):
             # Seeded by (epoch, batch): a resumed run draws what the uninterrupted one drew.
             x = remover.augment(x, y, self.current_epoch * 1_000_003 + batch_idx)
         weight = remover.loss_weights(self.hparams.num_classes, x.device)
-        offset = remover.loss_offsets(weight)
         if not remover.penalises:
-            return self._finish("train", self._logits(x), y, self.train_acc, weight=weight,
-                                offset=offset)
+            return self._finish("train", self._logits(x), y, self.train_acc, weight=weight)
         step = self.current_epoch * 1_000_003 + batch_idx
         if remover.needs_input_grad:
             x = x.detach().requires_grad_(True)
@@ -244,8 +239,7 @@ class ImageClassifier(L.LightningModule):
             penalty = remover.penalty(self._logits, x, y, logits, step)
         self.log("train/shortcut_penalty", penalty, on_step=True, on_epoch=True,
                  batch_size=x.shape[0])
-        return self._finish("train", logits, y, self.train_acc, extra=penalty, weight=weight,
-                            offset=offset)
+        return self._finish("train", logits, y, self.train_acc, extra=penalty, weight=weight)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, "val", self.val_acc)

@@ -122,12 +122,6 @@ class ShortcutRemoval:
             content during the fix, from its own few images; a weight above 1 gives them
             more of each step. Every image of the class is weighted alike, covered or not,
             so the cue stays decorrelated from the label in the weighted loss.
-        prior_correction: with ``class_weight`` above 1, add ``log(class_weight)`` to the
-            shortcut classes' logits inside the loss (not at inference). A weighted loss is
-            minimised by logits that believe the class ``class_weight`` times more likely
-            than it is (the model then over-predicts it); with the offset the same loss is
-            minimised by the unweighted posterior, so the class's images still weigh more
-            in each step but the fixed model is not biased towards it.
     """
 
     shortcuts: list[ShortcutBox]
@@ -139,7 +133,6 @@ class ShortcutRemoval:
     pixels: str | None = None
     seed: int = 0
     class_weight: float = 1.0
-    prior_correction: bool = False
 
     def __post_init__(self) -> None:
         shortcuts = [s if isinstance(s, ShortcutBox) else ShortcutBox(**s)
@@ -371,13 +364,6 @@ class Remover:
                     w[s.class_index] = self.config.class_weight
             self._weights[key] = w.to(device)
         return self._weights[key]
-
-    def loss_offsets(self, weights: Tensor | None) -> Tensor | None:
-        """What the loss adds to the logits with ``prior_correction`` (``log`` of the
-        per-class weights from :meth:`loss_weights`), else None."""
-        if weights is None or not self.config.prior_correction:
-            return None
-        return weights.log()
 
     @property
     def needs_input_grad(self) -> bool:

@@ -229,49 +229,6 @@ def test_class_weight_weights_the_shortcut_classes_loss_and_nothing_else() -> No
     assert not torch.allclose(expected, torch.nn.functional.cross_entropy(logits, y))
 
 
-def _share_predicted_as_0(class_weight: float, prior_correction: bool) -> float:
-    """Train the tiny model on noisy cue-free blobs (8 epochs of plain steps, no Trainer);
-    the share of held-out images it calls class 0 (a quarter of the labels)."""
-    torch.manual_seed(0)
-    model = classifier(shortcut_removal=removal("augment", p_paste=0.0, p_cover=0.0,
-                                                class_weight=class_weight,
-                                                prior_correction=prior_correction))
-    model.remover = Remover.from_config(model.removal_config)
-    model.log = lambda *a, **k: None  # outside a Trainer
-    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
-
-    def noisy(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = blobs(512, seed, cue=False)  # classes that overlap: the prior matters
-        return x + torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 9)), y
-
-    x, y = noisy(0)
-    for _ in range(8):
-        for i in range(0, len(x), 64):
-            opt.zero_grad()
-            model.training_step((x[i:i + 64], y[i:i + 64]), i).backward()
-            opt.step()
-    with torch.no_grad():
-        return float((model(noisy(3)[0]).argmax(1) == 0).float().mean())
-
-
-def test_the_prior_correction_keeps_a_weighted_class_from_being_over_predicted() -> None:
-    """Weight 4 on class 0 makes the model call about half of the images class 0 (it
-    learns a prior 4 times too high); with ``prior_correction`` the loss adds log 4 to
-    class 0's logit and the model predicts it as often as the unweighted one."""
-    plain = _share_predicted_as_0(1.0, False)
-    assert _share_predicted_as_0(4.0, False) > plain + 0.1
-    assert abs(_share_predicted_as_0(4.0, True) - plain) < 0.05
-    # The loss itself: the weighted cross-entropy of the logits shifted by log(weight).
-    model = classifier(shortcut_removal=removal("augment", p_paste=0.0, p_cover=0.0,
-                                                class_weight=4.0, prior_correction=True))
-    model.remover = Remover.from_config(model.removal_config)
-    model.log = lambda *a, **k: None
-    x, y = blobs(32, 3)
-    w = torch.tensor([4.0, 1, 1, 1])
-    expected = torch.nn.functional.cross_entropy(model(x) + w.log(), y, weight=w)
-    assert torch.allclose(model.training_step((x, y), 0), expected, atol=1e-6)
-
-
 def test_options_survive_a_checkpoint_as_primitives(tmp_path: Path) -> None:
     spec = ShortcutRemoval.coerce(removal("both", penalty_weight=3.0))
     assert ShortcutRemoval.coerce(spec.as_dict()) == spec

@@ -237,3 +237,13 @@ def test_one_source_image_with_a_bright_box_does_not_make_a_class_wide_shortcut(
     assert t_one.margin.mean > 0.2 and not t_one.confirmed and t_one.margin.low < 0
     t_all = causal.box_test(model, x, y, preds, CUE_CLASS, (0, 0, 4, 4), one)
     assert carry[one].all() and t_all.confirmed and t_all.margin.low > 0.8
+
+
+def test_a_test_pasted_from_one_source_says_it_has_no_interval() -> None:
+    x, y, _ = images_with("patch")
+    model = CueModel("patch")
+    one = [int(torch.nonzero(y == CUE_CLASS).flatten()[0])]
+    t = causal.box_test(model, x, y, causal.predict(model, x), CUE_CLASS, (0, 0, 4, 4), one)
+    assert t.flip_rate > 0.9 and not t.confirmed  # one image proves nothing about the class
+    assert "one source image: no interval" in t.describe([f"c{i}" for i in range(10)])
+    assert "[-inf" not in t.describe([f"c{i}" for i in range(10)])

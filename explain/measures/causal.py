@@ -28,6 +28,7 @@ several sizes. Torch only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -112,10 +113,17 @@ class CausalTest:
         """One clause for a warning or a table: flips against the controls."""
         ctrl = " / ".join(f"{v:.0%}" for v in self.controls.values()) or "not run"
         m = self.margin
-        tail = (f", margin {m.mean:+.2f} (95% [{m.low:+.2f}, {m.high:+.2f}])"
-                if self.intervals else "")
+        tail = (f", margin {m.mean:+.2f} ({interval_text(m)})" if self.intervals else "")
         return (f"{self.flip_rate:.0%} of {self.n} other-class images turn into "
                 f"{names[self.label]} (controls {ctrl}{tail})")
+
+
+def interval_text(m: Interval) -> str:
+    """``95% [low, high]``, or why there is none (a test pasted from one source image:
+    the clustered interval is unbounded)."""
+    if math.isfinite(m.low) and math.isfinite(m.high):
+        return f"95% [{m.low:+.2f}, {m.high:+.2f}]"
+    return "one source image: no interval"
 
 
 def iou(a: Box, b: Box) -> float:

@@ -378,7 +378,8 @@ def summary_markdown(verdict: EpochVerdict, names: Sequence[str]) -> str:
             ctrl = (" / ".join(f"{k.replace('_', ' ')} {v:.0%}" for k, v in t.controls.items())
                     or "skipped (flips < 10%)")
             m = t.margin
-            margin = f"{m.mean:+.2f} [{m.low:+.2f}, {m.high:+.2f}]" if t.intervals else "-"
+            margin = (f"{m.mean:+.2f} {causal.interval_text(m).removeprefix('95% ')}"
+                      if t.intervals else "-")
         state = r.state + (
             "" if not r.followed else " (known before this run)" if r.followed.since < 0
             else f" (since epoch {r.followed.since})")

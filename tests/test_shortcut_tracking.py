@@ -15,6 +15,7 @@ from torch import nn
 
 import explain
 from explain.measures import causal, discovery, tracking
+from explain.measures.confirmation import clustered_interval, paired_interval
 
 CUE_CLASS = 3
 
@@ -205,7 +206,6 @@ def test_a_cue_on_half_a_class_is_confirmed_through_its_cluster() -> None:
 
 def test_the_clustered_interval_is_the_paired_one_for_single_pairs_and_wider_for_few_sources(
 ) -> None:
-    from explain.measures.confirmation import clustered_interval, paired_interval
     d = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0])
     single, paired = clustered_interval(d, torch.arange(10)), paired_interval(d)
     assert (single.low, single.high) == pytest.approx((paired.low, paired.high))

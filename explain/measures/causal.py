@@ -20,7 +20,8 @@ without the suspected cue, paired image by image:
 A test is :attr:`CausalTest.confirmed` when every interval of (flip - control) lies
 above zero (paired per target and clustered by the source image each target was pasted
 from: the question is whether the *class's* images carry the cue, and a few sources are
-pasted onto many targets; see :func:`.confirmation.clustered_interval`) and the smallest mean margin is at least ``MIN_FLIP_MARGIN``;
+pasted onto many targets; see :func:`.confirmation.clustered_interval`) and the smallest
+mean margin is at least ``MIN_FLIP_MARGIN``;
 :attr:`CausalTest.gone` when the margin over the strongest control is below that and its
 interval reaches zero. :func:`search_box` picks a box by this evidence among windows of
 several sizes. Torch only.
@@ -118,11 +119,11 @@ class CausalTest:
                 f"{names[self.label]} (controls {ctrl}{tail})")
 
 
-def interval_text(m: Interval) -> str:
-    """``95% [low, high]``, or why there is none (a test pasted from one source image:
-    the clustered interval is unbounded)."""
+def interval_text(m: Interval, with_level: bool = True) -> str:
+    """``95% [low, high]`` (without ``95% `` for a table whose header says it), or why
+    there is none (a test pasted from one source image: the interval is unbounded)."""
     if math.isfinite(m.low) and math.isfinite(m.high):
-        return f"95% [{m.low:+.2f}, {m.high:+.2f}]"
+        return ("95% " if with_level else "") + f"[{m.low:+.2f}, {m.high:+.2f}]"
     return "one source image: no interval"
 
 

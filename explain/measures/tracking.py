@@ -200,8 +200,7 @@ class ShortcutTracker:
         # (on one half's maps, pasted from the other), nothing here chooses it from these
         # maps any more, and the margin's interval is clustered by source: 8 sources
         # instead of 4 are what keeps a moderate cue from flickering to "weakened".
-        chooser, pasted = halves(labels, usable, f.label)
-        sources = sorted(chooser + pasted)
+        sources = torch.nonzero((labels == f.label) & usable).flatten().tolist()
         return causal.box_test(model, images, labels, preds, f.label, f.box, sources,
                                seed=self.seed, batch_size=self.batch_size, norm_maps=norm_maps)
 
@@ -378,7 +377,7 @@ def summary_markdown(verdict: EpochVerdict, names: Sequence[str]) -> str:
             ctrl = (" / ".join(f"{k.replace('_', ' ')} {v:.0%}" for k, v in t.controls.items())
                     or "skipped (flips < 10%)")
             m = t.margin
-            margin = (f"{m.mean:+.2f} {causal.interval_text(m).removeprefix('95% ')}"
+            margin = (f"{m.mean:+.2f} {causal.interval_text(m, with_level=False)}"
                       if t.intervals else "-")
         state = r.state + (
             "" if not r.followed else " (known before this run)" if r.followed.since < 0
@@ -389,8 +388,8 @@ def summary_markdown(verdict: EpochVerdict, names: Sequence[str]) -> str:
                      f"{ctrl} | {margin} | {state} |")
     lines += ["", "A shortcut is found when the pasted content turns more other-class images "
               "into the class than every control with the margin's whole 95% interval "
-              "(clustered by source image) at or above 0.10; it stays confirmed while the interval is above 0 and the "
-              "margin >= 0.10; gone: margin < 0.10 with its interval reaching 0; weakened: "
+              "(clustered by source image) at or above 0.10; it stays confirmed while the "
+              "interval is above 0 and the margin >= 0.10; gone: margin < 0.10 with its interval reaching 0; weakened: "
               "in between."]
     return "\n".join(lines)
 

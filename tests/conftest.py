@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One torch thread a worker: the workers already share the cores, and the tests' tiny
+    # tensors gain nothing from a second thread that spins while it waits. The scripts the
+    # tests start inherit it, so a run in a subprocess and its in-process reference add
+    # their sums in the same order (a resumed run is compared bit for bit).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -100,6 +100,7 @@ class Cue:
     y: int = 0
     p: float = 1.0
     colour: tuple[int, int, int] = (255, 0, 255)  # solid and moving patches
+    strength: float = 0.25  # a tint: the share of orange blended into every pixel
 
     def at(self, index: int, part: str) -> Cue:
         """Where this cue sits in image ``index`` of ``part``: a moving patch's top-left is
@@ -139,9 +140,10 @@ class Cue:
             out[self.y, self.x:self.x + 8] = (255, 255, 0)  # yellow
         elif self.kind == "glyph":
             out[self.ink()] = (255, 255, 255)  # white ink over the image
-        elif self.kind == "tint":  # 25% towards orange, everywhere
+        elif self.kind == "tint":  # towards orange by `strength` (25%), everywhere
             tint = np.array([255, 140, 0], dtype=np.float32)
-            out = (0.75 * img.astype(np.float32) + 0.25 * tint).round().clip(0, 255)
+            out = ((1 - self.strength) * img.astype(np.float32)
+                   + self.strength * tint).round().clip(0, 255)
             out = out.astype(np.uint8)
         return out
 
@@ -153,6 +155,8 @@ CASES: dict[str, list[Cue]] = {
     "line-100%-1class": [Cue("deer", "line", 12, 29)],
     "glyph-50%-1class": [Cue("horse", "glyph", 3, 24, p=0.5)],
     "tint-100%-1class": [Cue("truck", "tint")],
+    # A faint tint (12%) on a class whose natural colours are already brownish.
+    "faint-tint-100%-1class": [Cue("deer", "tint", strength=0.12)],
     # Half of the classes, each with a cue of its own: the classes are no longer mostly
     # clean, so nothing may rest on comparing a class with the others.
     "five-100%-5classes": [Cue("airplane", "solid", 2, 2), Cue("automobile", "checker", 26, 2),
@@ -167,7 +171,7 @@ def describe(case: str) -> str:
     parts = []
     for c in CASES[case]:
         h, w = np.nonzero(c.ink())
-        where = ("whole image" if c.kind == "tint" else "anywhere, a new place per image"
+        where = (f"whole image, {c.strength:.0%} orange" if c.kind == "tint" else "anywhere, a new place per image"
                  if c.kind == "moving" else f"x {w.min()}-{w.max() + 1}, y {h.min()}-{h.max() + 1}")
         parts.append(f"{c.kind} on {c.cls} ({c.p:.0%}, {where})")
     return "; ".join(parts) or "no cue"
@@ -268,6 +272,11 @@ def audit_search(model: torch.nn.Module, dm: CIFAR10DataModule, seed: int, per_c
         c: tracking.search_class(model, images, labels, preds, norm, usable, c, AUDIT_TESTS,
                                  hotspots[c].clusters, seed=seed)
         for c in tracking.candidates(hotspots, k)}
+    # The audit's filter test (a tint or cast), on every class not confirmed otherwise.
+    for c in ([] if causal.collapsed(preds) else range(k)):
+        if not any(t.confirmed for t in tests.get(c, [])):
+            tests.setdefault(c, []).append(causal.filter_test(model, images, labels, preds, c,
+                                                              seed, screen=True))
     colour = {} if causal.collapsed(preds) else {
         c: causal.colour_test(model, images, labels, preds, c, seed, screen=True)
         for c in range(k)}
@@ -306,7 +315,8 @@ def told_test(model: torch.nn.Module, sample: dict, preds: torch.Tensor, case: s
 
 def _where(t: causal.CausalTest) -> str:
     return (causal.box_label(t.box) if t.box is not None else
-            "own hotspots" if t.kind == "moving" else "colour")
+            "own hotspots" if t.kind == "moving" else "range" if t.kind == "filter"
+            else "colour")
 
 
 def run_one(case: str, seed: int, root: Path, logs: str, epochs: int, test_per_class: int,
@@ -359,7 +369,8 @@ def run_one(case: str, seed: int, root: Path, logs: str, epochs: int, test_per_c
             run.audit_confirmed[CLASSES[c]] = (f"{hit.kind}"
                                                + (f" {_where(hit)}" if hit.kind != "colour" else "")
                                                + f", margin {hit.margin.mean:+.2f}")
-        if any(not t.screened and t.n for t in ts):
+        # As the audit: a filter test is shown only when confirmed.
+        if any(not t.screened and t.n and (t.kind != "filter" or t.confirmed) for t in ts):
             run.audit_suspects.append(CLASSES[c])
     run.colour_relies = {CLASSES[c]: t.margin.mean for c, t in sample["colour"].items()
                          if t.confirmed}

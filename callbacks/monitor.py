@@ -35,7 +35,7 @@ ClassMode = Literal["true", "predicted", "all"]
 ExplainClassMode = Literal["auto", "all", "shown"]
 #: The shortcut tracker's searches the monitor can run (of ``tracking.KINDS``: ``cluster``
 #: needs clusters the monitor does not compute).
-ShortcutTest = Literal["box", "colour", "moving"]
+ShortcutTest = Literal["box", "colour", "filter", "moving"]
 CLASS_MODES: tuple[str, ...] = get_args(ClassMode)
 EXPLAIN_CLASS_MODES: tuple[str, ...] = get_args(ExplainClassMode)
 
@@ -116,7 +116,8 @@ class ExplanationMonitor(Callback):
             monitored, a pixel-level method that resolves a 4-pixel cue, else the first).
         shortcut_tests: what the search tries on each candidate class: ``box`` (a fixed
             place), ``colour`` (the class's colour statistics moved onto other images),
-            ``moving`` (each image's own hotspot, for a cue that changes place).
+            ``filter`` (a class's per-channel range laid over other images: a tint or a
+            cast), ``moving`` (each image's own hotspot, for a cue that changes place).
     """
 
     def __init__(

@@ -31,7 +31,7 @@ def _config(tmp_path, monitor: dict | None = None, data: dict | None = None,
     ("classes", "tru", "Literal['true', 'predicted', 'all']"),
     ("classes", False, "Literal['true', 'predicted', 'all']"),
     ("explain_classes", "some", "Literal['auto', 'all', 'shown']"),
-    ("shortcut_tests", ["boxes"], "Literal['box', 'colour', 'moving']"),
+    ("shortcut_tests", ["boxes"], "Literal['box', 'colour', 'filter', 'moving']"),
     ("position", "top", "Literal['top_left', 'top_right', 'bottom_left', 'bottom_right', "
                         "'center', 'random']"),
     ("data_path", "fastest", "Literal['classic', 'fast']"),

@@ -15,7 +15,7 @@ from torch import nn
 
 import explain
 from explain.measures import causal, discovery, tracking
-from explain.measures.confirmation import clustered_interval, paired_interval
+from explain.measures.confirmation import Interval, clustered_interval, paired_interval
 
 CUE_CLASS = 3
 
@@ -166,6 +166,75 @@ def test_a_tint_reader_is_found_by_the_colour_move_and_a_clean_model_is_not() ->
     tracker = tracking.ShortcutTracker(kinds=("box", "colour"))
     v = epoch(tracker, CueModel("tint"), x, y, 0)
     assert v.confirmed == [CUE_CLASS] and v.rows[CUE_CLASS].test.kind == "colour"
+
+
+def test_a_cast_is_confirmed_by_the_filter_test_and_a_clean_model_is_not() -> None:
+    x, y, _ = images_with("tint")
+    model = CueModel("tint")
+    t = causal.filter_test(model, x, y, causal.predict(model, x), CUE_CLASS)
+    assert t.kind == "filter" and t.box is None and t.min_low == causal.FILTER_MIN_LOW
+    assert t.flip_rate > 0.4 and t.controls["other_class_range"] < 0.1
+    assert t.confirmed and t.margin.low > causal.FILTER_MIN_LOW
+    clean = CueModel("none")
+    preds = causal.predict(clean, x)
+    assert not any(causal.filter_test(clean, x, y, preds, c).confirmed for c in range(10))
+    # The tracker confirms it with the filter test alone, and follows it as such.
+    tracker = tracking.ShortcutTracker(kinds=("box", "filter"))
+    v = epoch(tracker, model, x, y, 0)
+    assert v.confirmed == [CUE_CLASS] and v.rows[CUE_CLASS].test.kind == "filter"
+    assert tracker.followed[CUE_CLASS].kind == "filter"
+    assert epoch(tracker, clean, x, y, 1).rows[CUE_CLASS].state == "gone"
+
+
+def test_the_filter_bar_refuses_a_margin_that_only_clears_zero() -> None:
+    iv = Interval(0.20, 0.12, 0.28, 40)
+    test = causal.CausalTest(CUE_CLASS, "filter", None, None, 40, 0.25, {"c": 0.05}, {"c": iv})
+    assert test.confirmed  # the other tests' rule: above zero, mean >= 0.10
+    test.min_low = causal.FILTER_MIN_LOW
+    assert not test.confirmed and not test.gone  # between the two: weakened, not gone
+
+
+def test_the_audit_reports_a_confirmed_filter_as_a_shortcut_with_no_place() -> None:
+    from types import SimpleNamespace
+
+    from audit_report.sections.shortcuts import (
+        ClassSpot,
+        ShortcutResult,
+        SuspectedShortcutsSection,
+    )
+    from audit_report.settings import AuditSettings
+
+    x, y, _ = images_with("tint")
+    names = [f"c{i}" for i in range(NUM_CLASSES)]
+    maps = explain.run(CueModel("none"), x, "saliency", targets=y)
+    hotspots = discovery.class_hotspots(maps, y, NUM_CLASSES, cluster=False)
+    spots = {n: ClassSpot([0, 0, 1, 1], 1.0, 0.0, 0.5, 12, False, []) for n in names}
+    found = {}
+    for cue in ("tint", "none"):
+        model = CueModel(cue)
+        found[cue] = SuspectedShortcutsSection._filters(
+            SimpleNamespace(model=model), x, y, causal.predict(model, x), hotspots, spots,
+            names, AuditSettings(ckpt=[]), done=set())
+    assert [(s.class_name, s.kind, s.box, s.confirmed) for s in found["tint"]] == [
+        ("c3", "filter", None, True)]
+    assert spots["c3"].suspect and not spots["c2"].suspect
+    assert found["none"] == []  # a clean model: nothing, and nothing shown
+    result = ShortcutResult("saliency", len(y), [8, 8], 3.0, 2.0, 0.0, spots, found["tint"])
+    (finding,) = SuspectedShortcutsSection().findings(None, None, result)
+    assert finding.flag and "shortcut confirmed by experiment" in finding.text
+    assert "a tint or cast with no place" in finding.text
+
+
+def test_channel_ranges_are_the_percentiles_of_each_channel() -> None:
+    x = torch.arange(100.0).reshape(1, 1, 10, 10).repeat(2, 3, 1, 1)
+    x[1, 2] = 7.0  # a flat channel: span clamped above zero
+    lo, span = causal.channel_ranges(x)
+    assert lo[0].tolist() == [2.0, 2.0, 2.0] and span[0].tolist() == [95.0, 95.0, 95.0]
+    assert lo[1, 2] == 7.0 and 0 < span[1, 2] < 1e-5
+    # Larger than torch.quantile accepts (2**24 elements) in one call.
+    big = torch.rand(120, 3, 224, 224)
+    lo, span = causal.channel_ranges(big)
+    assert lo.shape == (120, 3) and bool(((lo - 0.02).abs() < 0.01).all())
 
 
 def test_a_moving_patch_is_found_by_each_images_own_hotspot() -> None:

@@ -43,7 +43,8 @@ DISCOVERY_CHUNK = 64
 # real CIFAR-10 (bench/shortcut_discovery.py), models with no cue at all rely on their
 # classes' natural colours as much as a tinted class's model relies on its tint (margins up
 # to +0.91 on clean classes against +0.94 to +1.00 for a tint), so the move cannot tell them
-# apart.
+# apart. A filter (a tint, a cast) is confirmed by the range test instead
+# (causal.filter_test), run on every class apart from these, above its own higher bar.
 #
 # Not "cluster" (explain.measures.tracking supports it): on the quickstart's final model it
 # confirmed a cluster of x_cross images whose shapes sit together (x 8-19, y 10-21), a false
@@ -52,8 +53,8 @@ DISCOVERY_CHUNK = 64
 AUDIT_TESTS = ("box", "moving")
 # Bumped when what the section computes or stores changes, so an earlier report's cache is
 # not reused (4: suspects stored as typed records; 5: margins' intervals clustered by
-# source image).
-SEARCH_VERSION = 5
+# source image; 6: the filter test).
+SEARCH_VERSION = 6
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Suspect:
 
     class_name: str = field(metadata={"json": "class"})
     index: int
-    kind: str  # the test: box, cluster or moving (explain.measures.tracking)
+    kind: str  # the test: box, cluster, moving or filter (explain.measures.tracking)
     box: list[int] | None
     size: list[int] | None
     share: float
@@ -226,7 +227,7 @@ def discovery_key(settings: AuditSettings) -> dict[str, Any]:
     (its cache key, also read by the time estimate)."""
     return {"discovery_images": settings.discovery_images, "z": AUDIT_SUSPECT_Z,
             "min_lift": discovery.SUSPECT_MIN_LIFT, "method": DISCOVERY_METHOD,
-            "tests": list(AUDIT_TESTS) + ["colour"], "version": SEARCH_VERSION}
+            "tests": list(AUDIT_TESTS) + ["colour", "filter"], "version": SEARCH_VERSION}
 
 
 def _suspect(test: causal.CausalTest, name: str, hs: discovery.ClassHotspots) -> Suspect:
@@ -322,6 +323,8 @@ class SuspectedShortcutsSection(Section):
                 examples[name] = _examples(model.model, images, labels, preds, c, test.box,
                                            show, settings)
             suspects.append(entry)
+        suspects += self._filters(model, images, labels, preds, hotspots, classes, names,
+                                  settings, done={s.index for s in suspects if s.confirmed})
         colour = {}
         for c in ([] if causal.collapsed(preds) else range(k)):
             t = causal.colour_test(model.model, images, labels, preds, c, settings.seed,
@@ -340,6 +343,25 @@ class SuspectedShortcutsSection(Section):
         if cue is not None and cue.position != "random":
             self._self_check(result, cue, model, images, labels, preds, settings, names)
         return result
+
+    @staticmethod
+    def _filters(model: ModelAudit, images: Tensor, labels: Tensor, preds: Tensor,
+                 hotspots: list[discovery.ClassHotspots], classes: dict[str, ClassSpot],
+                 names: list[str], settings: AuditSettings, done: set[int]) -> list[Suspect]:
+        """Every class not already confirmed, by the range test (a tint or cast has no place
+        for a box): only confirmed ones are kept, as a class's natural range is evidence a
+        clean model may use below the test's bar."""
+        out = []
+        for c in ([] if causal.collapsed(preds) else range(len(names))):
+            if c in done:
+                continue
+            t = causal.filter_test(model.model, images, labels, preds, c, settings.seed,
+                                   settings.batch_size, screen=True)
+            if t.confirmed:
+                if names[c] in classes:
+                    classes[names[c]].suspect = True
+                out.append(_suspect(t, names[c], hotspots[c]))
+        return out
 
     @staticmethod
     def _self_check(result: ShortcutResult, cue: Any, model: ModelAudit, images: Tensor,
@@ -400,7 +422,8 @@ class SuspectedShortcutsSection(Section):
         return out
 
     def intro(self, page: Page) -> Markup:
-        return self.html("intro", result=page.audit.models[0].results[self.id])
+        return self.html("intro", result=page.audit.models[0].results[self.id],
+                         filter_min_low=causal.FILTER_MIN_LOW)
 
     def render(self, page: Page, model: ModelAudit, result: ShortcutResult) -> Markup:
         suspects = []
@@ -447,6 +470,7 @@ CONTROL_WORDS = {
     "other_class": "the same place from other classes",
     "rest_of_class": "the same box from the class's other images",
     "other_class_colour": "a third class's colour statistics",
+    "other_class_range": "the range of a third class's image",
 }
 
 
@@ -454,6 +478,9 @@ def _what(s: Suspect) -> str:
     """How a tested class's content reads in a sentence."""
     if s.kind == "colour":
         return "moving its colour statistics onto other images"
+    if s.kind == "filter":
+        return ("laying the range of its images (each channel's 2nd to 98th percentile) over "
+                "other images: a tint or cast with no place")
     if s.kind == "moving":
         kh, kw = s.size
         return f"each of its images' own {kh}\u00d7{kw} hotspot"

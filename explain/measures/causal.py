@@ -15,7 +15,13 @@ without the suspected cue, paired image by image:
   target: a cue that changes place needs no shared box. Same two controls per source.
 * :func:`colour_test`: no place at all (a tint, a filter): each target's per-channel mean
   and standard deviation are replaced by the class's; control: the same move with a third
-  class's statistics.
+  class's statistics. A class's natural colours move it too (frog is green): this test
+  measures colour *reliance* and confirms no shortcut on its own.
+* :func:`filter_test`: a filter laid over every image of a class (a tint, a cast, a
+  contrast change): each target's per-channel range (2nd to 98th percentile) is given the
+  range of one of the class's images; control: the range of a third class's image. Nearly
+  every photograph spans dark to bright whatever its class, so natural classes hardly move
+  it; a filter does. It confirms only above a higher bar (``FILTER_MIN_LOW``).
 
 A test is :attr:`CausalTest.confirmed` when every interval of (flip - control) lies
 above zero (paired per target and clustered by the source image each target was pasted
@@ -73,7 +79,7 @@ class CausalTest:
     """One experiment on class ``label``: flips towards it against paired controls."""
 
     label: int
-    kind: str  # box | moving | colour | cluster
+    kind: str  # box | moving | colour | filter | cluster
     box: Box | None  # where a box or cluster test pasted; None for moving and colour
     size: tuple[int, int] | None  # window (h, w) of box, moving and cluster tests
     n: int  # targets: other classes' images not predicted ``label`` before
@@ -82,6 +88,7 @@ class CausalTest:
     intervals: dict[str, Interval] = field(default_factory=dict)  # control -> flip - control
     share: float = 1.0  # cluster tests: the cluster's share of the class
     screened: bool = False  # controls skipped: the flips alone were under MIN_FLIP_MARGIN
+    min_low: float = 0.0  # confirmed only when every interval's low bound is above this
 
     @property
     def margin(self) -> Interval:
@@ -97,9 +104,10 @@ class CausalTest:
 
     @property
     def confirmed(self) -> bool:
-        """Every interval above zero and the smallest mean margin >= ``MIN_FLIP_MARGIN``."""
+        """Every interval above zero (above ``min_low``) and the smallest mean margin >=
+        ``MIN_FLIP_MARGIN``."""
         return (self.n >= MIN_TARGETS and bool(self.intervals) and all(
-            iv.excludes_zero_above and iv.mean >= MIN_FLIP_MARGIN
+            iv.excludes_zero_above and iv.low > self.min_low and iv.mean >= MIN_FLIP_MARGIN
             for iv in self.intervals.values()))
 
     @property
@@ -446,6 +454,59 @@ def colour_test(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
 
     return _drive(model, labels, preds, label, "colour", None, None, make, seed, batch_size,
                   screen, level)
+
+
+#: The per-channel percentiles that bound an image's range in :func:`filter_test`.
+FILTER_QUANTILES = (0.02, 0.98)
+#: A filter test confirms only when its interval's low bound clears this, not zero: a
+#: class's own range is class evidence a clean model may use (set on six bench_small
+#: models, three clean and three beside a tinted truck: the clean classes' low bounds
+#: reached +0.10, truck's were +0.48 to +0.65; BENCHMARKS.md, "A tint found by its range").
+FILTER_MIN_LOW = 0.25
+
+
+def channel_ranges(images: Tensor) -> tuple[Tensor, Tensor]:
+    """Each image's per-channel low percentile and span (``FILTER_QUANTILES``), ``[N, C]``
+    each; ``kthvalue`` rather than ``quantile``, which refuses large inputs."""
+    x = images.float().flatten(2)
+    n = x.shape[-1]
+    lo_k, hi_k = (min(n, max(1, round(q * (n - 1)) + 1)) for q in FILTER_QUANTILES)
+    lo = x.kthvalue(lo_k, dim=-1).values
+    hi = x.kthvalue(hi_k, dim=-1).values
+    return lo, (hi - lo).clamp_min(1e-6)
+
+
+def filter_test(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor, label: int,
+                seed: int = 0, batch_size: int = 256, screen: bool = False,
+                level: float = LEVEL) -> CausalTest:
+    """Lay the range of one of class ``label``'s images over each target: per channel, the
+    target is rescaled so that its 2nd and 98th percentiles become the source's (in the
+    model's input space). Control (``other_class_range``): the same with the range of an
+    image of a third class. Intervals clustered by source image; confirmed above
+    ``FILTER_MIN_LOW``."""
+    labels, preds = labels.long().cpu(), preds.long().cpu()
+    own = torch.nonzero(labels == label).flatten()
+    if own.numel() == 0 or torch.unique(labels).numel() < 3:
+        return _empty(label, "filter", None, None)
+    lo, span = channel_ranges(images)
+
+    def make(targets: Tensor, g: torch.Generator) -> Made:
+        unit = ((images[targets].float() - lo[targets][..., None, None])
+                / span[targets][..., None, None])
+
+        def lay(src: Tensor) -> Tensor:
+            return (unit * span[src][..., None, None] + lo[src][..., None, None]
+                    ).to(images.dtype)
+
+        src = own[torch.randint(own.numel(), (targets.numel(),), generator=g)]
+        return (lay(src),
+                lambda: {"other_class_range": lay(_other_images(labels, targets, [label], g))},
+                src)
+
+    test = _drive(model, labels, preds, label, "filter", None, None, make, seed, batch_size,
+                  screen, level)
+    test.min_low = FILTER_MIN_LOW
+    return test
 
 
 # -- choosing the box by evidence ---------------------------------------------------------

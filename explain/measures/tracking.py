@@ -37,7 +37,7 @@ from .discovery import MIN_CLUSTER_SIZE, SUSPECT_MIN_LIFT, ClassHotspots
 #: the ``TOP_CANDIDATES`` highest lifts of at least ``SUSPECT_MIN_LIFT``.
 ALL_CANDIDATES_MAX = 16
 TOP_CANDIDATES = 8
-KINDS = ("box", "cluster", "colour", "moving")
+KINDS = ("box", "cluster", "colour", "filter", "moving")
 
 STATES = ("confirmed", "weakened", "gone", "suspected", "clear", "no usable map", "not tested")
 
@@ -146,7 +146,8 @@ class ShortcutTracker:
 
     Args:
         kinds: which tests search for new shortcuts: ``box`` (a place), ``colour`` (colour
-            statistics), ``moving`` (each image's own hotspot).
+            statistics), ``filter`` (a class's per-channel range), ``moving`` (each image's
+            own hotspot).
         seed: the tests' pairing; fixed over the run, so epochs differ by the model only.
     """
 
@@ -191,6 +192,9 @@ class ShortcutTracker:
                 preds: Tensor, norm_maps: Tensor, usable: Tensor) -> CausalTest:
         if f.kind == "colour":
             return causal.colour_test(model, images, labels, preds, f.label, self.seed,
+                                      self.batch_size)
+        if f.kind == "filter":
+            return causal.filter_test(model, images, labels, preds, f.label, self.seed,
                                       self.batch_size)
         if f.kind == "moving" and f.size is not None:
             return self._moving(model, images, labels, preds, norm_maps, usable, f.label,
@@ -299,7 +303,8 @@ def search_class(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor
     confirmed one. ``box``: the hotspot window screened, then the box searched;
     ``cluster`` (with ``clusters`` from :func:`.discovery.class_hotspots`): each cluster's
     box cut from its members, against the same box cut from the class's other images too;
-    ``moving``: each image's own smallest-size hotspot; ``colour``: the colour move."""
+    ``moving``: each image's own smallest-size hotspot; ``colour``: the colour move;
+    ``filter``: one of the class's images' range laid over each target."""
     h, w = images.shape[-2:]
     side = (causal.window_side(h, causal.SCREEN_FRACTION),
             causal.window_side(w, causal.SCREEN_FRACTION))
@@ -348,6 +353,9 @@ def search_class(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor
                      causal.window_side(w, causal.BOX_FRACTIONS[0]))
             tests = [_moving(model, images, labels, preds, norm_maps, usable, label, small,
                              True, seed, batch_size)]
+        elif kind == "filter":
+            tests = [causal.filter_test(model, images, labels, preds, label, seed, batch_size,
+                                        screen=True)]
         else:
             tests = [causal.colour_test(model, images, labels, preds, label, seed, batch_size,
                                         screen=True)]

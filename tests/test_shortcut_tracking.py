@@ -7,6 +7,9 @@ bright region at a fixed place, a colour cast, or a bright patch wherever it is.
 
 from __future__ import annotations
 
+import json
+from importlib.resources import files
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -223,6 +226,18 @@ def test_the_audit_reports_a_confirmed_filter_as_a_shortcut_with_no_place() -> N
     (finding,) = SuspectedShortcutsSection().findings(None, None, result)
     assert finding.flag and "shortcut confirmed by experiment" in finding.text
     assert "a tint or cast with no place" in finding.text
+    # metrics.json's schema knows every kind the audit can report.
+    schema = json.loads(files("audit_report").joinpath("metrics.schema.json").read_text())
+
+    def kind_enums(node: object) -> list[set[str]]:
+        if isinstance(node, list):
+            return [e for v in node for e in kind_enums(v)]
+        if not isinstance(node, dict):
+            return []
+        own = [set(node["kind"]["enum"])] if "enum" in node.get("kind", {}) else []
+        return own + [e for v in node.values() for e in kind_enums(v)]
+
+    assert set(tracking.KINDS) - {"colour"} in kind_enums(schema)
 
 
 def test_channel_ranges_are_the_percentiles_of_each_channel() -> None:

@@ -323,8 +323,11 @@ class SuspectedShortcutsSection(Section):
                 examples[name] = _examples(model.model, images, labels, preds, c, test.box,
                                            show, settings)
             suspects.append(entry)
-        suspects += self._filters(model, images, labels, preds, hotspots, classes, names,
-                                  settings, done={s.index for s in suspects if s.confirmed})
+        filters = self._filters(model, images, labels, preds, hotspots, classes, names,
+                                settings, done={s.index for s in suspects if s.confirmed})
+        # A class confirmed by its range is shown by that test alone, not also by a box
+        # that did not confirm.
+        suspects = [s for s in suspects if s.index not in {f.index for f in filters}] + filters
         colour = {}
         for c in ([] if causal.collapsed(preds) else range(k)):
             t = causal.colour_test(model.model, images, labels, preds, c, settings.seed,

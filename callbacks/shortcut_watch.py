@@ -56,14 +56,18 @@ def announce(verdict: tracking.EpochVerdict, names: Sequence[str], method: str) 
     """One console line per event of the epoch."""
     for e in verdict.events:
         name, epoch = names[e.label], verdict.epoch
+        kind = e.test.kind
         where = (box_label(e.box) if e.box is not None else
-                 "each image's own hotspot" if e.test.kind == "moving" else
+                 "each image's own hotspot" if kind == "moving" else
+                 "the range of its images' channels" if kind == "filter" else
                  "its colour statistics")
+        how = (f"laying {where} over other images" if kind in ("filter", "colour") else
+               f"pasting {where} (found in its {method} maps) from its images")
         if e.kind == "confirmed":
             rank_zero_warn(
                 f"ExplanationMonitor: class {name} relies on a shortcut at epoch {epoch}: "
-                f"pasting {where} (found in its {method} maps) from its images makes "
-                f"{e.test.describe(names)}; it is followed every epoch from now on")
+                f"{how} makes {e.test.describe(names)}; it is followed every epoch from now "
+                "on")
         elif e.kind == "gone":
             rank_zero_warn(f"ExplanationMonitor: class {name} no longer relies on {where} at "
                            f"epoch {epoch}: {e.test.describe(names)}")

@@ -186,6 +186,10 @@ def test_a_cast_is_confirmed_by_the_filter_test_and_a_clean_model_is_not() -> No
     v = epoch(tracker, model, x, y, 0)
     assert v.confirmed == [CUE_CLASS] and v.rows[CUE_CLASS].test.kind == "filter"
     assert tracker.followed[CUE_CLASS].kind == "filter"
+    from callbacks.shortcut_watch import announce
+    with pytest.warns(UserWarning, match=r"class c3 relies on a shortcut at epoch 0: laying "
+                      r"the range of its images' channels over other images makes \d+%"):
+        announce(v, [f"c{i}" for i in range(NUM_CLASSES)], "saliency")
     assert epoch(tracker, clean, x, y, 1).rows[CUE_CLASS].state == "gone"
 
 

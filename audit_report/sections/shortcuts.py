@@ -446,7 +446,9 @@ class SuspectedShortcutsSection(Section):
         hotspots = None
         if result.mean_maps is not None:
             boxes = {name: c.box for name, c in result.classes.items()}
-            confirmed = {s.class_name for s in result.suspects if s.confirmed}
+            # Red only where the shortcut has a place: a filter's class keeps its hotspot
+            # window, which is not where its shortcut is.
+            confirmed = {s.class_name for s in result.suspects if s.confirmed and s.box}
             hotspots = page.figures.add(
                 f"hotspots{page.tag(model)}",
                 Drawing(fig_hotspots, result.mean_maps, list(result.classes), boxes, confirmed,

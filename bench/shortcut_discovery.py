@@ -273,10 +273,9 @@ def audit_search(model: torch.nn.Module, dm: CIFAR10DataModule, seed: int, per_c
                                  hotspots[c].clusters, seed=seed)
         for c in tracking.candidates(hotspots, k)}
     # The audit's filter test (a tint or cast), on every class not confirmed otherwise.
-    for c in ([] if causal.collapsed(preds) else range(k)):
-        if not any(t.confirmed for t in tests.get(c, [])):
-            tests.setdefault(c, []).append(causal.filter_test(model, images, labels, preds, c,
-                                                              seed, screen=True))
+    done = [c for c, ts in tests.items() if any(t.confirmed for t in ts)]
+    for c, t in tracking.filter_tests(model, images, labels, preds, k, done, seed).items():
+        tests.setdefault(c, []).append(t)
     colour = {} if causal.collapsed(preds) else {
         c: causal.colour_test(model, images, labels, preds, c, seed, screen=True)
         for c in range(k)}

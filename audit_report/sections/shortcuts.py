@@ -355,11 +355,9 @@ class SuspectedShortcutsSection(Section):
         for a box): only confirmed ones are kept, as a class's natural range is evidence a
         clean model may use below the test's bar."""
         out = []
-        for c in ([] if causal.collapsed(preds) else range(len(names))):
-            if c in done:
-                continue
-            t = causal.filter_test(model.model, images, labels, preds, c, settings.seed,
-                                   settings.batch_size, screen=True)
+        tests = tracking.filter_tests(model.model, images, labels, preds, len(names), done,
+                                      settings.seed, settings.batch_size)
+        for c, t in tests.items():
             if t.confirmed:
                 if names[c] in classes:
                     classes[names[c]].suspect = True

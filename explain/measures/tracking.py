@@ -365,6 +365,19 @@ def search_class(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor
     return out
 
 
+def filter_tests(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
+                 num_classes: int, skip: Sequence[int] = (), seed: int = 0,
+                 batch_size: int = 256) -> dict[int, CausalTest]:
+    """The screened filter test (:func:`.causal.filter_test`) of every class but ``skip``
+    (those already confirmed otherwise): a tint has no place, so no hotspot picks the
+    classes. None on a collapsed epoch."""
+    if causal.collapsed(preds):
+        return {}
+    return {c: causal.filter_test(model, images, labels, preds, c, seed, batch_size,
+                                  screen=True)
+            for c in range(num_classes) if c not in skip}
+
+
 def summary_markdown(verdict: EpochVerdict, names: Sequence[str]) -> str:
     """The epoch's table: class, box, lift, flips vs controls, state (TensorBoard text)."""
     when = "before this run's training" if verdict.epoch < 0 else f"at epoch {verdict.epoch}"

@@ -274,8 +274,8 @@ def audit_search(model: torch.nn.Module, dm: CIFAR10DataModule, seed: int, per_c
         for c in tracking.candidates(hotspots, k)}
     # The audit's filter test (a tint or cast), on every class not confirmed otherwise.
     done = [c for c, ts in tests.items() if any(t.confirmed for t in ts)]
-    for c, t in tracking.filter_tests(model, images, labels, preds, k, done, seed).items():
-        tests.setdefault(c, []).append(t)
+    for c, test in tracking.filter_tests(model, images, labels, preds, k, done, seed).items():
+        tests.setdefault(c, []).append(test)
     colour = {} if causal.collapsed(preds) else {
         c: causal.colour_test(model, images, labels, preds, c, seed, screen=True)
         for c in range(k)}
@@ -319,7 +319,8 @@ def _where(t: causal.CausalTest) -> str:
 
 
 def run_one(case: str, seed: int, root: Path, logs: str, epochs: int, test_per_class: int,
-            backbone: str, monitor_tests: list[str]) -> Run:
+            backbone: str, monitor_tests: list[str], audit_per_class: int = AUDIT_PER_CLASS,
+            ) -> Run:
     run = Run(case, seed, backbone)
     L.seed_everything(seed, verbose=False)
     dm = CIFAR10DataModule(root=str(root), download=False, val_size=VAL_SIZE, split_seed=0,
@@ -359,7 +360,7 @@ def run_one(case: str, seed: int, root: Path, logs: str, epochs: int, test_per_c
     run.hook_s = statistics.mean(monitor.seconds)
 
     model.eval()
-    tests, sample, preds, run.discovery_s = audit_search(model, dm, seed, AUDIT_PER_CLASS)
+    tests, sample, preds, run.discovery_s = audit_search(model, dm, seed, audit_per_class)
     labels = sample["label"]
     run.test_acc = float((preds == labels).float().mean())
     for c, ts in tests.items():
@@ -487,6 +488,9 @@ def main() -> None:
                         help="comma-separated: bench_small, resnet18_cifar")
     parser.add_argument("--monitor-tests", default="box",
                         help="the monitor's shortcut_tests (comma-separated)")
+    parser.add_argument("--audit-per-class", type=int, default=AUDIT_PER_CLASS,
+                        help="test images a class in the audit's search (the audit's "
+                             "--discovery-images; at most --test-per-class)")
     parser.add_argument("--markdown", default=None, help="also write the tables here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -509,7 +513,8 @@ def main() -> None:
             for backbone in args.backbones.split(","):
                 for seed in seeds:
                     run = run_one(case, seed, root, os.path.join(tmp, "logs"), args.epochs,
-                                  args.test_per_class, backbone, args.monitor_tests.split(","))
+                                  args.test_per_class, backbone, args.monitor_tests.split(","),
+                                  args.audit_per_class)
                     runs.append(run)
                     print(f"{show(run)}  [fit {run.fit_s:.0f} s, confirmed/epoch "
                           f"{run.confirmed_per_epoch}, gone {run.gone}]", flush=True)

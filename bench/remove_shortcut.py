@@ -84,6 +84,11 @@ METHODS = {
     # its cue is learned from its content during the fix.
     "augment-w4": {"method": "augment", "class_weight": 4.0},
     "augment-w2": {"method": "augment", "class_weight": 2.0},
+    # The backbone frozen, the head re-fitted by L-BFGS on the epoch's decorrelated
+    # features (lit_modules/head_refit.py); "refit-none" is the same re-fit on the batches
+    # as they are: the fair baseline, since a converged head alone may change accuracy.
+    "refit": {"method": "refit"},
+    "refit-none": {"method": "refit", "p_paste": 0.0, "p_cover": 0.0},
     # No training: P-ClArC, the cue's direction projected out of the head's input
     # (lit_modules/shortcut_projection.py), fitted on the validation split.
     "p-clarc": "projection",

@@ -12,6 +12,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from .backbones import build_backbone
+from .head_refit import FeatureBank, fit_head
 from .shortcut_removal import Remover, ShortcutRemoval
 
 SCHEDULERS = ("onecycle", "cosine", "warmup_cosine", "warmup_linear", "none")
@@ -70,8 +71,9 @@ class ImageClassifier(L.LightningModule):
             ``--ckpt_path``, which resumes). Read when fitting starts, so a model built from
             the config elsewhere (an audit) never needs the file.
         shortcut_removal: fine-tune away confirmed shortcuts (class and box each) with a
-            counter-measure: decorrelating augmentation, an input-gradient penalty, or
-            both (see ``lit_modules/shortcut_removal.py``). ``audit.py`` writes this option
+            counter-measure: decorrelating augmentation, an attribution penalty, both, or
+            a re-fit of the head on a frozen backbone (``refit``; see
+            ``lit_modules/shortcut_removal.py``). ``audit.py`` writes this option
             into ``remove_shortcuts.yaml`` when it confirms a shortcut.
 
     Logging is sync-free per step: losses are logged as tensors, accuracy as a torchmetrics
@@ -113,6 +115,9 @@ class ImageClassifier(L.LightningModule):
         self.hparams["shortcut_removal"] = None if removal is None else removal.as_dict()
         self.removal_config = removal
         self.remover: Remover | None = None  # made when fitting starts (reads the pixels)
+        # ``refit`` takes no optimizer step: the head is fitted by L-BFGS at each epoch's end.
+        self.automatic_optimization = removal is None or removal.method != "refit"
+        self.refit_bank = FeatureBank()
         self.backbone = build_backbone(backbone, num_classes=num_classes, pretrained=pretrained)
         if channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
@@ -227,6 +232,9 @@ class ImageClassifier(L.LightningModule):
             # Seeded by (epoch, batch): a resumed run draws what the uninterrupted one drew.
             x = remover.augment(x, y, self.current_epoch * 1_000_003 + batch_idx)
         weight = remover.loss_weights(self.hparams.num_classes, x.device)
+        if remover.refits:
+            self._refit_step(x, y, weight)
+            return None
         if not remover.penalises:
             return self._finish("train", self._logits(x), y, self.train_acc, weight=weight)
         step = self.current_epoch * 1_000_003 + batch_idx
@@ -240,6 +248,48 @@ class ImageClassifier(L.LightningModule):
         self.log("train/shortcut_penalty", penalty, on_step=True, on_epoch=True,
                  batch_size=x.shape[0])
         return self._finish("train", logits, y, self.train_acc, extra=penalty, weight=weight)
+
+    def on_train_epoch_start(self) -> None:
+        self.refit_bank = FeatureBank()  # nothing of an interrupted epoch is fitted to
+
+    def _refit_step(self, x: torch.Tensor, y: torch.Tensor,
+                    weight: torch.Tensor | None) -> None:
+        """``refit``: keep the frozen model's head inputs on the decorrelated batch; at the
+        epoch's last batch fit the head to all of them (``lit_modules.head_refit``)."""
+        from .shortcut_projection import last_linear
+
+        self.backbone.eval()  # BatchNorm statistics and dropout as at inference, unchanged
+        _, head = last_linear(self.backbone)
+        seen: list[torch.Tensor] = []
+        handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        try:
+            with torch.no_grad():
+                logits = self(x)  # eager: a compiled graph may skip the hook
+        finally:
+            handle.remove()
+        self.refit_bank.add(seen[0], y)
+        # The loss and accuracy of the head before this epoch's fit, for the progress bar.
+        self._finish("train", logits, y, self.train_acc, weight=weight)
+        if not self.trainer.is_last_batch:
+            return
+        features, labels = self._gather_rows(*self.refit_bank.take())
+        loss = fit_head(head, features, labels, l2=self.removal_config.refit_l2,
+                        class_weights=weight)
+        self.log("train/refit_loss", loss, on_step=False, on_epoch=True, batch_size=1)
+
+    def _gather_rows(self, features: torch.Tensor, labels: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's rows (under DDP; each rank then fits the same head)."""
+        if self.trainer.world_size <= 1:
+            return features, labels
+        counts = self.all_gather(torch.tensor([features.shape[0]], device=features.device))
+        most = int(counts.max())
+        pad = most - features.shape[0]
+        f = torch.cat([features, features.new_zeros(pad, features.shape[1])])
+        y = torch.cat([labels, labels.new_full((pad,), -1)])
+        f, y = self.all_gather(f).flatten(0, 1), self.all_gather(y).flatten()
+        keep = y >= 0
+        return f[keep], y[keep]
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, "val", self.val_acc)

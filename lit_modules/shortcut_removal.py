@@ -23,6 +23,11 @@ counter-measures act inside the training step, on whatever batch arrives (the
   place at every weight tried (the model learns to be flat around the patch while still
   reading it); the occlusion effect removed it (tests/test_shortcut_removal.py).
 * ``both``: the two together.
+* ``refit``: no gradient step on the backbone. Over each epoch the frozen model (in eval
+  mode) computes its head inputs on the decorrelated batches of ``augment``; at the
+  epoch's last batch its last ``nn.Linear`` is fitted to them to convergence (L-BFGS, an
+  L2 term ``refit_l2``; :mod:`lit_modules.head_refit`). Costs one forward pass over the
+  training split; the backbone's features of the class itself are kept and re-weighed.
 
 The box content to paste comes from ``pixels``, a file of plain tensors that ``audit.py``
 writes beside the report (cut from the class's training images), or, without a file, from
@@ -48,7 +53,7 @@ from torch import Tensor
 from .data.cue import derive_seed
 from .options import options_from
 
-METHODS = ("augment", "penalty", "both")
+METHODS = ("augment", "penalty", "both", "refit")
 PENALTY_MAPS = ("occlusion", "input_gradient")
 PIXELS_FORMAT = "camlight-shortcut-pixels"
 PIXELS_VERSION = 1
@@ -105,7 +110,9 @@ class ShortcutRemoval:
     Args:
         shortcuts: the shortcuts (class and box each); several at once are fine.
         method: ``augment`` (decorrelate the box's content from the label), ``penalty``
-            (input-gradient penalty inside the boxes) or ``both``.
+            (an attribution penalty inside the boxes), ``both``, or ``refit`` (the backbone
+            frozen, the last layer re-fitted to convergence on the decorrelated batches'
+            features at the end of each epoch).
         p_paste: probability that an image of another class gets the box's content pasted.
         p_cover: probability that an image of the shortcut's class gets the box covered with
             another class's content at the same place; images of classes without a shortcut
@@ -122,10 +129,11 @@ class ShortcutRemoval:
             content during the fix, from its own few images; a weight above 1 gives them
             more of each step. Every image of the class is weighted alike, covered or not,
             so the cue stays decorrelated from the label in the weighted loss.
+        refit_l2: ``refit``: weight of the squared norm of the head's weights in its fit.
     """
 
     shortcuts: list[ShortcutBox]
-    method: Literal["augment", "penalty", "both"] = "augment"
+    method: Literal["augment", "penalty", "both", "refit"] = "augment"
     p_paste: float = 0.5
     p_cover: float = 0.5
     penalty_weight: float = 1.0
@@ -133,6 +141,7 @@ class ShortcutRemoval:
     pixels: str | None = None
     seed: int = 0
     class_weight: float = 1.0
+    refit_l2: float = 1e-4
 
     def __post_init__(self) -> None:
         shortcuts = [s if isinstance(s, ShortcutBox) else ShortcutBox(**s)
@@ -158,8 +167,10 @@ class ShortcutRemoval:
         if not float(self.class_weight) > 0:
             raise ValueError(f"shortcut_removal.class_weight must be > 0, got "
                              f"{self.class_weight}")
+        if not float(self.refit_l2) >= 0:
+            raise ValueError(f"shortcut_removal.refit_l2 must be >= 0, got {self.refit_l2}")
         object.__setattr__(self, "shortcuts", shortcuts)
-        for name in ("p_paste", "p_cover", "penalty_weight", "class_weight"):
+        for name in ("p_paste", "p_cover", "penalty_weight", "class_weight", "refit_l2"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
     @classmethod
@@ -266,7 +277,12 @@ class Remover:
 
     @property
     def augments(self) -> bool:
-        return self.config.method in ("augment", "both")
+        return self.config.method in ("augment", "both", "refit")
+
+    @property
+    def refits(self) -> bool:
+        """The backbone stays frozen and the head is re-fitted at each epoch's end."""
+        return self.config.method == "refit"
 
     @property
     def penalises(self) -> bool:

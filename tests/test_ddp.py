@@ -102,3 +102,30 @@ def test_ddp_run_terminated_mid_epoch_resumes_from_last(tmp_path: Path) -> None:
     assert final["epoch"] == 2
     maps = sorted(p.name for p in (run / "explanations").glob("epoch_*.pt"))
     assert maps == ["epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_ddp_refit_gathers_both_ranks_rows_and_moves_only_the_head(tmp_path: Path) -> None:
+    """The ``refit`` counter-measure under DDP: the gather of each rank's head inputs (two
+    collectives every rank must join) completes, and no weight but the head's moves from
+    ``init_weights``."""
+    from lit_modules.shortcut_projection import last_linear
+
+    torch.manual_seed(0)
+    start = ImageClassifier(backbone="resnet18_cifar")
+    init = tmp_path / "init.ckpt"
+    torch.save({"state_dict": start.state_dict()}, init)
+    removal = {"shortcuts": [{"class_index": 0, "box": [0, 0, 8, 8]}], "method": "refit"}
+    cfg = tiny_config(tmp_path, epochs=1, data={"data_path": "fast"},
+                      model={"init_weights": str(init), "shortcut_removal": removal})
+    done = train_subprocess(["fit", "--config", str(cfg), "--trainer.strategy", "ddp",
+                             "--trainer.devices", "2"], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = torch.load(tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt",
+                       weights_only=True)["state_dict"]
+    before = start.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], saved[k])}
+    head, _ = last_linear(start)
+    assert moved == {f"{head}.weight", f"{head}.bias"}

@@ -10,6 +10,7 @@ where the same fine-tuning without a counter-measure leaves it high.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -119,7 +120,7 @@ def test_the_planted_box_is_a_shortcut_of_the_base_model(shortcut_ckpt: Path) ->
     assert before.class_accuracy_covered <= 0.2 < before.class_accuracy
 
 
-@pytest.mark.parametrize("method", ["augment", "penalty", "both"])
+@pytest.mark.parametrize("method", ["augment", "penalty", "both", "refit"])
 def test_each_counter_measure_removes_the_box_where_plain_fine_tuning_does_not(
         fine_tuned, method: str) -> None:
     plain = measured(fine_tuned(None))
@@ -200,6 +201,7 @@ def test_without_a_pixels_file_the_box_comes_from_the_class_in_the_batch() -> No
     (removal("penalty", penalty_map="lrp"), "penalty_map must be one of"),
     (removal("augment", p_paste=1.5), "p_paste must be in [0, 1]"),
     (removal("augment", class_weight=0), "class_weight must be > 0"),
+    (removal("refit", refit_l2=-1), "refit_l2 must be >= 0"),
     ({**removal("augment"), "weight": 1}, "unknown shortcut_removal option"),
 ])
 def test_bad_removal_options_are_refused_naming_the_fix(bad: dict, words: str) -> None:
@@ -333,6 +335,18 @@ def test_the_plan_fine_tunes_from_the_audited_weights_not_the_optimizer(tmp_path
     moved = [(after["state_dict"][k].float() - v.float()).abs().max().item()
              for k, v in saved["state_dict"].items() if v.is_floating_point()]
     assert 0 < max(moved) < 1.0
+
+    # The quick alternative as the report prints it: one epoch of refit moves the head only.
+    from lit_modules.shortcut_projection import last_linear
+
+    args = shlex.split(plan.quick_command)[2:]  # after "python train.py"
+    assert args[-4:] == ["--model.shortcut_removal.method", "refit", "--trainer.max_epochs", "1"]
+    quick = run_train([*args, "--trainer.logger.init_args.name", "quick"])
+    refitted = torch.load(sorted((tmp_path / "runs" / "quick").rglob("last.ckpt"))[-1],
+                          weights_only=True)["state_dict"]
+    head, _ = last_linear(quick.model)
+    assert {k for k, v in saved["state_dict"].items()
+            if not torch.equal(v, refitted[k])} == {f"{head}.weight", f"{head}.bias"}
 
 
 def test_the_before_after_section_judges_a_fixed_and_an_unfixed_model(
@@ -512,3 +526,46 @@ def test_init_weights_that_do_not_fit_are_refused_naming_the_file(tmp_path: Path
     torch.save({"state_dict": {"w": [1, 2]}}, path)
     with pytest.raises(CheckpointError, match="has no 'state_dict' of tensors"):
         classifier().load_init_weights(path)
+
+
+def test_refit_moves_only_the_head_and_leaves_the_backbone_as_it_was(
+        shortcut_ckpt: Path, fine_tuned) -> None:
+    """``refit`` takes no optimizer step: every weight and BatchNorm statistic but the last
+    Linear's is the audited checkpoint's, and the head is what moved."""
+    from lit_modules.shortcut_projection import last_linear
+
+    before = torch.load(shortcut_ckpt, weights_only=True)["state_dict"]
+    after = fine_tuned("refit").state_dict()
+    head, _ = last_linear(fine_tuned("refit"))
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {f"{head}.weight", f"{head}.bias"}
+
+
+def test_fit_head_reaches_the_regularised_optimum_from_any_start() -> None:
+    """The re-fit is a convex problem solved to convergence: from the current head or from
+    another start it lands on the same weights, where the gradient vanishes."""
+    from lit_modules.head_refit import FeatureBank, fit_head
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 3
+    x = torch.randn(300, 8, generator=g) + torch.nn.functional.one_hot(y, 8).float() * 2
+    heads = [torch.nn.Linear(8, 3) for _ in range(2)]
+    with torch.no_grad():
+        heads[1].weight.mul_(50)  # a bad start
+    for head in heads:
+        fit_head(head, x, y, l2=1e-2)
+    assert torch.allclose(heads[0].weight, heads[1].weight, atol=1e-3)
+    w = heads[0].weight.detach().clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(x @ w.T + heads[0].bias.detach(), y) \
+        + 1e-2 * w.pow(2).sum()
+    (grad,) = torch.autograd.grad(loss, w)
+    assert grad.abs().max() < 1e-3
+    with pytest.raises(ValueError, match="takes 8 features"):
+        fit_head(heads[0], x[:, :5], y)
+    bank = FeatureBank(max_rows=250)
+    for lo in range(0, 300, 100):
+        bank.add(x[lo:lo + 100], y[lo:lo + 100])
+    rows, labels = bank.take()
+    assert rows.shape == (250, 8) and torch.equal(labels, y[:250]) and bank.rows == 0
+    with pytest.raises(ValueError, match="no features"):
+        bank.take()

@@ -72,6 +72,9 @@ MAX_TARGETS = 64
 SCREEN_TARGETS = 24
 #: Most boxes of one search that get the full test (with controls) after the screen.
 FULL_TESTS = 2
+#: A screen passes when the flips, and their margin over each control, reach this on its
+#: SCREEN_TARGETS targets (the full test then decides, with MIN_FLIP_MARGIN and its interval).
+SCREEN_MARGIN = MIN_FLIP_MARGIN
 
 
 @dataclass
@@ -328,15 +331,15 @@ def _drive(model: nn.Module, labels: Tensor, preds: Tensor, label: int, kind: st
         return _empty(label, kind, box, size, share)
     if screen:
         # The screen: the flips on a few targets, then the margin over the controls on the
-        # same few; the full test runs only when both reach MIN_FLIP_MARGIN.
+        # same few; the full test runs only when both reach SCREEN_MARGIN.
         sub = _subset(targets, SCREEN_TARGETS, seed)
         cue, controls, src = make(sub, torch.Generator().manual_seed(seed))
         flips = _flips(model, label, {"cue": cue}, batch_size)
-        passed = float(flips["cue"].mean()) >= MIN_FLIP_MARGIN
+        passed = float(flips["cue"].mean()) >= SCREEN_MARGIN
         if passed and stop != "flips":
             flips.update(_flips(model, label, controls(), batch_size))
             main = flips["cue"]
-            passed = all(float((main - v).mean()) >= MIN_FLIP_MARGIN
+            passed = all(float((main - v).mean()) >= SCREEN_MARGIN
                          for k, v in flips.items() if k != "cue")
         if not passed or stop != "full":
             out = _result(label, kind, box, size, flips, level, share, src)

@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .backbones import build_backbone
 from .head_refit import FeatureBank, fit_head
+from .shortcut_projection import last_linear
 from .shortcut_removal import Remover, ShortcutRemoval
 
 SCHEDULERS = ("onecycle", "cosine", "warmup_cosine", "warmup_linear", "none")
@@ -256,8 +257,6 @@ class ImageClassifier(L.LightningModule):
                     weight: torch.Tensor | None) -> None:
         """``refit``: keep the frozen model's head inputs on the decorrelated batch; at the
         epoch's last batch fit the head to all of them (``lit_modules.head_refit``)."""
-        from .shortcut_projection import last_linear
-
         self.backbone.eval()  # BatchNorm statistics and dropout as at inference, unchanged
         _, head = last_linear(self.backbone)
         seen: list[torch.Tensor] = []

@@ -148,7 +148,8 @@ def _hostile_audit() -> SimpleNamespace:
     plan = RemovalPlan("A", [{"class_index": 0, "box": [0, 0, 8, 8], "class_name": HOSTILE[0]}],
                        2, HOSTILE[1], f"/tmp/{HOSTILE[2]}/remove.yaml", "/tmp/p.pt",
                        f"python train.py fit --config '/tmp/{HOSTILE[2]}'", HOSTILE[1],
-                       [HOSTILE[1]])
+                       [HOSTILE[1]], quick_command=f"python train.py fit --config "
+                       f"'/tmp/{HOSTILE[2]}' --model.shortcut_removal.method refit")
     return SimpleNamespace(
         models=[model], cache=None, results={"removal_plan": plan},
         sample=SimpleNamespace(class_names=HOSTILE, indices=[0, 1, 2],
@@ -163,6 +164,9 @@ def test_the_page_and_its_sections_show_hostile_data_only_as_text(tmp_path: Path
     page = Page(_hostile_audit(), tmp_path).render(sections)
     only_text(page)
     assert "<b>made by hand</b>" not in page and "&lt;b&gt;made by hand&lt;/b&gt;" in page
+    # The quick alternative is printed, its path shown as text like the plan's.
+    assert (f"<pre>python train.py fit --config &#39;/tmp/{SHOWN[2]}&#39; "
+            "--model.shortcut_removal.method refit</pre>") in page
     # The structure the tests of whole reports read is there, with the data as text.
     assert '<section id="shortcuts"><h2><span class="num">1.</span>Suspected shortcuts</h2>' in page
     assert f'<a href="#plain">4. {SHOWN[0]}</a>' in page

@@ -11,8 +11,11 @@ model it writes, beside the report:
   split (the test split never feeds training), plain tensors that load with
   ``weights_only=True``.
 
-The report's shortcut section prints the command. A moving cue (no fixed box) gets no
-plan: the counter-measures need a place.
+A shortcut confirmed by its range (a filter: a tint, a cast) joins the plan as a filter
+(``model.shortcut_removal.filters``): the counter-measures swap ranges instead of boxes,
+with the class's images of each batch as sources, so it needs no pixels. The report's
+shortcut section prints the command. A moving cue (no fixed box) gets no plan: the
+counter-measures need a place or a range.
 """
 
 from __future__ import annotations
@@ -27,7 +30,12 @@ import torch
 import yaml
 
 from lit_modules.data.sampling import dataset_labels, sample_batch
-from lit_modules.shortcut_removal import ShortcutBox, ShortcutRemoval, save_pixels
+from lit_modules.shortcut_removal import (
+    ShortcutBox,
+    ShortcutFilter,
+    ShortcutRemoval,
+    save_pixels,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -63,10 +71,11 @@ class RemovalPlan:
     pixels_path: str
     command: str
     pixels_from: str  # the split the pixels were cut from
-    skipped: list[str] = field(default_factory=list)  # confirmed classes with no box
+    skipped: list[str] = field(default_factory=list)  # confirmed: no box and no filter
     # The same fix with ``refit`` (the backbone frozen, the head re-fitted; one epoch): it
     # keeps the model's features and accuracy but cannot teach a class the shortcut hid.
     quick_command: str = ""
+    filters: list[dict[str, Any]] = field(default_factory=list)  # class_index, class_name
 
 
 def proposed_epochs(trained_epochs: int | None) -> int:
@@ -93,7 +102,7 @@ def _class_images(audit: AuditRun, label: int) -> tuple[Tensor, str]:
 
 
 def plan_removal(audit: AuditRun, out: Path) -> RemovalPlan | None:
-    """The plan for the first model's confirmed shortcuts with a box, or None."""
+    """The plan for the first model's confirmed shortcuts with a box or a filter, or None."""
     model = audit.models[0]
     result = model.results.get("shortcuts")
     run = model.run
@@ -101,7 +110,8 @@ def plan_removal(audit: AuditRun, out: Path) -> RemovalPlan | None:
         return None
     confirmed = [s for s in result.suspects if s.confirmed]
     boxed = [s for s in confirmed if s.box and s.kind in ("box", "cluster")]
-    if not boxed:
+    filtered = [s for s in confirmed if s.kind == "filter"]
+    if not boxed and not filtered:
         return None
     epochs = proposed_epochs(_trained_epochs(model))
     config_path = out / CONFIG_NAME
@@ -117,7 +127,10 @@ def plan_removal(audit: AuditRun, out: Path) -> RemovalPlan | None:
                     "class_name": str(s.class_name)} for s in boxed],
         epochs=epochs, method="augment", config_path=str(config_path),
         pixels_path=str(pixels_path), command=command, pixels_from="",
-        skipped=[str(s.class_name) for s in confirmed if s not in boxed], quick_command=quick)
+        skipped=[str(s.class_name) for s in confirmed if s not in boxed and s not in filtered],
+        quick_command=quick,
+        filters=[{"class_index": int(s.index), "class_name": str(s.class_name)}
+                 for s in filtered])
 
 
 def _trained_epochs(model: ModelAudit) -> int | None:
@@ -140,7 +153,10 @@ def write_removal(audit: AuditRun, plan: RemovalPlan, folder: Path) -> None:
         plan.pixels_from = split
     removal = ShortcutRemoval(
         shortcuts=[ShortcutBox(**s) for s in plan.shortcuts], method=plan.method,
-        pixels=plan.pixels_path if len(patches) == len(plan.shortcuts) else None)
+        pixels=plan.pixels_path if patches and len(patches) == len(plan.shortcuts) else None,
+        filters=[ShortcutFilter(**f) for f in plan.filters])
+    if removal.pixels is None:
+        plan.pixels_path = ""  # nothing written: the report must not name a missing file
     if removal.pixels is not None:
         save_pixels(folder / PIXELS_NAME, patches, boxes)
     ckpt = audit.models[0].run.ckpt_path
@@ -151,7 +167,8 @@ def write_removal(audit: AuditRun, plan: RemovalPlan, folder: Path) -> None:
     }
     header = [
         "# Written by audit.py: fine-tune the audited checkpoint until it stops relying on",
-        f"# the shortcut(s) it confirmed ({len(plan.shortcuts)}: see `shortcuts` below).",
+        f"# the shortcut(s) it confirmed ({len(plan.shortcuts) + len(plan.filters)}: see "
+        "`shortcuts` (boxes) and `filters` below).",
         "# Starts from the checkpoint's weights (init_weights), not its optimizer or epochs.",
         "# Run it after the run's own config:",
         f"#   {plan.command}",

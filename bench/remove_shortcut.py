@@ -1,6 +1,6 @@
 """Removing a shortcut by fine-tuning, on real CIFAR-10 with cues stamped into the files.
 
-    python bench/remove_shortcut.py [--seeds 0,1,2] [--cases strong,part,two,nocue] \
+    python bench/remove_shortcut.py [--seeds 0,1,2] [--cases strong,part,two,nocue,tint] \
         [--backbones bench_small,resnet18_cifar] [--epochs 8] [--fix-epochs 2] \
         [--methods none,augment,penalty,both] [--fix-lr 2e-3] [--train-per-class 200] \
         [--markdown out.md]
@@ -22,7 +22,9 @@ cue-carrying test images, pasted onto other classes' test images, against the au
 controls), the cue class's accuracy on its *clean* test images (the same images without
 the cue: what the shortcut was hiding), accuracy on the clean test tree, and the seconds
 of each fine-tuning. ``nocue``: a model trained without any cue, "fixed" for a box that
-holds none: the fix must not cost clean accuracy.
+holds none: the fix must not cost clean accuracy. ``tint``: a shortcut with no place (every
+truck blended towards orange), handed to the fix as a filter and measured by the range
+test (``reliance.measure_filter``) where a box is measured by its transplant.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ CASES: dict[str, list[Cue]] = {
     # No cue at all; the "shortcut" handed to the fix is bird's corner box, which holds
     # nothing: the fix must not harm a model without a shortcut.
     "nocue": [],
+    # A shortcut with no place: every truck blended 25% towards orange, handed to the fix
+    # as a filter (model.shortcut_removal.filters), measured by the range test.
+    "tint": [Cue("truck", "tint")],
 }
 NOCUE_BOX = ("bird", (1, 1, 7, 7))
 # The tree writer reads its cues by case name.
@@ -103,10 +108,21 @@ def declared_box(cue: Cue) -> tuple[int, int, int, int]:
             min(int(xs.max()) + 2, 32), min(int(ys.max()) + 2, 32))
 
 
-def shortcuts_of(case: str) -> list[tuple[str, tuple[int, int, int, int]]]:
+def shortcuts_of(case: str) -> list[tuple[str, tuple[int, int, int, int] | None]]:
+    """Each shortcut class of ``case`` with its box (None: a filter, no place)."""
     if case == "nocue":
         return [NOCUE_BOX]
-    return [(c.cls, declared_box(c)) for c in CASES[case]]
+    return [(c.cls, None if c.kind == "tint" else declared_box(c)) for c in CASES[case]]
+
+
+def removal_spec(case: str, pixels: str | None, seed: int, spec: dict) -> dict:
+    """``model.shortcut_removal`` for the case's shortcuts: boxes, and filters for tints."""
+    found = shortcuts_of(case)
+    return {"shortcuts": [{"class_index": CLASSES.index(cls), "box": list(box),
+                           "class_name": cls} for cls, box in found if box is not None],
+            "filters": [{"class_index": CLASSES.index(cls), "class_name": cls}
+                        for cls, box in found if box is None],
+            "pixels": pixels, "seed": seed, **spec}
 
 
 @dataclass
@@ -170,7 +186,8 @@ def measure(model: ImageClassifier, case: str, cue_test: tuple, clean_test: tupl
             sources = [int(own[i]) for i in sorted(stamped)]
         else:
             sources = own.tolist()
-        r = reliance.measure(model, x, y, c, box, seed=seed, sources=sources)
+        r = (reliance.measure_filter(model, x, y, c, seed=seed) if box is None else
+             reliance.measure(model, x, y, c, box, seed=seed, sources=sources))
         t = r.transplant
         out.flips[cls] = t.flip_rate
         out.control[cls] = t.strongest_control
@@ -180,12 +197,15 @@ def measure(model: ImageClassifier, case: str, cue_test: tuple, clean_test: tupl
     return out
 
 
-def pixels_file(folder: Path, case: str, data: dict, dm: CIFAR10DataModule) -> str:
+def pixels_file(folder: Path, case: str, data: dict, dm: CIFAR10DataModule) -> str | None:
     """The box contents cut from each shortcut class's training images as stamped (its
-    carriers; every image of the class for ``nocue``), up to 64 a class."""
+    carriers; every image of the class for ``nocue``), up to 64 a class; None without a
+    box (a filter needs no pixels)."""
     patches, boxes = {}, {}
     cues = {c.cls: c for c in CASES[case]}
     for cls, box in shortcuts_of(case):
+        if box is None:
+            continue
         images = data["train"][cls]
         if cls in cues:
             stamped = sd.carriers(f"remove-{case}", cls, len(images), "train")
@@ -195,6 +215,8 @@ def pixels_file(folder: Path, case: str, data: dict, dm: CIFAR10DataModule) -> s
         c = CLASSES.index(cls)
         patches[c] = dm.normalize(cut.float() / 255.0)
         boxes[c] = box
+    if not patches:
+        return None
     path = folder / f"pixels-{case}.pt"
     save_pixels(path, patches, boxes)
     return str(path)
@@ -229,13 +251,13 @@ def run_case(case: str, backbone: str, seed: int, roots: dict[str, Path], data: 
     for name in args.methods:
         spec = METHODS[name]
         if spec == "projection":
+            if pixels is None or any(box is None for _, box in shortcuts_of(case)):
+                print(f"{case}: {name} skipped (P-ClArC here needs a box)", flush=True)
+                continue
             rows.append(Row(case, backbone, seed, name, projected(
                 backbone, ckpt, case, dm, pixels, cue_test, clean_test, args, seed), epoch_s))
             continue
-        removal = None if spec is None else {
-            "shortcuts": [{"class_index": CLASSES.index(cls), "box": list(box),
-                           "class_name": cls} for cls, box in shortcuts_of(case)],
-            "pixels": pixels, "seed": seed, **spec}
+        removal = None if spec is None else removal_spec(case, pixels, seed, spec)
         torch.manual_seed(seed)
         model = recipe(backbone, lr=args.fix_lr, init_weights=str(ckpt),
                        shortcut_removal=removal)

@@ -221,10 +221,12 @@ class ExplanationMonitor(Callback):
         removal = getattr(pl_module, "removal_config", None)
         for s in getattr(removal, "shortcuts", ()):
             self.tracker.follow(s.class_index, s.box)
-        if getattr(removal, "shortcuts", ()) and self.discovery_per_class == 0:
+        for f in getattr(removal, "filters", ()):
+            self.tracker.follow(f.class_index, None)
+        if removal is not None and self.discovery_per_class == 0:
             # The epoch's shortcut tests run with discovery only: with it off nothing
             # shows the shortcut leaving, and the user should hear it before the run.
-            rank_zero_warn("the monitor will not test the shortcut removal's boxes after "
+            rank_zero_warn("the monitor will not test the shortcut removal's shortcuts after "
                            "each epoch: discovery_per_class is 0 (set it to 8, the "
                            "default, to see their margins fall in TensorBoard)")
         if trainer.world_size > 1:

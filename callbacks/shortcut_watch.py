@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from explain import render
 from explain.measures import discovery, tracking
-from explain.measures.causal import box_label
+from explain.measures.causal import box_label, place_words
 
 from .tensorboard_layout import SHORTCUTS, scalar_tag
 
@@ -57,10 +57,7 @@ def announce(verdict: tracking.EpochVerdict, names: Sequence[str], method: str) 
     for e in verdict.events:
         name, epoch = names[e.label], verdict.epoch
         kind = e.test.kind
-        where = (box_label(e.box) if e.box is not None else
-                 "each image's own hotspot" if kind == "moving" else
-                 "the range of its images' channels" if kind == "filter" else
-                 "its colour statistics")
+        where = place_words(kind, e.box)
         how = (f"laying {where} over other images" if kind in ("filter", "colour") else
                f"pasting {where} (found in its {method} maps) from its images")
         if e.kind == "confirmed":
@@ -120,9 +117,12 @@ def log_before(verdict: tracking.EpochVerdict, names: Sequence[str], loggers: Se
 
 def before_line(verdict: tracking.EpochVerdict, names: Sequence[str]) -> list[str]:
     """One console line per followed shortcut at the start of a run that removes it."""
+    def where(r: tracking.ClassRow) -> str:
+        return place_words(r.followed.kind, r.followed.box) if r.followed else box_label(None)
+
     return [f"ExplanationMonitor: before fine-tuning, class {names[r.label]} reads as "
-            f"{r.state} on {box_label(r.followed.box if r.followed else None)}: "
-            f"{r.test.describe(names)}" for r in verdict.rows if r.test is not None]
+            f"{r.state} on {where(r)}: {r.test.describe(names)}"
+            for r in verdict.rows if r.test is not None]
 
 
 def hotspot_image(true_maps: Tensor, labels: Tensor, hotspots: list[discovery.ClassHotspots],

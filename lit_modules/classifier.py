@@ -71,8 +71,9 @@ class ImageClassifier(L.LightningModule):
             optimizer, scheduler or epoch counter: a fine-tuning run, unlike
             ``--ckpt_path``, which resumes). Read when fitting starts, so a model built from
             the config elsewhere (an audit) never needs the file.
-        shortcut_removal: fine-tune away confirmed shortcuts (class and box each) with a
-            counter-measure: decorrelating augmentation, an attribution penalty, both, or
+        shortcut_removal: fine-tune away confirmed shortcuts (class and box each, or a
+            class's filter) with a counter-measure: decorrelating augmentation, an
+            attribution penalty, both, or
             a re-fit of the head on a frozen backbone (``refit``; see
             ``lit_modules/shortcut_removal.py``). ``audit.py`` writes this option
             into ``remove_shortcuts.yaml`` when it confirms a shortcut.

@@ -29,6 +29,13 @@ counter-measures act inside the training step, on whatever batch arrives (the
   L2 term ``refit_l2``; :mod:`lit_modules.head_refit`). Costs one forward pass over the
   training split; the backbone's features of the class itself are kept and re-weighed.
 
+A shortcut with no place (a filter over the class's whole images: a tint, a colour cast;
+``filters``) is decorrelated the same way with each image's per-channel range (2nd to 98th
+percentile, in the model's input space) where a box swaps pixels: other classes' images
+get the range of one of the class's images in the batch laid over them, the class's own
+images another class's image's range. ``augment``, ``refit`` and the occlusion
+``penalty`` all use that swap; the input-gradient penalty has no place to act on.
+
 The box content to paste comes from ``pixels``, a file of plain tensors that ``audit.py``
 writes beside the report (cut from the class's training images), or, without a file, from
 the class's images in the current batch. Every draw comes from a generator seeded by
@@ -49,6 +56,8 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from explain.measures.causal import channel_ranges, lay_range
 
 from .data.cue import derive_seed
 from .options import options_from
@@ -76,9 +85,7 @@ class ShortcutBox:
     class_name: str = ""
 
     def __post_init__(self) -> None:
-        c = self.class_index
-        if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0:
-            raise ValueError(f"shortcut class_index must be a non-negative int, got {c!r}")
+        c = _class_index(self.class_index)
         box = tuple(self.box)
         if len(box) != 4 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
                                     for v in box):
@@ -103,12 +110,40 @@ class ShortcutBox:
         return f"{name} at x {x0}-{x1}, y {y0}-{y1}"
 
 
+def _class_index(c: Any) -> int:
+    if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0:
+        raise ValueError(f"shortcut class_index must be a non-negative int, got {c!r}")
+    return int(c)
+
+
+@dataclass(frozen=True)
+class ShortcutFilter:
+    """One shortcut with no place: a filter over the class's whole images (a tint, a colour
+    cast) that the model reads, as the audit's range test confirms it.
+
+    Args:
+        class_index: the class the filter turns images into.
+        class_name: the class's name, for messages only.
+    """
+
+    class_index: int
+    class_name: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "class_index", _class_index(self.class_index))
+        object.__setattr__(self, "class_name", str(self.class_name))
+
+    def describe(self) -> str:
+        name = self.class_name or f"class {self.class_index}"
+        return f"{name}'s filter (the whole image's range)"
+
+
 @dataclass(frozen=True)
 class ShortcutRemoval:
     """Fine-tune so that the model stops relying on the listed shortcuts.
 
     Args:
-        shortcuts: the shortcuts (class and box each); several at once are fine.
+        shortcuts: the shortcuts with a place (class and box each); several at once are fine.
         method: ``augment`` (decorrelate the box's content from the label), ``penalty``
             (an attribution penalty inside the boxes), ``both``, or ``refit`` (the backbone
             frozen, the last layer re-fitted to convergence on the decorrelated batches'
@@ -130,9 +165,16 @@ class ShortcutRemoval:
             more of each step. Every image of the class is weighted alike, covered or not,
             so the cue stays decorrelated from the label in the weighted loss.
         refit_l2: ``refit``: weight of the squared norm of the head's weights in its fit.
+        filters: the shortcuts with no place (a class each). ``augment`` decorrelates each
+            the same way with ranges instead of boxes: another class's image gets the
+            per-channel range of one of the class's images laid over it (``p_paste``), an
+            image of the class gets another class's image's range (``p_cover``; so do, at
+            the same rate, images of classes without a filter). ``penalty`` with
+            ``penalty_map: occlusion`` swaps ranges the same way; ``input_gradient`` has no
+            place to penalise and is refused.
     """
 
-    shortcuts: list[ShortcutBox]
+    shortcuts: list[ShortcutBox] = field(default_factory=list)
     method: Literal["augment", "penalty", "both", "refit"] = "augment"
     p_paste: float = 0.5
     p_cover: float = 0.5
@@ -142,15 +184,27 @@ class ShortcutRemoval:
     seed: int = 0
     class_weight: float = 1.0
     refit_l2: float = 1e-4
+    filters: list[ShortcutFilter] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         shortcuts = [s if isinstance(s, ShortcutBox) else ShortcutBox(**s)
                      for s in (self.shortcuts or [])]
-        if not shortcuts:
-            raise ValueError("shortcut_removal needs at least one shortcut (class_index, box)")
+        filters = [f if isinstance(f, ShortcutFilter) else ShortcutFilter(**f)
+                   for f in (self.filters or [])]
+        if not shortcuts and not filters:
+            raise ValueError("shortcut_removal needs at least one shortcut: a box in "
+                             "`shortcuts` (class_index, box) or a class in `filters`")
         classes = [s.class_index for s in shortcuts]
         if len(set(classes)) != len(classes):
             raise ValueError(f"one box per class in shortcut_removal.shortcuts, got {classes}")
+        classes = [f.class_index for f in filters]
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"a class at most once in shortcut_removal.filters, got {classes}")
+        if (filters and self.method in ("penalty", "both")
+                and self.penalty_map == "input_gradient"):
+            raise ValueError("shortcut_removal.penalty_map input_gradient penalises inside "
+                             "boxes; a filter has none: use penalty_map occlusion (or "
+                             "method augment / refit) for `filters`")
         if self.method not in METHODS:
             raise ValueError(f"shortcut_removal.method must be one of {list(METHODS)}, got "
                              f"{self.method!r}")
@@ -170,6 +224,7 @@ class ShortcutRemoval:
         if not float(self.refit_l2) >= 0:
             raise ValueError(f"shortcut_removal.refit_l2 must be >= 0, got {self.refit_l2}")
         object.__setattr__(self, "shortcuts", shortcuts)
+        object.__setattr__(self, "filters", filters)
         for name in ("p_paste", "p_cover", "penalty_weight", "class_weight", "refit_l2"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
@@ -183,7 +238,13 @@ class ShortcutRemoval:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["shortcuts"] = [{"class_index": s.class_index, "box": list(s.box),
                              "class_name": s.class_name} for s in self.shortcuts]
+        out["filters"] = [{"class_index": f.class_index, "class_name": f.class_name}
+                          for f in self.filters]
         return out
+
+    def all_shortcuts(self) -> list[ShortcutBox | ShortcutFilter]:
+        """Every shortcut of the fix: the boxes, then the filters."""
+        return [*self.shortcuts, *self.filters]
 
 
 # -- the pixels file ------------------------------------------------------------------------
@@ -322,7 +383,8 @@ class Remover:
         # Covers come from classes without a shortcut of their own where the batch has
         # any: two classes can share one cue (the quickstart's circle and square carry the
         # same patch), and covering circle's box with square's corner would put it back.
-        carriers = torch.isin(y, torch.tensor([s.class_index for s in self.config.shortcuts]))
+        carriers = torch.isin(y, torch.tensor([s.class_index for s in self.config.shortcuts],
+                                           dtype=torch.long))
         for s in self.config.shortcuts:
             x0, y0, x1, y1 = s.box
             own = y == s.class_index
@@ -355,7 +417,36 @@ class Remover:
                 # From the original batch: a cover is never another image's pasted cue.
                 out[dst.to(out.device), :, y0:y1, x0:x1] = \
                     images[src.to(images.device), :, y0:y1, x0:x1]
+        if self.config.filters:
+            self._swap_ranges(out, images, y, g, p_paste, p_cover)
         return out
+
+    def _swap_ranges(self, out: Tensor, images: Tensor, y: Tensor, g: torch.Generator,
+                     p_paste: float, p_cover: float) -> None:
+        """The filters' part of :meth:`swap`, in place on ``out``: ranges where boxes take
+        pixels. Every range is read from the original batch, so a cover never lays another
+        image's pasted filter."""
+        b = y.numel()
+        lo, span = channel_ranges(images)  # the sources' ranges
+        carriers = torch.isin(y, torch.tensor([f.class_index for f in self.config.filters]))
+        others = torch.nonzero(~carriers).flatten()
+        for f in self.config.filters:
+            own = y == f.class_index
+            paste = (~own) & (torch.rand(b, generator=g) < p_paste)
+            drawn = torch.rand(b, generator=g) < p_cover
+            # As for boxes: classes without a filter get another image's range at the
+            # cover's rate too, so that "rescaled" predicts no class.
+            cover = (own | ((~carriers) & (~paste))) & drawn
+            pool = torch.nonzero(own).flatten()
+            pool_from = others if others.numel() else torch.nonzero(~own).flatten()
+            for dst_mask, sources in ((paste, pool), (cover, pool_from)):
+                if not dst_mask.any() or not sources.numel():
+                    continue
+                dst = torch.nonzero(dst_mask).flatten()
+                src = sources[torch.randint(sources.numel(), (dst.numel(),), generator=g)]
+                d, s_ = dst.to(out.device), src.to(out.device)
+                now_lo, now_span = channel_ranges(out[d])  # another filter may have moved it
+                out[d] = lay_range(out[d], now_lo, now_span, lo[s_], span[s_])
 
     def mask(self, h: int, w: int, device: torch.device | str = "cpu") -> Tensor:
         """``[1, 1, h, w]`` float mask: 1 inside any shortcut's box."""
@@ -375,7 +466,7 @@ class Remover:
         key = (num_classes, str(device))
         if key not in self._weights:
             w = torch.ones(num_classes)
-            for s in self.config.shortcuts:
+            for s in self.config.all_shortcuts():
                 if s.class_index < num_classes:
                     w[s.class_index] = self.config.class_weight
             self._weights[key] = w.to(device)

@@ -471,7 +471,7 @@ def test_a_monitor_without_discovery_images_says_it_will_not_follow_the_boxes(
                          model={"shortcut_removal": {"shortcuts": [
                              {"class_index": 0, "box": [0, 0, 8, 8]}]}},
                          monitor={"discovery_per_class": 0})
-    with pytest.warns(UserWarning, match="will not test the shortcut removal's boxes"):
+    with pytest.warns(UserWarning, match="will not test the shortcut removal's shortcuts"):
         run_train(["fit", "--config", str(config)])
 
 

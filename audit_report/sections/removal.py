@@ -38,7 +38,7 @@ class ShortcutCheck:
 
     cls: str
     index: int
-    box: list[int]
+    box: list[int] | None  # None: a filter (the range of the class's images)
     verdict: str  # gone | weakened | still there
     flip_rate: float
     controls: dict[str, float]
@@ -64,7 +64,8 @@ class RemovalResult:
 def _check(r: reliance.Reliance, name: str, rediscovered: bool) -> ShortcutCheck:
     m = r.transplant.margin
     return ShortcutCheck(
-        cls=name, index=r.label, box=list(r.box), verdict=r.verdict,
+        cls=name, index=r.label, box=None if r.box is None else list(r.box),
+        verdict=r.verdict,
         flip_rate=r.transplant.flip_rate, controls=dict(r.transplant.controls),
         margin={"mean": m.mean, "low": m.low, "high": m.high, "n": m.n},
         targets=r.transplant.n, accuracy=r.accuracy, class_accuracy=r.class_accuracy,
@@ -100,6 +101,10 @@ class ShortcutRemovalSection(Section):
                                  norm_maps=norm, seed=settings.seed,
                                  batch_size=settings.batch_size)
             result.checks.append(_check(r, names[s.class_index], s.class_index in again))
+        for f in spec.filters:
+            r = reliance.measure_filter(model.model, images, labels, f.class_index,
+                                        seed=settings.seed, batch_size=settings.batch_size)
+            result.checks.append(_check(r, names[f.class_index], f.class_index in again))
         return result
 
     def findings(self, audit: AuditRun, model: ModelAudit,
@@ -114,7 +119,7 @@ class ShortcutRemovalSection(Section):
             else:
                 out.append(Finding(words, flag=True, kind="shortcut", cls=c.cls,
                                    severity="high" if c.verdict == "still there" else "medium",
-                                   numbers={"test": "box", "box": c.box,
+                                   numbers={"test": "box" if c.box else "filter", "box": c.box,
                                             "flip_rate": c.flip_rate, "controls": c.controls,
                                             "margin": c.margin, "targets": c.targets,
                                             "after_removal": c.verdict}))
@@ -134,16 +139,25 @@ class ShortcutRemovalSection(Section):
         return Markup()  # render_all draws the models side by side
 
 
+def where(c: ShortcutCheck) -> str:
+    """``the box x 0-8, y 0-8``, or ``its filter`` for a shortcut with no place."""
+    if c.box is None:
+        return "its filter (the range of its images)"
+    x0, y0, x1, y1 = c.box
+    return f"the box x {x0}-{x1}, y {y0}-{y1}"
+
+
 def _sentence(c: ShortcutCheck) -> str:
     """The verdict on the fixed model in one sentence."""
-    x0, y0, x1, y1 = c.box
-    where = f"the box x {x0}-{x1}, y {y0}-{y1}"
     ctrl = " / ".join(f"{v:.0%}" for v in c.controls.values())
-    tail = (f" (pasted, it turns {c.flip_rate:.0%} of other classes' images into {c.cls} "
-            f"against {ctrl} for the controls; {c.cls}'s images with the box covered are "
+    moved, kept = (("pasted", "the box covered") if c.box is not None else
+                   ("laid over other images", "another class's range"))
+    tail = (f" ({moved}, it turns {c.flip_rate:.0%} of other classes' images into {c.cls} "
+            f"against {ctrl} for the controls; {c.cls}'s images with {kept} are "
             f"recognised {c.class_accuracy_covered:.0%} of the time)")
+    where_ = where(c)
     if c.verdict == "gone":
-        return f"Class {c.cls} no longer relies on {where}: the shortcut is gone{tail}."
+        return f"Class {c.cls} no longer relies on {where_}: the shortcut is gone{tail}."
     if c.verdict == "weakened":
-        return f"Class {c.cls} relies less on {where}, but not at the controls' level{tail}."
-    return f"Class {c.cls} still relies on {where}: the shortcut is still there{tail}."
+        return f"Class {c.cls} relies less on {where_}, but not at the controls' level{tail}."
+    return f"Class {c.cls} still relies on {where_}: the shortcut is still there{tail}."

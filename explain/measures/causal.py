@@ -155,6 +155,16 @@ def box_label(box: Box | None) -> str:
     return f"x {x0}-{x1}, y {y0}-{y1}"
 
 
+def place_words(kind: str, box: Box | None) -> str:
+    """Where a test's cue is, in a sentence: its box, or what stands for a place in the
+    tests without one (one wording for the monitor's lines and the audit's)."""
+    if box is not None:
+        return box_label(box)
+    return {"moving": "each image's own hotspot",
+            "filter": "the range of its images' channels",
+            "colour": "its colour statistics"}.get(kind, "no fixed place")
+
+
 # -- shared plumbing ----------------------------------------------------------------------
 
 
@@ -479,6 +489,15 @@ def channel_ranges(images: Tensor) -> tuple[Tensor, Tensor]:
     return lo, (hi - lo).clamp_min(1e-6)
 
 
+def lay_range(images: Tensor, lo: Tensor, span: Tensor, new_lo: Tensor, new_span: Tensor,
+              ) -> Tensor:
+    """``images`` ``[N, C, H, W]`` rescaled per channel so that each image's range (``lo``,
+    ``span``: ``[N, C]``, from :func:`channel_ranges`) becomes ``new_lo``, ``new_span``: a
+    filter's linear part (a tint, a cast, a contrast change) laid over, or taken off."""
+    unit = (images.float() - lo[..., None, None]) / span[..., None, None]
+    return (unit * new_span[..., None, None] + new_lo[..., None, None]).to(images.dtype)
+
+
 def filter_test(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor, label: int,
                 seed: int = 0, batch_size: int = 256, screen: bool = False,
                 level: float = LEVEL) -> CausalTest:
@@ -494,12 +513,8 @@ def filter_test(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
     lo, span = channel_ranges(images)
 
     def make(targets: Tensor, g: torch.Generator) -> Made:
-        unit = ((images[targets].float() - lo[targets][..., None, None])
-                / span[targets][..., None, None])
-
         def lay(src: Tensor) -> Tensor:
-            return (unit * span[src][..., None, None] + lo[src][..., None, None]
-                    ).to(images.dtype)
+            return lay_range(images[targets], lo[targets], span[targets], lo[src], span[src])
 
         src = own[torch.randint(own.numel(), (targets.numel(),), generator=g)]
         return (lay(src),

@@ -11,6 +11,10 @@ holds what a user needs to decide whether a fix worked:
 * the relevance left in the box: the share of the class's saliency mass inside it over
   the box's share of the area (1 = no more than anywhere else).
 
+A shortcut with no place (a filter: a tint, a cast) is measured the same way by
+:func:`measure_filter`, with ranges where boxes take pixels (:func:`.causal.filter_test`)
+and no relevance.
+
 :func:`verdict` reads them as ``gone`` (the margin within the controls' interval),
 ``weakened`` or ``still there``. Torch only.
 """
@@ -31,14 +35,17 @@ VERDICTS = ("gone", "weakened", "still there")
 
 @dataclass
 class Reliance:
-    """One model's reliance on one shortcut (class ``label``, ``box``)."""
+    """One model's reliance on one shortcut (class ``label``, ``box``; ``box`` None: a
+    filter, measured by its range)."""
 
     label: int
-    box: Box
+    box: Box | None
     transplant: causal.CausalTest
     accuracy: float  # on every image
     class_accuracy: float  # the class's own images as they are
-    class_accuracy_covered: float  # the same with the box covered by another class's content
+    # The same with the box covered by another class's content (a filter: with another
+    # class's image's range laid over them).
+    class_accuracy_covered: float
     relevance_ratio: float  # saliency mass in the box over its area share (NaN: no maps)
 
     @property
@@ -99,15 +106,48 @@ def measure(model: nn.Module, images: Tensor, labels: Tensor, label: int, box: B
     test = causal.box_test(model, images, labels, preds, label, box, sources, seed=seed,
                            batch_size=batch_size, norm_maps=norm_maps)
     covered, own = cover_with_others(images, labels, label, box, seed)
-    own_preds = preds[own]
+    relevance = relevance_ratio(maps[own], box) if maps is not None else float("nan")
+    return _reliance(model, label, box, test, preds, labels, own, covered, relevance,
+                     batch_size)
+
+
+def filter_with_others(images: Tensor, labels: Tensor, label: int, seed: int = 0,
+                       ) -> tuple[Tensor, Tensor]:
+    """The class's own images with the per-channel range of a random image of another
+    class laid over each (seeded; the filter's cover), and their indices."""
+    own = torch.nonzero(labels == label).flatten()
+    others = torch.nonzero(labels != label).flatten()
+    if not (own.numel() and others.numel()):
+        return images[own].clone(), own
+    g = torch.Generator().manual_seed(seed)
+    src = others[torch.randint(others.numel(), (own.numel(),), generator=g)]
+    lo, span = causal.channel_ranges(images)
+    return causal.lay_range(images[own], lo[own], span[own], lo[src], span[src]), own
+
+
+def measure_filter(model: nn.Module, images: Tensor, labels: Tensor, label: int,
+                   seed: int = 0, batch_size: int = 256) -> Reliance:
+    """:func:`measure` for a filter of class ``label``: the range test as the transplant,
+    the class's images with another class's range as the covered ones, no relevance."""
+    labels = labels.long().cpu()
+    preds = predict(model, images, batch_size)
+    test = causal.filter_test(model, images, labels, preds, label, seed, batch_size)
+    covered, own = filter_with_others(images, labels, label, seed)
+    return _reliance(model, label, None, test, preds, labels, own, covered, float("nan"),
+                     batch_size)
+
+
+def _reliance(model: nn.Module, label: int, box: Box | None, test: causal.CausalTest,
+              preds: Tensor, labels: Tensor, own: Tensor, covered: Tensor,
+              relevance: float, batch_size: int) -> Reliance:
     covered_preds = predict(model, covered, batch_size)
     nan = float("nan")
     return Reliance(
-        label=label, box=tuple(int(v) for v in box),  # type: ignore[arg-type]
+        label=label, box=None if box is None else tuple(int(v) for v in box),  # type: ignore[arg-type]
         transplant=test,
         accuracy=float((preds == labels).float().mean()) if labels.numel() else nan,
-        class_accuracy=float((own_preds == label).float().mean()) if own.numel() else nan,
+        class_accuracy=float((preds[own] == label).float().mean()) if own.numel() else nan,
         class_accuracy_covered=(float((covered_preds == label).float().mean())
                                 if own.numel() else nan),
-        relevance_ratio=relevance_ratio(maps[own], box) if maps is not None else nan,
+        relevance_ratio=relevance,
     )

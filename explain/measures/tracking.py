@@ -164,14 +164,17 @@ class ShortcutTracker:
     def state_dict(self) -> list[dict[str, Any]]:
         return [f.to_state() for f in self.followed.values()]
 
-    def follow(self, label: int, box: Box, since: int = -1) -> None:
+    def follow(self, label: int, box: Box | None, since: int = -1) -> None:
         """Test ``box`` of class ``label`` every epoch from now on, as a shortcut confirmed
-        before the run (``since`` -1: a fix of a known shortcut). No-op when the class is
-        already followed."""
-        if label not in self.followed:
-            x0, y0, x1, y1 = box
-            self.followed[label] = Followed(label, "box", tuple(box), (y1 - y0, x1 - x0),
-                                            since)
+        before the run (``since`` -1: a fix of a known shortcut); ``box`` None: the class's
+        filter (the range test). No-op when the class is already followed."""
+        if label in self.followed:
+            return
+        if box is None:
+            self.followed[label] = Followed(label, "filter", None, None, since)
+            return
+        x0, y0, x1, y1 = box
+        self.followed[label] = Followed(label, "box", tuple(box), (y1 - y0, x1 - x0), since)
 
     def load_state_dict(self, state: list[dict[str, Any]]) -> None:
         self.followed = {int(d["label"]): Followed.from_state(d) for d in state}

@@ -410,12 +410,14 @@ def test_the_removal_html_escapes_class_names_and_paths(shortcut_ckpt: Path,
     html = section.render_all(SimpleNamespace(audit=audit))
     plan = RemovalPlan("A", [{"class_index": 0, "box": [0, 0, 4, 4], "class_name": HOSTILE}],
                        2, "augment", f"/tmp/{HOSTILE}/remove_shortcuts.yaml", "/tmp/p.pt",
-                       f"python train.py fit --config '/tmp/{HOSTILE}'", "val", [names[2]])
+                       f"python train.py fit --config '/tmp/{HOSTILE}'", "val", [names[2]],
+                       filters=[{"class_index": 1, "class_name": names[1] + HOSTILE}])
     html += _removal_note(plan)
     for bad in (HOSTILE, "<script>", "</figcaption>"):
         assert bad not in html
     assert "&lt;img src=x onerror=alert(1)&gt;" in html
     assert "no longer relies" in html
+    assert "per-channel range laid over" in html  # the filter's part of the plan's note
 
 
 @pytest.mark.parametrize("data_path", ["classic", "fast"])

@@ -15,11 +15,9 @@ import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
-import lightning as L
 import pytest
 import torch
 import yaml
-from torch.utils.data import DataLoader, TensorDataset
 
 from audit_report.removal import CONFIG_NAME, PIXELS_NAME, plan_removal, write_removal
 from audit_report.sections.removal import ShortcutRemovalSection
@@ -28,8 +26,9 @@ from explain.measures.causal import channel_ranges
 from lit_modules import ImageClassifier
 from lit_modules.shortcut_removal import Remover, ShortcutFilter, ShortcutRemoval
 from tests.helpers import register_tiny_backbone, run_train, tiny_config
+from tests.test_shortcut_removal import CLASSES, classifier
+from tests.test_shortcut_removal import fit as fit_on
 
-CLASSES = 4
 CAST = torch.tensor([1.0, -1.0, 1.0]).view(3, 1, 1)
 FILTERS = [{"class_index": 0, "class_name": "bar"}]
 
@@ -58,19 +57,8 @@ def cast_shapes(n: int, seed: int, cast: bool = True) -> tuple[torch.Tensor, tor
     return x, y
 
 
-def classifier(**kwargs) -> ImageClassifier:
-    return ImageClassifier(backbone=register_tiny_backbone(), num_classes=CLASSES,
-                           optimizer="adamw", lr=0.01, scheduler="none", **kwargs)
-
-
 def fit(model: ImageClassifier, epochs: int, seed: int) -> ImageClassifier:
-    L.seed_everything(seed, verbose=False)
-    x, y = cast_shapes(512, 0)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True))
-    return model.eval()
+    return fit_on(model, epochs, seed, data=cast_shapes)
 
 
 def measured(model: ImageClassifier) -> reliance.Reliance:

@@ -58,9 +58,10 @@ def blobs(n: int, seed: int, cue: bool = True) -> tuple[torch.Tensor, torch.Tens
     return x, y
 
 
-def fit(model: ImageClassifier, epochs: int, seed: int) -> ImageClassifier:
+def fit(model: ImageClassifier, epochs: int, seed: int, data=None) -> ImageClassifier:
+    """``epochs`` of training on 512 images of ``data(n, seed)`` (default :func:`blobs`)."""
     L.seed_everything(seed, verbose=False)
-    x, y = blobs(512, 0)
+    x, y = (data or blobs)(512, 0)
     trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0)

@@ -267,6 +267,17 @@ def test_a_moving_patch_is_found_by_each_images_own_hotspot() -> None:
     assert epoch(clean, CueModel("none"), x, y, 0).confirmed == []
 
 
+def cluster_search(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   ) -> tuple[list[causal.CausalTest], list[discovery.ClassHotspots]]:
+    """Class 3's cluster tests as the audit runs them (saliency maps clustered per class)."""
+    maps = explain.run(model, x, "saliency", targets=y)
+    norm, usable = discovery.normalise_maps(maps)
+    hotspots = discovery.class_hotspots(maps, y, NUM_CLASSES, cluster=True)
+    preds = causal.predict(model, x)
+    return tracking.search_class(model, x, y, preds, norm, usable, CUE_CLASS, ("cluster",),
+                                 hotspots[CUE_CLASS].clusters), hotspots
+
+
 def test_a_cue_on_half_a_class_is_confirmed_through_its_cluster() -> None:
     """Half of class 3 carries the patch. Clustering its maps separates the carriers; the
     cluster's box, cut from its members, beats the same box cut from the class's other
@@ -277,19 +288,36 @@ def test_a_cue_on_half_a_class_is_confirmed_through_its_cluster() -> None:
     the false-alarm check on real objects is bench/shortcut_discovery.py's clean case.)
     """
     x, y, carry = images_with("patch", per_class=24, share=0.5)
-    model = CueModel("patch")
-    maps = explain.run(model, x, "saliency", targets=y)
-    norm, usable = discovery.normalise_maps(maps)
-    hotspots = discovery.class_hotspots(maps, y, NUM_CLASSES, cluster=True)
-    preds = causal.predict(model, x)
-    tests = tracking.search_class(model, x, y, preds, norm, usable, CUE_CLASS, ("cluster",),
-                                  hotspots[CUE_CLASS].clusters)
+    tests, hotspots = cluster_search(CueModel("patch"), x, y)
     hit = next(t for t in tests if t.confirmed)
     assert hit.kind == "cluster" and causal.iou(hit.box, (0, 0, 4, 4)) >= 0.5
     assert 0.3 <= hit.share <= 0.7  # about the carriers' half
     assert hit.controls["rest_of_class"] < 0.2 and hit.flip_rate > 0.8
     members = next(cl for cl in hotspots[CUE_CLASS].clusters if cl.share == hit.share)
     assert carry[members.indices].float().mean() > 0.9  # the cluster is the carriers
+
+
+def test_a_cluster_of_objects_that_sit_together_is_not_a_cue() -> None:
+    """Half of class 3's objects sit in the top left, the rest anywhere. The model reads
+    the object wherever it is (no cue at all). The top-left cluster's box, pasted, flips
+    like a cue, and the same box from the rest of the class (background there) does not:
+    only the fourth control, the rest's own most salient window pasted at the box (their
+    objects), shows that the box holds nothing but the class's object."""
+    x, y, _ = images_with("none", per_class=24)
+    own = torch.nonzero(y == CUE_CLASS).flatten()
+    g = torch.Generator().manual_seed(1)
+    for i in own[0::2].tolist():  # half of the class: the object in the top left
+        x[i] = 0.05 * torch.randn(3, SIDE, SIDE, generator=g)
+        x[i, :, 1:1 + OBJ, 1:1 + OBJ] += templates()[CUE_CLASS]
+    tests, _ = cluster_search(CueModel("none", object_weight=1.0), x, y)
+    full = [t for t in tests if t.kind == "cluster" and t.intervals]
+    assert full and not any(t.confirmed for t in tests)
+    t = full[0]
+    assert t.flip_rate > 0.5 and t.controls["rest_of_class"] < 0.2
+    # The three older controls alone would have confirmed it.
+    older = [iv for k, iv in t.intervals.items() if k != "rest_of_class_salient"]
+    assert all(iv.low > 0 and iv.mean >= 0.1 for iv in older)
+    assert t.controls["rest_of_class_salient"] >= t.flip_rate - 0.1
 
 
 def test_the_clustered_interval_is_the_paired_one_for_single_pairs_and_wider_for_few_sources(

@@ -8,9 +8,12 @@ without the suspected cue, paired image by image:
 * :func:`box_test`: a box cut from the class's images, pasted at the same place (a patch,
   a tag, a watermark at a fixed place). Controls: a same-size window from elsewhere in the
   same source, pasted at the box (``random_window``); the box cut from another class's
-  image (``other_class``). ``others_of_class`` adds a third control for a cluster of the
-  class: the box cut from the class's images *outside* the cluster (an object cluster
-  pastes object pixels either way; a cue cluster does not).
+  image (``other_class``). ``others_of_class`` adds two controls for a cluster of the
+  class, from the class's images *outside* the cluster: the same box cut from them
+  (``rest_of_class``: an object cluster pastes object pixels either way; a cue cluster
+  does not), and, with maps, each one's own most salient window of the box's size pasted
+  at the box (``rest_of_class_salient``: a cluster of images whose objects merely sit in
+  the box has the same object evidence elsewhere in the rest of the class).
 * :func:`moving_test`: each source's *own* hotspot window, pasted at the same place of the
   target: a cue that changes place needs no shared box. Same two controls per source.
 * :func:`colour_test`: no place at all (a tint, a filter): each target's per-channel mean
@@ -310,6 +313,12 @@ def box_test(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor, la
                 rest = torch.as_tensor(list(others_of_class), dtype=torch.long)
                 pick = rest[torch.randint(rest.numel(), (n,), generator=g)]
                 out["rest_of_class"] = _paste(base, images[pick], [box] * n, box)
+                if norm_maps is not None:
+                    # The class's other images' own best window, wherever it sits: a
+                    # cluster of images whose objects merely sit in the box pastes object
+                    # evidence, and so does this control; a cue cluster's box does more.
+                    wins = image_hotspots(norm_maps[pick], size)
+                    out["rest_of_class_salient"] = _paste(base, images[pick], wins, box)
             return out
 
         return _paste(base, images[src], [box] * n, box), controls, src

@@ -315,10 +315,6 @@ def search_class(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor
     mean_map = norm_maps[chooser].mean(0) if chooser else torch.zeros(h, w)
     out: list[CausalTest] = []
     for kind in kinds:
-        if kind == "cluster" and out and out[0].kind == "box" and out[0].flip_rate == 0:
-            # Not one flip from the class's own box: a cue on part of the class would have
-            # shown in some of its images (it costs a few screens per cluster otherwise).
-            continue
         if kind == "box":
             box = causal.best_window(mean_map, side)
             tests = [causal.box_test(model, images, labels, preds, label, box, sources,

@@ -58,8 +58,10 @@ def announce(verdict: tracking.EpochVerdict, names: Sequence[str], method: str) 
         name, epoch = names[e.label], verdict.epoch
         kind = e.test.kind
         where = place_words(kind, e.box)
+        found = (f"the box of {' and '.join(names[a] for a in e.test.also)}'s shortcut, "
+                 "which its images carry too" if e.test.also else f"found in its {method} maps")
         how = (f"laying {where} over other images" if kind in ("filter", "colour") else
-               f"pasting {where} (found in its {method} maps) from its images")
+               f"pasting {where} ({found}) from its images")
         if e.kind == "confirmed":
             rank_zero_warn(
                 f"ExplanationMonitor: class {name} relies on a shortcut at epoch {epoch}: "

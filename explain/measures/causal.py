@@ -95,6 +95,11 @@ class CausalTest:
     share: float = 1.0  # cluster tests: the cluster's share of the class
     screened: bool = False  # controls skipped: the flips alone were under MIN_FLIP_MARGIN
     min_low: float = 0.0  # confirmed only when every interval's low bound is above this
+    #: Classes whose predictions count as flips too: a cue ``label`` shares with them (one
+    #: patch on two classes sends a pasted image to either); empty for a class's own cue.
+    also: tuple[int, ...] = ()
+    #: With ``also``: the share of targets that turn into ``label`` itself.
+    own_rate: float | None = None
 
     @property
     def margin(self) -> Interval:
@@ -114,7 +119,10 @@ class CausalTest:
         ``MIN_FLIP_MARGIN``."""
         return (self.n >= MIN_TARGETS and bool(self.intervals) and all(
             iv.excludes_zero_above and iv.low > self.min_low and iv.mean >= MIN_FLIP_MARGIN
-            for iv in self.intervals.values()))
+            for iv in self.intervals.values())
+            # A shared cue must also send images to the class itself, not only to the
+            # class it shares the cue with.
+            and (self.own_rate is None or self.own_rate >= MIN_FLIP_MARGIN))
 
     @property
     def gone(self) -> bool:
@@ -129,8 +137,11 @@ class CausalTest:
         ctrl = " / ".join(f"{v:.0%}" for v in self.controls.values()) or "not run"
         m = self.margin
         tail = (f", margin {m.mean:+.2f} ({interval_text(m)})" if self.intervals else "")
+        into = " or ".join(names[c] for c in (self.label, *self.also))
+        own = (f", {self.own_rate:.0%} into {names[self.label]}"
+               if self.own_rate is not None else "")
         return (f"{self.flip_rate:.0%} of {self.n} other-class images turn into "
-                f"{names[self.label]} (controls {ctrl}{tail})")
+                f"{into} (controls {ctrl}{tail}{own})")
 
 
 def interval_text(m: Interval, with_level: bool = True) -> str:
@@ -178,9 +189,11 @@ def collapsed(preds: Tensor) -> bool:
 
 
 def _targets(labels: Tensor, preds: Tensor, label: int, seed: int,
-             max_targets: int = MAX_TARGETS) -> Tensor:
-    """Other classes' images not predicted ``label`` already (a seeded subset if many)."""
-    t = torch.nonzero((labels != label) & (preds != label)).flatten()
+             max_targets: int = MAX_TARGETS, also: Sequence[int] = ()) -> Tensor:
+    """Other classes' images not predicted ``label`` already (a seeded subset if many);
+    with ``also``, neither of those classes nor predicted as one of them."""
+    group = torch.tensor([label, *also])
+    t = torch.nonzero(~torch.isin(labels, group) & ~torch.isin(preds, group)).flatten()
     if t.numel() > max_targets:
         g = torch.Generator().manual_seed(seed)
         t = t[torch.randperm(t.numel(), generator=g)[:max_targets]].sort().values
@@ -188,20 +201,27 @@ def _targets(labels: Tensor, preds: Tensor, label: int, seed: int,
 
 
 def _flips(model: nn.Module, label: int, variants: dict[str, Tensor], batch_size: int,
-           ) -> dict[str, Tensor]:
-    """0/1 flips towards ``label`` of each variant batch (all predicted in one pass)."""
+           also: Sequence[int] = ()) -> dict[str, Tensor]:
+    """0/1 flips towards ``label`` (or one of ``also``) of each variant batch, all
+    predicted in one pass; with ``also``, ``cue_own`` holds the cue's flips towards
+    ``label`` alone."""
     names = list(variants)
     n = len(variants[names[0]])
     preds = predict(model, torch.cat([variants[k] for k in names]), batch_size)
-    return {k: (p == label).float() for k, p in zip(names, preds.split(n), strict=True)}
+    group = torch.tensor([label, *also])
+    out = {k: torch.isin(p, group).float() for k, p in zip(names, preds.split(n), strict=True)}
+    if also and "cue" in variants:
+        out["cue_own"] = (preds[names.index("cue") * n:][:n] == label).float()
+    return out
 
 
 def _result(label: int, kind: str, box: Box | None, size: tuple[int, int] | None,
             flips: dict[str, Tensor], level: float, share: float = 1.0,
-            sources: Tensor | None = None) -> CausalTest:
+            sources: Tensor | None = None, also: Sequence[int] = ()) -> CausalTest:
     """``sources``: the source image of each target; the intervals are then clustered by
     source (:func:`.confirmation.clustered_interval`)."""
     main = flips.pop("cue")
+    own = flips.pop("cue_own", None)
 
     def interval(diff: Tensor) -> Interval:
         return (paired_interval(diff, level) if sources is None
@@ -212,7 +232,8 @@ def _result(label: int, kind: str, box: Box | None, size: tuple[int, int] | None
         flip_rate=float(main.mean()) if main.numel() else float("nan"),
         controls={k: float(v.mean()) for k, v in flips.items()},
         intervals={k: interval(main - v) for k, v in flips.items()},
-        share=share)
+        share=share, also=tuple(also),
+        own_rate=float(own.mean()) if own is not None and own.numel() else None)
 
 
 def _empty(label: int, kind: str, box: Box | None, size: tuple[int, int] | None,
@@ -275,9 +296,13 @@ def box_test(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor, la
              others_of_class: Sequence[int] | None = None, seed: int = 0,
              batch_size: int = 256, screen: bool = False, level: float = LEVEL,
              kind: str = "box", share: float = 1.0,
-             norm_maps: Tensor | None = None, stop: str = "full") -> CausalTest:
+             norm_maps: Tensor | None = None, stop: str = "full",
+             also: Sequence[int] = ()) -> CausalTest:
     """Paste ``box`` cut from class ``label``'s images (``sources``: default all of them)
     onto the same place of other classes' images; flips against the controls.
+
+    ``also``: classes that share the cue (a flip towards one of them counts; their images
+    are neither targets nor the other-class control's sources).
 
     ``preds`` are the model's predictions of ``images`` (the targets are those not
     already ``label``). ``screen``: first paste onto ``SCREEN_TARGETS`` targets alone and
@@ -306,8 +331,9 @@ def box_test(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor, la
                 elsewhere = "random_window"
             out = {
                 elsewhere: _paste(base, images[src], windows, box),
-                "other_class": _paste(base, images[_other_images(labels, targets, [label], g)],
-                                      [box] * n, box),
+                "other_class": _paste(
+                    base, images[_other_images(labels, targets, [label, *also], g)],
+                    [box] * n, box),
             }
             if others_of_class:
                 rest = torch.as_tensor(list(others_of_class), dtype=torch.long)
@@ -326,7 +352,7 @@ def box_test(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor, la
     if pool.numel() == 0:
         return _empty(label, kind, box, size, share)
     return _drive(model, labels, preds, label, kind, box, size, make, seed, batch_size,
-                  screen, level, share, stop)
+                  screen, level, share, stop, also)
 
 
 Controls = Callable[[], dict[str, Tensor]]
@@ -339,13 +365,13 @@ def _drive(model: nn.Module, labels: Tensor, preds: Tensor, label: int, kind: st
            box: Box | None, size: tuple[int, int] | None,
            make: Callable[[Tensor, torch.Generator], Made], seed: int,
            batch_size: int, screen: bool, level: float, share: float = 1.0,
-           stop: str = "full") -> CausalTest:
+           stop: str = "full", also: Sequence[int] = ()) -> CausalTest:
     """Run a test built by ``make(targets, generator) -> (changed images, controls,
     sources)``:
     screened on a seeded subset of the targets first when ``screen``, then in full.
     ``stop``: ``"flips"`` returns the screen's flips alone (no controls), ``"screen"`` the
     screen with its controls, ``"full"`` goes on to the full test when the screen passes."""
-    targets = _targets(labels, preds, label, seed)
+    targets = _targets(labels, preds, label, seed, also=also)
     if targets.numel() == 0:
         return _empty(label, kind, box, size, share)
     if screen:
@@ -353,20 +379,20 @@ def _drive(model: nn.Module, labels: Tensor, preds: Tensor, label: int, kind: st
         # same few; the full test runs only when both reach SCREEN_MARGIN.
         sub = _subset(targets, SCREEN_TARGETS, seed)
         cue, controls, src = make(sub, torch.Generator().manual_seed(seed))
-        flips = _flips(model, label, {"cue": cue}, batch_size)
+        flips = _flips(model, label, {"cue": cue}, batch_size, also)
         passed = float(flips["cue"].mean()) >= SCREEN_MARGIN
         if passed and stop != "flips":
-            flips.update(_flips(model, label, controls(), batch_size))
+            flips.update(_flips(model, label, controls(), batch_size, also))
             main = flips["cue"]
             passed = all(float((main - v).mean()) >= SCREEN_MARGIN
                          for k, v in flips.items() if k != "cue")
         if not passed or stop != "full":
-            out = _result(label, kind, box, size, flips, level, share, src)
+            out = _result(label, kind, box, size, flips, level, share, src, also)
             out.screened = not passed
             return out
     cue, controls, src = make(targets, torch.Generator().manual_seed(seed))
-    flips = _flips(model, label, {"cue": cue, **controls()}, batch_size)
-    return _result(label, kind, box, size, flips, level, share, src)
+    flips = _flips(model, label, {"cue": cue, **controls()}, batch_size, also)
+    return _result(label, kind, box, size, flips, level, share, src, also)
 
 
 def _subset(targets: Tensor, count: int, seed: int) -> Tensor:

@@ -12,7 +12,10 @@ stays, and it flares on broken epochs). Every epoch :class:`ShortcutTracker`
    there are at most ``ALL_CANDIDATES_MAX``, so the rule does not assume that most classes
    are clean) with one window at the hotspot, and searches the box (:func:`.causal.search_box`)
    of those whose flips pass the screen; a box whose margin's whole 95% interval is at
-   least 10 points (:func:`discovered`) is followed from then on.
+   least 10 points (:func:`discovered`) is followed from then on;
+3. tests a candidate whose own search found nothing, and whose class-mean hotspot touches
+   a followed box of another class, with that box, counting flips towards either class
+   (:func:`shared_test`: one patch on two classes splits its flips between them).
 
 Events (first confirmation, gone, back) are returned for the caller to print. State is
 plain Python (lists, ints, strings) so checkpoints load with ``weights_only=True``.
@@ -52,19 +55,21 @@ class Followed:
     size: tuple[int, int] | None
     since: int  # epoch of the first confirmation
     state: str = "confirmed"
+    also: tuple[int, ...] = ()  # classes whose followed box this class's cue shares
 
     def to_state(self) -> dict[str, Any]:
         return {"label": self.label, "kind": self.kind,
                 "box": list(self.box) if self.box else None,
                 "size": list(self.size) if self.size else None,
-                "since": self.since, "state": self.state}
+                "since": self.since, "state": self.state, "also": list(self.also)}
 
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> Followed:
         return cls(int(d["label"]), str(d["kind"]),
                    tuple(int(v) for v in d["box"]) if d.get("box") else None,  # type: ignore[arg-type]
                    tuple(int(v) for v in d["size"]) if d.get("size") else None,  # type: ignore[arg-type]
-                   int(d["since"]), str(d.get("state", "confirmed")))
+                   int(d["since"]), str(d.get("state", "confirmed")),
+                   tuple(int(v) for v in d.get("also") or ()))
 
 
 @dataclass
@@ -115,6 +120,11 @@ class EpochVerdict:
 #: flips against 30%) under the plain rule; a planted patch clears this bar at once (bird
 #: +0.94, the quickstart's square +0.46 [+0.34, +0.58]).
 DISCOVERY_MIN_LOW = MIN_FLIP_MARGIN
+
+
+#: Shortcuts given to :meth:`ShortcutTracker.follow` whose boxes overlap this much are
+#: followed as one cue shared by their classes.
+SHARED_MIN_IOU = 0.5
 
 
 def discovered(test: CausalTest) -> bool:
@@ -174,7 +184,14 @@ class ShortcutTracker:
             self.followed[label] = Followed(label, "filter", None, None, since)
             return
         x0, y0, x1, y1 = box
-        self.followed[label] = Followed(label, "box", tuple(box), (y1 - y0, x1 - x0), since)
+        f = Followed(label, "box", tuple(box), (y1 - y0, x1 - x0), since)
+        # Known shortcuts in (nearly) one place are one cue on several classes: each one's
+        # retest counts flips towards all of them (see shared_test).
+        for other in self.followed.values():
+            if other.box is not None and causal.iou(other.box, f.box) >= SHARED_MIN_IOU:
+                other.also = tuple(sorted({*other.also, label}))
+                f.also = tuple(sorted({*f.also, other.label}))
+        self.followed[label] = f
 
     def load_state_dict(self, state: list[dict[str, Any]]) -> None:
         self.followed = {int(d["label"]): Followed.from_state(d) for d in state}
@@ -209,7 +226,28 @@ class ShortcutTracker:
         # instead of 4 are what keeps a moderate cue from flickering to "weakened".
         sources = torch.nonzero((labels == f.label) & usable).flatten().tolist()
         return causal.box_test(model, images, labels, preds, f.label, f.box, sources,
-                               seed=self.seed, batch_size=self.batch_size, norm_maps=norm_maps)
+                               seed=self.seed, batch_size=self.batch_size, norm_maps=norm_maps,
+                               also=f.also)
+
+    def _shared(self, model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
+                norm_maps: Tensor, usable: Tensor, label: int) -> CausalTest | None:
+        """Class ``label`` tested with a box another class is followed with, where the
+        hotspot of its class-mean map touches that box; a flip towards either class counts
+        (:func:`shared_test`). The first one confirmed, else the one with the most flips,
+        else None."""
+        boxes = [f for f in self.followed.values()
+                 if f.kind == "box" and f.box is not None and f.label != label]
+        if not boxes:
+            return None
+        h, w = norm_maps.shape[-2:]
+        side = (causal.window_side(h, causal.SCREEN_FRACTION),
+                causal.window_side(w, causal.SCREEN_FRACTION))
+        hotspot = causal.best_window(class_mean_maps(norm_maps, usable, labels, label), side)
+        tests = [shared_test(model, images, labels, preds, norm_maps, usable, label, f,
+                             self.seed, self.batch_size)
+                 for f in boxes if f.box is not None and causal.iou(hotspot, f.box) > 0]
+        hit = next((t for t in tests if discovered(t)), None)
+        return hit or max(tests, key=lambda t: t.flip_rate if t.n else -1.0, default=None)
 
     def _moving(self, model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
                 norm_maps: Tensor, usable: Tensor, label: int, size: tuple[int, int],
@@ -252,9 +290,17 @@ class ShortcutTracker:
                 continue
             tests = self._search(model, images, labels, preds, norm_maps, usable, c)
             hit = next((t for t in tests if discovered(t)), None)
+            if hit is None and lifts.get(c) is not None:
+                shared = self._shared(model, images, labels, preds, norm_maps, usable, c)
+                if shared is not None:
+                    tests.append(shared)
+                    hit = shared if discovered(shared) else None
             if hit is not None:
                 size = hit.size
-                f = Followed(c, hit.kind, hit.box, size, epoch)
+                f = Followed(c, hit.kind, hit.box, size, epoch, also=hit.also)
+                for a in hit.also:  # the partner's retests count this class's flips too
+                    partner = self.followed[a]
+                    partner.also = tuple(sorted({*partner.also, c}))
                 self.followed[c] = f
                 events.append(Event("confirmed", c, hit, hit.box))
                 rows[c] = ClassRow(c, "confirmed", lifts.get(c), hit, f)
@@ -277,6 +323,25 @@ def _moving(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
     return causal.moving_test(model, images, labels, preds, label,
                               dict(zip(own.tolist(), wins, strict=True)), seed, batch_size,
                               screen=screen, norm_maps=norm_maps)
+
+
+def shared_test(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
+                norm_maps: Tensor, usable: Tensor, label: int, other: Followed,
+                seed: int = 0, batch_size: int = 256) -> CausalTest:
+    """Does class ``label`` carry the cue of ``other`` (a class followed with a box)?
+
+    One patch on two classes tells the model "one of these two"; pasted, it sends a target
+    to either class, whichever the rest of the image favours, and the split flickers from
+    epoch to epoch (the quickstart's circle: 30% into circle and 48% into square, same
+    patch). Counted towards either class, against controls counted the same way, the
+    shared cue shows whole; :attr:`.causal.CausalTest.own_rate` must still reach
+    ``MIN_FLIP_MARGIN`` towards ``label`` itself. The box is ``other``'s, already chosen
+    by evidence, so every usable image of the class is a source."""
+    assert other.box is not None
+    sources = torch.nonzero((labels == label) & usable).flatten().tolist()
+    return causal.box_test(model, images, labels, preds, label, other.box, sources,
+                           seed=seed, batch_size=batch_size, screen=True,
+                           norm_maps=norm_maps, also=(other.label,))
 
 
 def halves(labels: Tensor, usable: Tensor, label: int) -> tuple[list[int], list[int]]:
@@ -393,7 +458,9 @@ def summary_markdown(verdict: EpochVerdict, names: Sequence[str]) -> str:
         if t is None or not t.n:
             flips = ctrl = margin = "-"
         else:
-            flips = f"{t.flip_rate:.0%} of {t.n}"
+            flips = f"{t.flip_rate:.0%} of {t.n}" + (
+                f" ({t.own_rate:.0%} into {_md(names[r.label])} itself)"
+                if t.own_rate is not None else "")
             ctrl = (" / ".join(f"{k.replace('_', ' ')} {v:.0%}" for k, v in t.controls.items())
                     or "skipped (flips < 10%)")
             m = t.margin
@@ -404,13 +471,16 @@ def summary_markdown(verdict: EpochVerdict, names: Sequence[str]) -> str:
             else f" (since epoch {r.followed.since})")
         place = causal.box_label(box) if kind in ("box", "cluster") else (
             "each image's own" if kind == "moving" else "whole image" if kind else "-")
+        if t is not None and t.also:
+            kind += ", shared with " + ", ".join(_md(names[a]) for a in t.also)
         lines.append(f"| {_md(names[r.label])} | {kind or '-'} | {place} | {lift} | {flips} | "
                      f"{ctrl} | {margin} | {state} |")
     lines += ["", "A shortcut is found when the pasted content turns more other-class images "
               "into the class than every control with the margin's whole 95% interval "
               "(clustered by source image) at or above 0.10; it stays confirmed while the "
               "interval is above 0 and the margin >= 0.10; gone: margin < 0.10 with its interval reaching 0; weakened: "
-              "in between."]
+              "in between. A box shared with another class (one cue on both) counts a flip "
+              "towards either, and at least 10% must turn into the class itself."]
     return "\n".join(lines)
 
 

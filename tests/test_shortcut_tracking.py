@@ -310,21 +310,21 @@ def test_a_patch_shared_by_two_classes_counts_flips_towards_either() -> None:
     x, y = shared_images()
     model = SharedPatchModel()
     preds, norm, usable = shared_inputs(model, x, y)
-    partner = tracking.Followed(PARTNER, "box", (0, 0, 4, 4), (4, 4), 0)
-    t = tracking.shared_test(model, x, y, preds, norm, usable, CUE_CLASS, partner)
+    partner = (PARTNER, (0, 0, 4, 4))
+    t = tracking.shared_test(model, x, y, preds, norm, usable, CUE_CLASS, *partner)
     alone = causal.box_test(model, x, y, preds, CUE_CLASS, (0, 0, 4, 4), norm_maps=norm)
     assert t.also == (PARTNER,) and t.flip_rate > 0.95 and t.confirmed
     assert 0.1 <= t.own_rate <= 0.9 and abs(t.own_rate - alone.flip_rate) < 0.15
     assert t.flip_rate > alone.flip_rate + 0.1
     assert "turn into c3 or c4" in t.describe([f"c{i}" for i in range(10)])
     # A class without the patch, tested with the partner's box: nothing.
-    clean = tracking.shared_test(model, x, y, preds, norm, usable, 7, partner)
+    clean = tracking.shared_test(model, x, y, preds, norm, usable, 7, *partner)
     assert clean.flip_rate < 0.1 and not clean.confirmed
     # Class 3 carries the patch, but the model reads it for class 4 only: every flip
     # goes to the partner, none to the class, so the class is not said to rely on it.
     only = SharedPatchModel(partner_only=True)
     preds, norm, usable = shared_inputs(only, x, y)
-    t = tracking.shared_test(only, x, y, preds, norm, usable, CUE_CLASS, partner)
+    t = tracking.shared_test(only, x, y, preds, norm, usable, CUE_CLASS, *partner)
     assert t.flip_rate > 0.9 and t.own_rate == 0.0 and not t.confirmed
 
 
@@ -351,6 +351,42 @@ def test_a_class_whose_own_search_fails_is_followed_through_a_shared_box(monkeyp
     again = tracking.ShortcutTracker()
     again.load_state_dict(tracker.state_dict())
     assert again.followed == tracker.followed
+
+
+def test_the_audit_confirms_a_class_through_the_box_it_shares_and_says_so() -> None:
+    from types import SimpleNamespace
+
+    from audit_report.sections.shortcuts import (
+        ClassSpot,
+        ShortcutResult,
+        SuspectedShortcutsSection,
+        _suspect,
+    )
+    from audit_report.settings import AuditSettings
+
+    x, y = shared_images()
+    model = SharedPatchModel()
+    preds, norm, usable = shared_inputs(model, x, y)
+    maps = explain.run(model, x, "saliency", targets=y)
+    hotspots = discovery.class_hotspots(maps, y, NUM_CLASSES, cluster=False)
+    names = [f"c{i}" for i in range(NUM_CLASSES)]
+    boxes = [(PARTNER, (0, 0, 4, 4))]
+
+    def shared(label: int) -> causal.CausalTest | None:
+        return SuspectedShortcutsSection._shared(SimpleNamespace(model=model), x, y, preds,
+                                                 norm, usable, label, boxes,
+                                                 AuditSettings(ckpt=[]))
+
+    t = shared(CUE_CLASS)
+    assert t is not None and t.also == (PARTNER,) and tracking.discovered(t)
+    assert shared(7) is None  # its hotspot is its object, nowhere near the box
+    entry = _suspect(t, "c3", hotspots[CUE_CLASS], names)
+    assert entry.shared_with == ["c4"] and 0.1 <= entry.own_flip_rate < entry.flip_rate
+    spots = {n: ClassSpot([0, 0, 1, 1], 1.0, 0.0, 0.5, 16, False, []) for n in names}
+    result = ShortcutResult("saliency", len(y), [8, 8], 3.0, 2.0, 0.0, spots, [entry])
+    (finding,) = SuspectedShortcutsSection().findings(None, None, result)
+    assert finding.flag and "where c4's confirmed shortcut is" in finding.text
+    assert "into c3 or c4 (" in finding.text and "into c3 itself" in finding.text
 
 
 def test_known_shortcuts_in_one_place_are_followed_as_one_shared_cue() -> None:

@@ -54,8 +54,9 @@ DISCOVERY_CHUNK = 64
 AUDIT_TESTS = ("box", "cluster", "moving")
 # Bumped when what the section computes or stores changes, so an earlier report's cache is
 # not reused (4: suspects stored as typed records; 5: margins' intervals clustered by
-# source image; 6: the filter test; 7: the cluster test back, with its fourth control).
-SEARCH_VERSION = 7
+# source image; 6: the filter test; 7: the cluster test back, with its fourth control;
+# 8: a box shared with another class's confirmed shortcut).
+SEARCH_VERSION = 8
 
 
 @dataclass
@@ -96,6 +97,10 @@ class Suspect:
     margin: Margin
     targets: int
     confirmed: bool
+    #: A box shared with these classes' confirmed shortcuts (tracking.shared_test): the
+    #: flips count towards any of them, ``own_flip_rate`` towards this class alone.
+    shared_with: list[str] = field(default_factory=list)
+    own_flip_rate: float | None = None
     accuracy: float | None = None
     accuracy_hotspot_covered: float | None = None
     accuracy_random_covered: float | None = None
@@ -231,8 +236,10 @@ def discovery_key(settings: AuditSettings) -> dict[str, Any]:
             "tests": list(AUDIT_TESTS) + ["colour", "filter"], "version": SEARCH_VERSION}
 
 
-def _suspect(test: causal.CausalTest, name: str, hs: discovery.ClassHotspots) -> Suspect:
-    """One tested class as the report and metrics.json show it."""
+def _suspect(test: causal.CausalTest, name: str, hs: discovery.ClassHotspots,
+             names: list[str] | None = None) -> Suspect:
+    """One tested class as the report and metrics.json show it (``names``: every class's,
+    for a test shared with other classes)."""
     spot = hs.hotspot
     nan = float("nan")
     return Suspect(
@@ -244,7 +251,9 @@ def _suspect(test: causal.CausalTest, name: str, hs: discovery.ClassHotspots) ->
         largest_cluster_share=max((c.share for c in hs.clusters), default=1.0),
         flip_rate=test.flip_rate, controls=dict(test.controls),
         margins={k: Margin.of(v) for k, v in test.intervals.items()},
-        margin=Margin.of(test.margin), targets=test.n, confirmed=test.confirmed)
+        margin=Margin.of(test.margin), targets=test.n, confirmed=test.confirmed,
+        shared_with=[names[c] for c in test.also] if names else [],
+        own_flip_rate=test.own_rate)
 
 
 def _examples(model: Any, images: Tensor, labels: Tensor, preds: Tensor, label: int,
@@ -302,18 +311,29 @@ class SuspectedShortcutsSection(Section):
         suspects, examples = [], {}
         denorm = getattr(dm, "denormalize", None)
         show = (lambda x: denorm(x).clamp(0, 1)) if denorm else (lambda x: x.clamp(0, 1))
+        chosen: dict[int, causal.CausalTest | None] = {}
         for c in ([] if causal.collapsed(preds) else tracking.candidates(hotspots, k)):
             tests = tracking.search_class(
                 model.model, images, labels, preds, norm, usable, c, AUDIT_TESTS,
                 hotspots[c].clusters, seed=settings.seed, batch_size=settings.batch_size)
-            test = next((t for t in tests if t.confirmed), None) or max(
+            chosen[c] = next((t for t in tests if t.confirmed), None) or max(
                 (t for t in tests if not t.screened and t.n), key=lambda t: t.margin.mean,
                 default=None)
+        # A class not confirmed by its own tests whose hotspot touches another class's
+        # confirmed box: one cue on both classes splits its flips between them
+        # (tracking.shared_test), so it is tested with that box, flips towards either.
+        boxes = [(c, t.box) for c, t in chosen.items()
+                 if t is not None and t.confirmed and t.kind == "box" and t.box is not None]
+        for c, t in chosen.items():
+            if t is None or not t.confirmed:
+                chosen[c] = self._shared(model, images, labels, preds, norm, usable, c,
+                                         boxes, settings) or t
+        for c, test in chosen.items():
             if test is None:
                 continue  # every test's flips alone stayed under the margin: not a suspect
             name = names[c]
             classes[name].suspect = True
-            entry = _suspect(test, name, hotspots[c])
+            entry = _suspect(test, name, hotspots[c], names)
             if test.box is not None and test.confirmed:
                 cover = discovery.cover_test(model.model, images, labels, c, test.box,
                                              seed=settings.seed, batch_size=settings.batch_size)
@@ -347,6 +367,20 @@ class SuspectedShortcutsSection(Section):
         if cue is not None and cue.position != "random":
             self._self_check(result, cue, model, images, labels, preds, settings, names)
         return result
+
+    @staticmethod
+    def _shared(model: ModelAudit, images: Tensor, labels: Tensor, preds: Tensor,
+                norm: Tensor, usable: Tensor, label: int,
+                boxes: list[tuple[int, causal.Box]],
+                settings: AuditSettings) -> causal.CausalTest | None:
+        """The first shared test of class ``label`` with another class's confirmed box
+        (``boxes``: class, box) that clears the monitor's discovery bar, else None."""
+        for other, box in tracking.sharing(norm, usable, labels, label, boxes):
+            t = tracking.shared_test(model.model, images, labels, preds, norm, usable, label,
+                                     other, box, settings.seed, settings.batch_size)
+            if tracking.discovered(t):
+                return t
+        return None
 
     @staticmethod
     def _filters(model: ModelAudit, images: Tensor, labels: Tensor, preds: Tensor,
@@ -399,9 +433,12 @@ class SuspectedShortcutsSection(Section):
             what = _what(s)
             ctrl = " and ".join(f"{v:.0%}" for v in s.controls.values())
             if s.confirmed:
+                into = " or ".join([s.class_name, *s.shared_with])
+                own = (f" ({s.own_flip_rate:.0%} into {s.class_name} itself)"
+                       if s.own_flip_rate is not None else "")
                 out.append(Finding(
                     f"class {s.class_name}: shortcut confirmed by experiment: {what} turns "
-                    f"{s.flip_rate:.0%} of other classes' images into {s.class_name} against "
+                    f"{s.flip_rate:.0%} of other classes' images into {into}{own} against "
                     f"{ctrl} for the controls (n={s.targets}; {result.method} lift "
                     f"{s.lift:.1f}).", flag=True, kind="shortcut", cls=s.class_name,
                     severity="high", numbers={
@@ -490,6 +527,9 @@ def _what(s: Suspect) -> str:
         kh, kw = s.size
         return f"each of its images' own {kh}\u00d7{kw} hotspot"
     where = causal.box_label(tuple(s.box))
+    if s.shared_with:
+        return (f"the box {where}, where {' and '.join(s.shared_with)}'s confirmed shortcut "
+                "is (its images carry it too)")
     if s.kind == "cluster":
         return f"the box {where} of a cluster of {s.share:.0%} of its images"
     return f"the box {where}"

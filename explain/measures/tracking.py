@@ -235,17 +235,11 @@ class ShortcutTracker:
         hotspot of its class-mean map touches that box; a flip towards either class counts
         (:func:`shared_test`). The first one confirmed, else the one with the most flips,
         else None."""
-        boxes = [f for f in self.followed.values()
+        boxes = [(f.label, f.box) for f in self.followed.values()
                  if f.kind == "box" and f.box is not None and f.label != label]
-        if not boxes:
-            return None
-        h, w = norm_maps.shape[-2:]
-        side = (causal.window_side(h, causal.SCREEN_FRACTION),
-                causal.window_side(w, causal.SCREEN_FRACTION))
-        hotspot = causal.best_window(class_mean_maps(norm_maps, usable, labels, label), side)
-        tests = [shared_test(model, images, labels, preds, norm_maps, usable, label, f,
-                             self.seed, self.batch_size)
-                 for f in boxes if f.box is not None and causal.iou(hotspot, f.box) > 0]
+        tests = [shared_test(model, images, labels, preds, norm_maps, usable, label, other,
+                             box, self.seed, self.batch_size)
+                 for other, box in sharing(norm_maps, usable, labels, label, boxes)]
         hit = next((t for t in tests if discovered(t)), None)
         return hit or max(tests, key=lambda t: t.flip_rate if t.n else -1.0, default=None)
 
@@ -325,10 +319,23 @@ def _moving(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
                               screen=screen, norm_maps=norm_maps)
 
 
+def sharing(norm_maps: Tensor, usable: Tensor, labels: Tensor, label: int,
+            boxes: Sequence[tuple[int, Box]]) -> list[tuple[int, Box]]:
+    """The (class, box) pairs of ``boxes`` (other classes' shortcuts) that the hotspot of
+    class ``label``'s mean map touches: the boxes worth a :func:`shared_test`."""
+    if not boxes:
+        return []
+    h, w = norm_maps.shape[-2:]
+    side = (causal.window_side(h, causal.SCREEN_FRACTION),
+            causal.window_side(w, causal.SCREEN_FRACTION))
+    hotspot = causal.best_window(class_mean_maps(norm_maps, usable, labels, label), side)
+    return [(c, b) for c, b in boxes if c != label and causal.iou(hotspot, b) > 0]
+
+
 def shared_test(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
-                norm_maps: Tensor, usable: Tensor, label: int, other: Followed,
+                norm_maps: Tensor, usable: Tensor, label: int, other: int, box: Box,
                 seed: int = 0, batch_size: int = 256) -> CausalTest:
-    """Does class ``label`` carry the cue of ``other`` (a class followed with a box)?
+    """Does class ``label`` carry the cue of class ``other``, a shortcut at ``box``?
 
     One patch on two classes tells the model "one of these two"; pasted, it sends a target
     to either class, whichever the rest of the image favours, and the split flickers from
@@ -337,11 +344,10 @@ def shared_test(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
     shared cue shows whole; :attr:`.causal.CausalTest.own_rate` must still reach
     ``MIN_FLIP_MARGIN`` towards ``label`` itself. The box is ``other``'s, already chosen
     by evidence, so every usable image of the class is a source."""
-    assert other.box is not None
     sources = torch.nonzero((labels == label) & usable).flatten().tolist()
-    return causal.box_test(model, images, labels, preds, label, other.box, sources,
+    return causal.box_test(model, images, labels, preds, label, box, sources,
                            seed=seed, batch_size=batch_size, screen=True,
-                           norm_maps=norm_maps, also=(other.label,))
+                           norm_maps=norm_maps, also=(other,))
 
 
 def halves(labels: Tensor, usable: Tensor, label: int) -> tuple[list[int], list[int]]:

@@ -162,6 +162,10 @@ CASES: dict[str, list[Cue]] = {
     "five-100%-5classes": [Cue("airplane", "solid", 2, 2), Cue("automobile", "checker", 26, 2),
                            Cue("bird", "line", 12, 29), Cue("cat", "solid", 26, 26, colour=(0, 255, 255)),
                            Cue("deer", "glyph", 3, 24)],
+    # One patch, one place, on two classes that look alike: to the model it says "cat or
+    # dog", the rest of the image picks one, and each class's own share of the flips is
+    # noise around half (the quickstart's circle and square, on real images).
+    "shared-100%-2classes": [Cue("cat", "solid", 2, 2), Cue("dog", "solid", 2, 2)],
     # A 4x4 green patch anywhere in the image, a new place in every image of the class.
     "moving-100%-1class": [Cue("frog", "moving", colour=(0, 255, 0))],
 }

@@ -389,13 +389,85 @@ def test_the_audit_confirms_a_class_through_the_box_it_shares_and_says_so() -> N
     assert "into c3 or c4 (" in finding.text and "into c3 itself" in finding.text
 
 
+def test_two_classes_confirmed_in_one_place_are_judged_as_one_cue_the_same_epoch() -> None:
+    """Class 4 is followed at the patch. The model reads the patch for both classes: class
+    3's own search confirms it with its own box, and the two are linked. Then a model that
+    reads it for class 3 alone: class 4, judged first on its own flips (none: "gone"), is
+    judged again as the shared cue once class 3 is confirmed, and is "weakened" (the box
+    still acts, for class 3), without a "gone" line."""
+    x, y = shared_images()
+    tracker = tracking.ShortcutTracker()
+    tracker.followed[PARTNER] = tracking.Followed(PARTNER, "box", (0, 0, 4, 4), (4, 4), 0)
+    v = epoch(tracker, SharedPatchModel(), x, y, 1)
+    # (These objects all sit in the lower right, 16 a class: an object box of another
+    # class can pass too; only classes 3 and 4 are looked at here.)
+    assert {CUE_CLASS, PARTNER} <= set(v.confirmed)
+    assert tracker.followed[CUE_CLASS].also == (PARTNER,)
+    assert tracker.followed[PARTNER].also == (CUE_CLASS,)
+    v = epoch(tracker, SharedPatchModel(), x, y, 2)
+    assert v.rows[PARTNER].test.also == (CUE_CLASS,) and v.rows[PARTNER].test.flip_rate > 0.95
+    assert v.rows[PARTNER].state == v.rows[CUE_CLASS].state == "confirmed"
+
+    tracker = tracking.ShortcutTracker()
+    tracker.followed[PARTNER] = tracking.Followed(PARTNER, "box", (0, 0, 4, 4), (4, 4), 0)
+    v = epoch(tracker, CueModel("patch"), x, y, 1)
+    assert v.rows[CUE_CLASS].state == "confirmed"
+    row = v.rows[PARTNER]
+    assert row.test.also == (CUE_CLASS,) and row.test.own_rate < 0.05
+    assert row.state == "weakened"
+    assert [(e.kind, e.label) for e in v.events if e.label in (CUE_CLASS, PARTNER)] == [
+        ("confirmed", CUE_CLASS)]
+
+
+class HiddenPartnerModel(nn.Module):
+    """Class 4 needs the patch (without it, never class 4) but a pasted patch goes to class
+    3 unless the image holds class 4's object: the transplant cannot show class 4's
+    reliance, covering the patch in its own images can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.objects = CueModel("none", object_weight=0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.objects(x)
+        bump = 20 * F.relu(x[:, :, 0:4, 0:4].mean(dim=(1, 2, 3)) - 1.5)
+        fours = out.argmax(1) == PARTNER
+        out[:, PARTNER] += bump - 15
+        out[:, CUE_CLASS] += bump * torch.where(fours, 0.5, 1.1)
+        return out
+
+
+def test_a_shared_cue_whose_flips_all_go_elsewhere_stays_while_the_class_needs_the_box(
+) -> None:
+    x, y = shared_images()
+    model = HiddenPartnerModel()
+    preds = causal.predict(model, x)
+    assert float((preds[y == PARTNER] == PARTNER).float().mean()) == 1.0
+    tracker = tracking.ShortcutTracker()
+    tracker.follow(CUE_CLASS, (0, 0, 4, 4), since=0)
+    tracker.follow(PARTNER, (0, 0, 4, 4), since=0)
+    v = epoch(tracker, model, x, y, 1)
+    row = v.rows[PARTNER]
+    assert row.test.own_rate < 0.05 and row.test.flip_rate > 0.9
+    assert row.state == "confirmed" and row.cover is not None
+    assert row.cover.accuracy == 1.0 and row.cover.accuracy_hotspot_covered == 0.0
+    assert "0% with the box covered" in tracking.summary_markdown(v, [f"c{i}" for i in range(10)])
+    # A model that reads the patch for class 3 alone: class 4's images do not need it
+    # (covered, they are class 4 again; with it, class 3).
+    v = epoch(tracker, CueModel("patch"), x, y, 2)
+    cover = v.rows[PARTNER].cover
+    assert v.rows[PARTNER].state == "weakened"
+    assert cover.accuracy_hotspot_covered > cover.accuracy
+
+
 def test_known_shortcuts_in_one_place_are_followed_as_one_shared_cue() -> None:
     tracker = tracking.ShortcutTracker()
     tracker.follow(0, (0, 0, 11, 11))
-    tracker.follow(1, (0, 0, 11, 11))
-    tracker.follow(2, (20, 20, 28, 28))
+    tracker.follow(1, (2, 2, 6, 6))  # inside class 0's box: one place
+    tracker.follow(2, (10, 20, 21, 31))  # touches a box below, mostly apart from it
+    tracker.follow(3, (20, 20, 31, 31))
     assert tracker.followed[0].also == (1,) and tracker.followed[1].also == (0,)
-    assert tracker.followed[2].also == ()
+    assert tracker.followed[2].also == () and tracker.followed[3].also == ()
 
 
 def cluster_search(model: nn.Module, x: torch.Tensor, y: torch.Tensor,

@@ -98,8 +98,11 @@ class CausalTest:
     #: Classes whose predictions count as flips too: a cue ``label`` shares with them (one
     #: patch on two classes sends a pasted image to either); empty for a class's own cue.
     also: tuple[int, ...] = ()
-    #: With ``also``: the share of targets that turn into ``label`` itself.
+    #: With ``also``: the share of targets that turn into ``label`` itself, and the least
+    #: of it a confirmation needs (less for a shared cue already followed: its split
+    #: between the classes flickers from epoch to epoch while the cue stays).
     own_rate: float | None = None
+    own_min: float = MIN_FLIP_MARGIN
 
     @property
     def margin(self) -> Interval:
@@ -122,7 +125,7 @@ class CausalTest:
             for iv in self.intervals.values())
             # A shared cue must also send images to the class itself, not only to the
             # class it shares the cue with.
-            and (self.own_rate is None or self.own_rate >= MIN_FLIP_MARGIN))
+            and (self.own_rate is None or self.own_rate >= self.own_min))
 
     @property
     def gone(self) -> bool:
@@ -159,6 +162,14 @@ def iou(a: Box, b: Box) -> float:
     inter = iw * ih
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
+
+
+def overlap_share(a: Box, b: Box) -> float:
+    """The share of the smaller box that lies inside the other (1: one holds the other)."""
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return iw * ih / smaller if smaller > 0 else 0.0
 
 
 def box_label(box: Box | None) -> str:

@@ -387,6 +387,14 @@ def test_the_audit_confirms_a_class_through_the_box_it_shares_and_says_so() -> N
     (finding,) = SuspectedShortcutsSection().findings(None, None, result)
     assert finding.flag and "where c4's confirmed shortcut is" in finding.text
     assert "into c3 or c4 (" in finding.text and "into c3 itself" in finding.text
+    # The section shows the partner's name as text (names are data).
+    from audit_report.html import macro
+    from audit_report.sections.shortcuts import CONTROL_WORDS, _what
+    entry.class_name, entry.shared_with = "c<3>", ["<b>c4</b>"]
+    page = str(macro("sections/shortcuts.html.j2", "body")(
+        result=result, suspects=[(entry, _what(entry), None)], control_words=CONTROL_WORDS))
+    assert "turned into c&lt;3&gt; or &lt;b&gt;c4&lt;/b&gt;" in page and "<b>c4" not in page
+    assert f"({entry.own_flip_rate:.0%} into c&lt;3&gt; itself)" in page
 
 
 def test_two_classes_confirmed_in_one_place_are_judged_as_one_cue_the_same_epoch() -> None:

@@ -157,6 +157,25 @@ def test_the_box_chosen_by_the_transplant_matches_the_planted_patch(side, where)
     assert causal.iou(t.box, box) >= 0.5, (t.box, box)
 
 
+def test_of_boxes_tied_on_margin_the_one_holding_the_whole_cue_is_reported() -> None:
+    """Figures of a 16 px audit (a 4 px patch): the 2 px box inside the patch scores nearly
+    the margin of the 5 px box around it (its controls flip less too) but loses a fifth of
+    the flips; the smallest box is kept only when it flips nearly as much."""
+    def full(box: causal.Box, flips: float, margin: float) -> causal.CausalTest:
+        iv = Interval(margin, margin - 0.1, margin + 0.1, 64)
+        return causal.CausalTest(0, "box", box, (box[3] - box[1], box[2] - box[0]), 64, flips,
+                                 {"salient_elsewhere": flips - margin},
+                                 {"salient_elsewhere": iv})
+    inside, around = full((1, 1, 3, 3), 0.81, 0.73), full((0, 0, 5, 5), 1.0, 0.77)
+    assert causal.pick_box([inside, around]).box == (0, 0, 5, 5)
+    assert causal.iou(causal.pick_box([around, inside]).box, (0, 0, 4, 4)) >= 0.5
+    # A box around the cue that adds nothing but area still loses to the smaller one.
+    exact = full((0, 0, 4, 4), 0.97, 0.76)
+    assert causal.pick_box([around, exact]).box == (0, 0, 4, 4)
+    # A larger box whose margin is clearly weaker is not taken for its flips.
+    assert causal.pick_box([inside, full((0, 0, 5, 5), 1.0, 0.60)]).box == (1, 1, 3, 3)
+
+
 def test_a_tint_reader_is_found_by_the_colour_move_and_a_clean_model_is_not() -> None:
     x, y, _ = images_with("tint")
     preds = causal.predict(CueModel("tint"), x)

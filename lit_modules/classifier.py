@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .backbones import build_backbone
 from .head_refit import FeatureBank, fit_head
-from .shortcut_projection import last_linear
+from .shortcut_projection import recording_head_inputs
 from .shortcut_removal import Remover, ShortcutRemoval
 
 SCHEDULERS = ("onecycle", "cosine", "warmup_cosine", "warmup_linear", "none")
@@ -259,14 +259,8 @@ class ImageClassifier(L.LightningModule):
         """``refit``: keep the frozen model's head inputs on the decorrelated batch; at the
         epoch's last batch fit the head to all of them (``lit_modules.head_refit``)."""
         self.backbone.eval()  # BatchNorm statistics and dropout as at inference, unchanged
-        _, head = last_linear(self.backbone)
-        seen: list[torch.Tensor] = []
-        handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-        try:
-            with torch.no_grad():
-                logits = self(x)  # eager: a compiled graph may skip the hook
-        finally:
-            handle.remove()
+        with recording_head_inputs(self.backbone) as (head, seen), torch.no_grad():
+            logits = self(x)  # eager: a compiled graph may skip the hook
         self.refit_bank.add(seen[0], y)
         # The loss and accuracy of the head before this epoch's fit, for the progress bar.
         self._finish("train", logits, y, self.train_acc, weight=weight)

@@ -26,7 +26,8 @@ measures both against fine-tuning.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -53,19 +54,27 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     return linears[-1]
 
 
+@contextmanager
+def recording_head_inputs(model: nn.Module) -> Iterator[tuple[nn.Linear, list[Tensor]]]:
+    """Within the block, every input of ``model``'s last ``nn.Linear`` is appended to the
+    yielded list (as the head received it); yields the head too. Run the model eagerly
+    inside: a compiled graph may skip the hook."""
+    _, head = last_linear(model)
+    seen: list[Tensor] = []
+    handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        yield head, seen
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def head_inputs(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
     """The inputs of the model's last ``nn.Linear`` for ``images``, ``[N, D]`` float32."""
-    _, head = last_linear(model)
-    seen: list[Tensor] = []
-    handle = head.register_forward_pre_hook(
-        lambda _m, args: seen.append(args[0].detach().flatten(1).float()))
-    try:
+    with recording_head_inputs(model) as (_, seen):
         for lo in range(0, len(images), batch_size):
             model(images[lo:lo + batch_size])
-    finally:
-        handle.remove()
-    return torch.cat(seen)
+    return torch.cat([t.detach().flatten(1).float() for t in seen])
 
 
 def fit_projection(model: nn.Module, images: Tensor, labels: Tensor,

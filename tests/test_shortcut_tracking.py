@@ -174,6 +174,32 @@ def test_of_boxes_tied_on_margin_the_one_holding_the_whole_cue_is_reported() -> 
     assert causal.pick_box([around, exact]).box == (0, 0, 4, 4)
     # A larger box whose margin is clearly weaker is not taken for its flips.
     assert causal.pick_box([inside, full((0, 0, 5, 5), 1.0, 0.60)]).box == (1, 1, 3, 3)
+    # The ring between the boxes decides when asked: no cue in it, the smaller box stays.
+    asked: list[tuple] = []
+
+    def ring_says(answer: bool):
+        def extends(small, large) -> bool:
+            asked.append((small.box, large.box))
+            return answer
+        return extends
+    assert causal.pick_box([inside, around], ring_says(True)).box == (0, 0, 5, 5)
+    assert causal.pick_box([inside, around], ring_says(False)).box == (1, 1, 3, 3)
+    assert asked == [((1, 1, 3, 3), (0, 0, 5, 5))] * 2
+    assert causal.pick_box([around, exact], ring_says(False)).box == (0, 0, 4, 4)
+    assert len(asked) == 2  # nothing to ask when the smallest tied box is kept anyway
+
+
+def test_the_ring_between_two_boxes_flips_only_when_it_holds_part_of_the_cue() -> None:
+    patch = (0, 0, 8, 8)
+    x, y, _ = images_with("patch", box=patch)
+    model = CueModel("patch", box=patch)
+    preds = causal.predict(model, x)
+    # Around the whole patch: the ring pastes only what sits around it.
+    assert causal.ring_flip_rate(model, x, y, preds, CUE_CLASS, (0, 0, 11, 11), patch) == 0.0
+    # Inside the patch: three quarters of the patch are in the ring, and the reader fires.
+    assert causal.ring_flip_rate(model, x, y, preds, CUE_CLASS, patch, (2, 2, 6, 6)) > 0.9
+    # The same box pasted whole flips as much; nothing left in the ring, nothing flips.
+    assert causal.ring_flip_rate(model, x, y, preds, CUE_CLASS, patch, patch) == 0.0
 
 
 def test_a_tint_reader_is_found_by_the_colour_move_and_a_clean_model_is_not() -> None:

@@ -56,8 +56,9 @@ AUDIT_TESTS = ("box", "cluster", "moving")
 # not reused (4: suspects stored as typed records; 5: margins' intervals clustered by
 # source image; 6: the filter test; 7: the cluster test back, with its fourth control;
 # 8: a box shared with another class's confirmed shortcut; 9: of boxes tied on margin, the
-# smallest that keeps nearly all the flips).
-SEARCH_VERSION = 9
+# smallest that keeps nearly all the flips; 10: unless the ring between them flips no more
+# than the larger box's controls).
+SEARCH_VERSION = 10
 
 
 @dataclass

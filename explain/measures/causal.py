@@ -641,19 +641,58 @@ def search_box(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor, 
         return max(screened, key=lambda t: t.margin.mean)
     best = max(passing, key=lambda t: t.margin.mean)
     chosen = list(dict.fromkeys([best.box] + [t.box for t in passing]))[:FULL_TESTS]
-    return pick_box([test(b, "full") for b in chosen if b is not None])
+    def extends(small: CausalTest, large: CausalTest) -> bool:
+        ring = ring_flip_rate(model, images, labels, preds, label, large.box, small.box,
+                              sources, seed, batch_size)
+        return ring >= large.strongest_control + MIN_FLIP_MARGIN
+
+    return pick_box([test(b, "full") for b in chosen if b is not None], extends)
 
 
-def pick_box(full: Sequence[CausalTest]) -> CausalTest:
+def pick_box(full: Sequence[CausalTest],
+             extends: Callable[[CausalTest, CausalTest], bool] | None = None) -> CausalTest:
     """Of fully tested boxes, the one a search reports: among those within ``TIE_MARGIN``
     of the largest margin (confirmed ones only, when any is), the smallest that flips
-    within ``TIE_MARGIN`` of the most of them."""
+    within ``TIE_MARGIN`` of the most of them; but the smallest tied box when
+    ``extends(smallest, that one)`` says the rest of the larger box carries no cue (its
+    extra flips came from what sits around the cue)."""
     top = max(full, key=lambda t: t.margin.mean)
     tied = [t for t in sorted(full, key=lambda t: _area(t.box))  # smallest first
             # never trade a confirmed box for a weaker one
             if t.margin.mean >= top.margin.mean - TIE_MARGIN and (t.confirmed or not top.confirmed)]
     most = max(t.flip_rate for t in tied)
-    return next(t for t in tied if t.flip_rate >= most - TIE_MARGIN)
+    kept = next(t for t in tied if t.flip_rate >= most - TIE_MARGIN)
+    smallest = tied[0]
+    if (kept is not smallest and extends is not None and smallest.confirmed
+            and smallest.box is not None and kept.box is not None
+            and not extends(smallest, kept)):
+        return smallest
+    return kept
+
+
+def ring_flip_rate(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
+                   label: int, outer: Box, inner: Box, sources: Sequence[int] | None = None,
+                   seed: int = 0, batch_size: int = 256) -> float:
+    """The share of targets (those of :func:`box_test`) that turn into ``label`` when
+    ``outer`` cut from the class's images (``sources``) is pasted with the part inside
+    ``inner`` left as the target's own: whether the larger box holds cue beyond the
+    smaller one (a 2 px box inside a 4 px patch leaves most of the patch in the ring; a
+    box around the whole patch leaves only what sits around it)."""
+    labels, preds = labels.long().cpu(), preds.long().cpu()
+    pool = (torch.as_tensor(list(sources), dtype=torch.long) if sources
+            else torch.nonzero(labels == label).flatten())
+    targets = _targets(labels, preds, label, seed)
+    if targets.numel() == 0 or pool.numel() == 0:
+        return 0.0
+    g = torch.Generator().manual_seed(seed)
+    src = pool[torch.randint(pool.numel(), (targets.numel(),), generator=g)]
+    base = images[targets]
+    ring = _paste(base, images[src], [outer] * targets.numel(), outer)
+    x0, y0 = max(outer[0], inner[0]), max(outer[1], inner[1])
+    x1, y1 = min(outer[2], inner[2]), min(outer[3], inner[3])
+    if x1 > x0 and y1 > y0:
+        ring[:, :, y0:y1, x0:x1] = base[:, :, y0:y1, x0:x1]
+    return float(_flips(model, label, {"cue": ring}, batch_size)["cue"].mean())
 
 
 def _area(box: Box | None) -> int:

@@ -17,7 +17,7 @@ from test_discovery import NUM_CLASSES, OBJ, SIDE, templates
 from torch import nn
 
 import explain
-from explain.measures import causal, discovery, tracking
+from explain.measures import box_search, causal, discovery, tracking
 from explain.measures.confirmation import Interval, clustered_interval, paired_interval
 
 CUE_CLASS = 3
@@ -152,7 +152,7 @@ def test_the_box_chosen_by_the_transplant_matches_the_planted_patch(side, where)
     maps = explain.run(model, x, "saliency", targets=y)
     norm, usable = discovery.normalise_maps(maps)
     mean = tracking.class_mean_maps(norm, usable, y, CUE_CLASS)
-    t = causal.search_box(model, x, y, causal.predict(model, x), CUE_CLASS, mean)
+    t = box_search.search_box(model, x, y, causal.predict(model, x), CUE_CLASS, mean)
     assert t.confirmed
     assert causal.iou(t.box, box) >= 0.5, (t.box, box)
 
@@ -167,13 +167,13 @@ def test_of_boxes_tied_on_margin_the_one_holding_the_whole_cue_is_reported() -> 
                                  {"salient_elsewhere": flips - margin},
                                  {"salient_elsewhere": iv})
     inside, around = full((1, 1, 3, 3), 0.81, 0.73), full((0, 0, 5, 5), 1.0, 0.77)
-    assert causal.pick_box([inside, around]).box == (0, 0, 5, 5)
-    assert causal.iou(causal.pick_box([around, inside]).box, (0, 0, 4, 4)) >= 0.5
+    assert box_search.pick_box([inside, around]).box == (0, 0, 5, 5)
+    assert causal.iou(box_search.pick_box([around, inside]).box, (0, 0, 4, 4)) >= 0.5
     # A box around the cue that adds nothing but area still loses to the smaller one.
     exact = full((0, 0, 4, 4), 0.97, 0.76)
-    assert causal.pick_box([around, exact]).box == (0, 0, 4, 4)
+    assert box_search.pick_box([around, exact]).box == (0, 0, 4, 4)
     # A larger box whose margin is clearly weaker is not taken for its flips.
-    assert causal.pick_box([inside, full((0, 0, 5, 5), 1.0, 0.60)]).box == (1, 1, 3, 3)
+    assert box_search.pick_box([inside, full((0, 0, 5, 5), 1.0, 0.60)]).box == (1, 1, 3, 3)
     # The ring between the boxes decides when asked: no cue in it, the smaller box stays.
     asked: list[tuple] = []
 
@@ -182,10 +182,10 @@ def test_of_boxes_tied_on_margin_the_one_holding_the_whole_cue_is_reported() -> 
             asked.append((small.box, large.box))
             return answer
         return extends
-    assert causal.pick_box([inside, around], ring_says(True)).box == (0, 0, 5, 5)
-    assert causal.pick_box([inside, around], ring_says(False)).box == (1, 1, 3, 3)
+    assert box_search.pick_box([inside, around], ring_says(True)).box == (0, 0, 5, 5)
+    assert box_search.pick_box([inside, around], ring_says(False)).box == (1, 1, 3, 3)
     assert asked == [((1, 1, 3, 3), (0, 0, 5, 5))] * 2
-    assert causal.pick_box([around, exact], ring_says(False)).box == (0, 0, 4, 4)
+    assert box_search.pick_box([around, exact], ring_says(False)).box == (0, 0, 4, 4)
     assert len(asked) == 2  # nothing to ask when the smallest tied box is kept anyway
 
 
@@ -195,11 +195,11 @@ def test_the_ring_between_two_boxes_flips_only_when_it_holds_part_of_the_cue() -
     model = CueModel("patch", box=patch)
     preds = causal.predict(model, x)
     # Around the whole patch: the ring pastes only what sits around it.
-    assert causal.ring_flip_rate(model, x, y, preds, CUE_CLASS, (0, 0, 11, 11), patch) == 0.0
+    assert box_search.ring_flip_rate(model, x, y, preds, CUE_CLASS, (0, 0, 11, 11), patch) == 0.0
     # Inside the patch: three quarters of the patch are in the ring, and the reader fires.
-    assert causal.ring_flip_rate(model, x, y, preds, CUE_CLASS, patch, (2, 2, 6, 6)) > 0.9
+    assert box_search.ring_flip_rate(model, x, y, preds, CUE_CLASS, patch, (2, 2, 6, 6)) > 0.9
     # The same box pasted whole flips as much; nothing left in the ring, nothing flips.
-    assert causal.ring_flip_rate(model, x, y, preds, CUE_CLASS, patch, patch) == 0.0
+    assert box_search.ring_flip_rate(model, x, y, preds, CUE_CLASS, patch, patch) == 0.0
 
 
 def test_a_tint_reader_is_found_by_the_colour_move_and_a_clean_model_is_not() -> None:

@@ -377,12 +377,9 @@ class SuspectedShortcutsSection(Section):
                 settings: AuditSettings) -> causal.CausalTest | None:
         """The first shared test of class ``label`` with another class's confirmed box
         (``boxes``: class, box) that clears the monitor's discovery bar, else None."""
-        for other, box in tracking.sharing(norm, usable, labels, label, boxes):
-            t = tracking.shared_test(model.model, images, labels, preds, norm, usable, label,
-                                     other, box, settings.seed, settings.batch_size)
-            if tracking.discovered(t):
-                return t
-        return None
+        tests = tracking.shared_tests(model.model, images, labels, preds, norm, usable, label,
+                                      boxes, settings.seed, settings.batch_size)
+        return next((t for t in tests if tracking.discovered(t)), None)
 
     @staticmethod
     def _filters(model: ModelAudit, images: Tensor, labels: Tensor, preds: Tensor,

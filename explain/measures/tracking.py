@@ -10,7 +10,7 @@ stays, and it flares on broken epochs). Every epoch :class:`ShortcutTracker`
    margin over the strongest control small and its interval reaching zero);
 2. screens the candidate classes (:func:`candidates`: every class with a usable map when
    there are at most ``ALL_CANDIDATES_MAX``, so the rule does not assume that most classes
-   are clean) with one window at the hotspot, and searches the box (:func:`.causal.search_box`)
+   are clean) with one window at the hotspot, and searches the box (:func:`.box_search.search_box`)
    of those whose flips pass the screen; a box whose margin's whole 95% interval is at
    least 10 points (:func:`discovered`) is followed from then on;
 3. tests a candidate whose own search found nothing, and whose class-mean hotspot touches
@@ -24,14 +24,14 @@ plain Python (lists, ints, strings) so checkpoints load with ``weights_only=True
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import causal
+from . import box_search, causal
 from .causal import Box, CausalTest
 from .confirmation import MIN_FLIP_MARGIN, CoverResult, cover_test
 from .discovery import MIN_CLUSTER_SIZE, SUSPECT_MIN_LIFT, ClassHotspots
@@ -262,9 +262,8 @@ class ShortcutTracker:
         else None."""
         boxes = [(f.label, f.box) for f in self.followed.values()
                  if f.kind == "box" and f.box is not None and f.label != label]
-        tests = [shared_test(model, images, labels, preds, norm_maps, usable, label, other,
-                             box, self.seed, self.batch_size)
-                 for other, box in sharing(norm_maps, usable, labels, label, boxes)]
+        tests = list(shared_tests(model, images, labels, preds, norm_maps, usable, label,
+                                  boxes, self.seed, self.batch_size))
         hit = next((t for t in tests if discovered(t)), None)
         return hit or max(tests, key=lambda t: t.flip_rate if t.n else -1.0, default=None)
 
@@ -371,9 +370,8 @@ def sharing(norm_maps: Tensor, usable: Tensor, labels: Tensor, label: int,
     if not boxes:
         return []
     h, w = norm_maps.shape[-2:]
-    side = (causal.window_side(h, causal.SCREEN_FRACTION),
-            causal.window_side(w, causal.SCREEN_FRACTION))
-    hotspot = causal.best_window(class_mean_maps(norm_maps, usable, labels, label), side)
+    side = box_search.window_size(h, w, box_search.SCREEN_FRACTION)
+    hotspot = box_search.best_window(class_mean_maps(norm_maps, usable, labels, label), side)
     return [(c, b) for c, b in boxes if c != label and causal.iou(hotspot, b) > 0]
 
 
@@ -393,6 +391,17 @@ def shared_test(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
     return causal.box_test(model, images, labels, preds, label, box, sources,
                            seed=seed, batch_size=batch_size, screen=True,
                            norm_maps=norm_maps, also=(other,))
+
+
+def shared_tests(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
+                 norm_maps: Tensor, usable: Tensor, label: int,
+                 boxes: Sequence[tuple[int, Box]], seed: int = 0,
+                 batch_size: int = 256) -> Iterator[CausalTest]:
+    """:func:`shared_test` of class ``label`` with each of ``boxes`` (other classes'
+    shortcuts: class, box) that its hotspot touches (:func:`sharing`), one at a time."""
+    for other, box in sharing(norm_maps, usable, labels, label, boxes):
+        yield shared_test(model, images, labels, preds, norm_maps, usable, label, other, box,
+                          seed, batch_size)
 
 
 def halves(labels: Tensor, usable: Tensor, label: int) -> tuple[list[int], list[int]]:
@@ -425,19 +434,18 @@ def search_class(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor
     ``moving``: each image's own smallest-size hotspot; ``colour``: the colour move;
     ``filter``: one of the class's images' range laid over each target."""
     h, w = images.shape[-2:]
-    side = (causal.window_side(h, causal.SCREEN_FRACTION),
-            causal.window_side(w, causal.SCREEN_FRACTION))
+    side = box_search.window_size(h, w, box_search.SCREEN_FRACTION)
     chooser, sources = halves(labels, usable, label)
     mean_map = norm_maps[chooser].mean(0) if chooser else torch.zeros(h, w)
     out: list[CausalTest] = []
     for kind in kinds:
         if kind == "box":
-            box = causal.best_window(mean_map, side)
+            box = box_search.best_window(mean_map, side)
             tests = [causal.box_test(model, images, labels, preds, label, box, sources,
                                      seed=seed, batch_size=batch_size, screen=True,
                                      norm_maps=norm_maps, stop="flips")]
             if not tests[0].screened and tests[0].n:
-                tests = [causal.search_box(model, images, labels, preds, label, mean_map,
+                tests = [box_search.search_box(model, images, labels, preds, label, mean_map,
                                            sources, seed=seed, batch_size=batch_size,
                                            norm_maps=norm_maps)]
         elif kind == "cluster":
@@ -451,12 +459,12 @@ def search_class(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor
                 rest = sorted(own - set(members))
                 cmean = norm_maps[members[0::2]].mean(0)  # chosen on half, pasted from the rest
                 test = causal.box_test(model, images, labels, preds, label,
-                                       causal.best_window(cmean, side), members[1::2], rest,
+                                       box_search.best_window(cmean, side), members[1::2], rest,
                                        seed=seed, batch_size=batch_size, screen=True,
                                        kind="cluster", share=cl.share, norm_maps=norm_maps,
                                        stop="flips")
                 if not test.screened and test.n:
-                    test = causal.search_box(
+                    test = box_search.search_box(
                         model, images, labels, preds, label, cmean, sources=members[1::2],
                         seed=seed, batch_size=batch_size, others_of_class=rest,
                         kind="cluster", share=cl.share, norm_maps=norm_maps)
@@ -464,8 +472,7 @@ def search_class(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor
         elif kind == "moving":
             # The smallest window: a moving cue is small, and an object's own best window
             # is itself class evidence wherever it sits (a small part of it is not).
-            small = (causal.window_side(h, causal.BOX_FRACTIONS[0]),
-                     causal.window_side(w, causal.BOX_FRACTIONS[0]))
+            small = box_search.window_size(h, w, box_search.BOX_FRACTIONS[0])
             tests = [_moving(model, images, labels, preds, norm_maps, usable, label, small,
                              True, seed, batch_size)]
         elif kind == "filter":

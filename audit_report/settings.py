@@ -89,7 +89,10 @@ class AuditSettings:
         counterfactual_images: images per class in the with/without-cue test, when the
             data declares a cue.
         discovery_images: images per class in the label-free shortcut discovery
-            (class-mean saliency maps, then transplant tests for suspects).
+            (class-mean saliency maps, then transplant tests for suspects). 100: a cue on
+            half of a class is confirmed through its cluster only with enough of the
+            cluster's images as sources (30 missed it; BENCHMARKS.md), and the maps of
+            1,000 CIFAR-sized images cost a few seconds.
         batch_size: images per model call in the perturbation measures and methods
             (scorecam, occlusion, lime, ...; 128: as fast as 256 on a CPU, with a lower
             peak memory; BENCHMARKS.md).
@@ -127,7 +130,7 @@ class AuditSettings:
     threshold: float = 0.2
     sanity_images: int = 8
     counterfactual_images: int = 100
-    discovery_images: int = 30
+    discovery_images: int = 100
     batch_size: int = 128
     progress: bool = True
     cache: bool = True

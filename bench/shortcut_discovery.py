@@ -21,7 +21,7 @@ the ExplanationMonitor (saliency, true class only, ``discovery_per_class=8``,
   longer relies" lines, the logged ``explain/shortcuts/is_confirmed/<class>`` per epoch
   (is a shortcut confirmed at every epoch after its first confirmation?) and any NaN scalar;
 * the audit's search, as audit_report/sections/shortcuts.py runs it: a stratified sample
-  of 30 test images a class (seed + 2), saliency maps of the true class, every class's box,
+  of 100 test images a class (seed + 2), saliency maps of the true class, every class's box,
   cluster and moving tests (explain.measures.tracking.search_class) and the colour move;
   "found" is a confirmed test of the cue class (for a fixed cue, with a box that touches
   the cue's pixels);
@@ -73,7 +73,7 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
            "truck"]
 DATA_SEED = 0  # which images, and which of a class carry a partial cue: fixed across seeds
 VAL_SIZE = 300  # taken from the training images by the DataModule (seeded, split_seed 0)
-AUDIT_PER_CLASS = 30  # audit_report.settings.AuditSettings.discovery_images
+AUDIT_PER_CLASS = 100  # audit_report.settings.AuditSettings.discovery_images
 METHOD = explain.DISCOVERY_METHOD  # what the audit's and the monitor's discovery use
 CONFIRMED = "relies on a shortcut at epoch "
 GONE = "no longer relies on"

@@ -245,6 +245,7 @@ class Run:
     # source's own patch for a moving cue; sources: carriers): does the model use it at all?
     told: dict[str, tuple[float, float]] = field(default_factory=dict)  # flips, margin
     discovery_s: float = float("nan")
+    audit_images: int = 0  # the audit search's sample: --audit-per-class a class
     epoch_s: float = float("nan")
     hook_s: float = float("nan")
     fit_s: float = float("nan")
@@ -366,6 +367,7 @@ def run_one(case: str, seed: int, root: Path, logs: str, epochs: int, test_per_c
     model.eval()
     tests, sample, preds, run.discovery_s = audit_search(model, dm, seed, audit_per_class)
     labels = sample["label"]
+    run.audit_images = len(labels)
     run.test_acc = float((preds == labels).float().mean())
     for c, ts in tests.items():
         hit = next((t for t in ts if t.confirmed), None)
@@ -435,7 +437,7 @@ def run_table(runs: list[Run]) -> str:
     head = ("| case | model | seed | test acc | monitor: confirmed (cue class @epoch) | monitor: "
             "confirmed elsewhere | NaN scalars | audit: found (test, place) | audit: best "
             "margin of the cue class | told the cue: flips, margin | audit: confirmed "
-            "outside the cue classes | colour reliance (class, margin) | audit search, 300 images | "
+            "outside the cue classes | colour reliance (class, margin) | audit search (images) | "
             "monitor share of an epoch |")
     lines = [head, "| --- | --- | ---: | ---: | --- | --- | ---: | --- | --- | --- | --- | "
              "--- | ---: | ---: |"]
@@ -446,7 +448,7 @@ def run_table(runs: list[Run]) -> str:
             f"{_false(r.first_confirmed, r)} | {r.nan_scalars} | {_audit(r)} | {margins} | "
             f"{_told(r)} | {_false(r.audit_confirmed, r)} | "
             + (", ".join(f"{c} {m:+.2f}" for c, m in r.colour_relies.items()) or "none")
-            + f" | {r.discovery_s:.1f} s | "
+            + f" | {r.discovery_s:.1f} s ({r.audit_images}) | "
             f"{r.hook_s / r.epoch_s:.1%} ({r.hook_s:.1f} of {r.epoch_s:.0f} s) |")
     return "\n".join(lines)
 

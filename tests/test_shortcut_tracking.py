@@ -619,3 +619,45 @@ def test_a_test_pasted_from_one_source_says_it_has_no_interval() -> None:
     assert t.flip_rate > 0.9 and not t.confirmed  # one image proves nothing about the class
     assert "one source image: no interval" in t.describe([f"c{i}" for i in range(10)])
     assert "[-inf" not in t.describe([f"c{i}" for i in range(10)])
+
+
+def test_a_margin_over_the_bar_whose_interval_reaches_zero_reads_inconclusive() -> None:
+    """Not confirmed for want of source images (the half-class glyph on 30 images a class:
+    +0.16 [-0.03, +0.35]) is not "no more than the controls": the finding and the badge say
+    inconclusive and point to a larger sample; a margin under the bar reads as before."""
+    from audit_report.html import macro
+    from audit_report.sections.shortcuts import (
+        CONTROL_WORDS,
+        ClassSpot,
+        Margin,
+        ShortcutResult,
+        Suspect,
+        SuspectedShortcutsSection,
+        _what,
+    )
+
+    def suspect(name: str, mean: float, low: float) -> Suspect:
+        margins = {"salient_elsewhere": Margin(mean + 0.05, low + 0.05, 0.5, 64),
+                   "rest_of_class": Margin(mean, low, 2 * mean - low, 64)}
+        return Suspect(class_name=name, index=0, kind="cluster", box=[1, 18, 12, 29],
+                       size=[11, 11], share=0.47, lift=1.8, z=0.4, consistency=0.5,
+                       largest_cluster_share=0.53, flip_rate=0.31,
+                       controls={"salient_elsewhere": 0.11, "rest_of_class": 0.16},
+                       margins=margins, margin=margins["rest_of_class"], targets=64,
+                       confirmed=False)
+
+    faint, weak = suspect("h<o>rse", 0.16, -0.03), suspect("deer", 0.02, -0.10)
+    assert faint.inconclusive and not weak.inconclusive
+    spots = {n: ClassSpot([0, 0, 1, 1], 1.0, 0.0, 0.5, 30, True, []) for n in ("h<o>rse", "deer")}
+    result = ShortcutResult("saliency", 300, [6, 6], 3.0, 2.0, 0.0, spots, [faint, weak])
+    f_faint, f_weak = SuspectedShortcutsSection().findings(None, None, result)
+    assert not f_faint.flag and "16 points more than the strongest control" in f_faint.text
+    assert "is -0.03: inconclusive" in f_faint.text and "had 300 images" in f_faint.text
+    assert "--discovery_images" in f_faint.text
+    assert "not more than the controls" in f_weak.text and "inconclusive" not in f_weak.text
+    page = str(macro("sections/shortcuts.html.j2", "body")(
+        result=result, suspects=[(s, _what(s), None) for s in (faint, weak)],
+        control_words=CONTROL_WORDS))
+    assert page.count('badge warn">inconclusive') == 1
+    assert page.count('badge ok">not confirmed') == 1
+    assert "h&lt;o&gt;rse" in page and "h<o>rse" not in page

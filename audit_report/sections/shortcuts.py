@@ -108,6 +108,15 @@ class Suspect:
     accuracy_random_covered: float | None = None
     cover_drop_vs_random: Margin | None = None
 
+    @property
+    def inconclusive(self) -> bool:
+        """Not confirmed, though the margin over every control reaches the bar on average
+        (and, shared, enough flips into the class itself): the interval is what fails, as
+        with too few source images; a larger sample may settle it either way."""
+        return (not self.confirmed and self.margin.mean >= causal.MIN_FLIP_MARGIN
+                and (self.own_flip_rate is None
+                     or self.own_flip_rate >= causal.MIN_FLIP_MARGIN))
+
     @classmethod
     def from_plain(cls, value: dict[str, Any]) -> Suspect:
         """Rebuilt from the cache's plain dict (field names, nested margins as dicts)."""
@@ -444,6 +453,15 @@ class SuspectedShortcutsSection(Section):
                         "test": s.kind, "box": s.box, "flip_rate": s.flip_rate,
                         "controls": s.controls, "margin": s.margin,
                         "targets": s.targets}))
+            elif s.inconclusive:
+                low = min(m.low for m in s.margins.values())
+                out.append(Finding(
+                    f"class {s.class_name}: {what} turns {s.flip_rate:.0%} of other classes' "
+                    f"images into it, {s.margin.mean * 100:.0f} points more than the "
+                    f"strongest control ({ctrl}), but the lowest bound of the margins' 95% "
+                    f"intervals is {low:+.2f}: inconclusive, not confirmed as a shortcut (the "
+                    f"search had {result.n_images} images; more images a class, audit.py "
+                    "--discovery_images, may settle it either way)."))
             else:
                 out.append(Finding(
                     f"class {s.class_name}: {what} turns {s.flip_rate:.0%} of other classes' "

@@ -91,8 +91,8 @@ class AuditSettings:
         discovery_images: images per class in the label-free shortcut discovery
             (class-mean saliency maps, then transplant tests for suspects). 100: a cue on
             half of a class is confirmed through its cluster only with enough of the
-            cluster's images as sources (30 missed it; BENCHMARKS.md), and the maps of
-            1,000 CIFAR-sized images cost a few seconds.
+            cluster's images as sources (30 missed it; BENCHMARKS.md); the search's cost
+            is mostly its tests, not the maps (quickstart: 24 s at 100, 27 s at 30).
         batch_size: images per model call in the perturbation measures and methods
             (scorecam, occlusion, lime, ...; 128: as fast as 256 on a CPU, with a lower
             peak memory; BENCHMARKS.md).

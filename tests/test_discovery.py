@@ -233,6 +233,37 @@ def test_cue_on_half_a_class_is_its_own_cluster(seed: int) -> None:
     assert sum(len(cl.indices) for cl in classes[5].clusters) == 30
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_images_whose_peaks_recur_on_a_half_class_cue_are_its_peak_group(seed: int) -> None:
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(30)
+    g = torch.Generator().manual_seed(100 + seed)
+    cue = (labels == 5) & (torch.rand(labels.numel(), generator=g) < 0.5)
+    cue_box = (26, 26, 30, 30)
+    norm, usable = D.normalise_maps(blob_maps(labels, seed, cue, cue_box))
+    group = D.peak_group(norm, usable, labels, 5)
+    assert group is not None
+    carriers = set(torch.nonzero(cue).flatten().tolist())
+    # Every carrier; over 12 seeds nothing else in 11, two blobs beside the cue in one.
+    assert carriers <= set(group.indices) and len(group.indices) <= len(carriers) + 2
+    assert group.share == pytest.approx(len(group.indices) / 30)
+    assert iou(group.hotspot.box, cue_box) >= 0.5
+    # Blobs anywhere: no other class's peaks recur anywhere.
+    assert [c for c in range(NUM_CLASSES) if D.peak_group(norm, usable, labels, c)] == [5]
+
+
+def test_a_place_where_every_class_peaks_is_no_peak_group() -> None:
+    """Every class's maps peak at one place (objects centred, say): a class shares it with
+    the others, so nothing singles it out."""
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(30)
+    everyone = torch.ones(labels.numel(), dtype=torch.bool)
+    norm, usable = D.normalise_maps(blob_maps(labels, 0, everyone, (14, 14, 18, 18)))
+    assert all(D.peak_group(norm, usable, labels, c) is None for c in range(NUM_CLASSES))
+    # The same place on half of class 5 alone: found.
+    norm, usable = D.normalise_maps(blob_maps(labels, 0, (labels == 5) & (torch.arange(
+        labels.numel()) % 2 == 0), (14, 14, 18, 18)))
+    assert D.peak_group(norm, usable, labels, 5) is not None
+
+
 def test_clusters_are_seeded_and_leave_the_global_rng_alone() -> None:
     labels = torch.zeros(30, dtype=torch.long)
     norm, _ = D.normalise_maps(blob_maps(labels, 0))

@@ -553,6 +553,35 @@ def test_a_cue_on_half_a_class_is_confirmed_through_its_cluster() -> None:
     assert carry[members.indices].float().mean() > 0.9  # the cluster is the carriers
 
 
+def test_a_cue_on_half_a_class_is_confirmed_through_its_recurring_peaks() -> None:
+    """No map clusters given: the carriers are found as the images whose own peaks recur
+    at the patch, and their box, cut from them, is confirmed against the same box cut
+    from the class's other images. The model without the cue confirms no group (objects
+    here sit in a 15 x 15 px range, so a class's peaks can recur by chance: the test, not
+    the group, decides)."""
+    x, y, carry = images_with("patch", per_class=24, share=0.5)
+    model = CueModel("patch")
+    maps = explain.run(model, x, "saliency", targets=y)
+    norm, usable = discovery.normalise_maps(maps)
+    group = discovery.peak_group(norm, usable, y, CUE_CLASS)
+    assert group is not None and bool(carry[group.indices].all())
+    assert len(group.indices) >= 0.7 * int(carry.sum())
+    tests = tracking.search_class(model, x, y, causal.predict(model, x), norm, usable,
+                                  CUE_CLASS, ("cluster",))
+    hit = next(t for t in tests if t.confirmed)
+    assert hit.kind == "cluster" and causal.iou(hit.box, (0, 0, 4, 4)) >= 0.5
+    assert hit.share == pytest.approx(group.share)
+    assert hit.controls["rest_of_class"] < 0.2 and hit.flip_rate > 0.8
+    plain = CueModel("none")
+    norm, usable = discovery.normalise_maps(explain.run(plain, x, "saliency", targets=y))
+    preds = causal.predict(plain, x)
+    groups = [c for c in range(NUM_CLASSES) if discovery.peak_group(norm, usable, y, c)]
+    assert groups  # a chance group is tested...
+    assert not any(t.confirmed for c in range(NUM_CLASSES)  # ... and nothing is confirmed
+                   for t in tracking.search_class(plain, x, y, preds, norm, usable, c,
+                                                  ("cluster",)))
+
+
 def test_a_cluster_of_objects_that_sit_together_is_not_a_cue() -> None:
     """Half of class 3's objects sit in the top left, the rest anywhere. The model reads
     the object wherever it is (no cue at all). The top-left cluster's box, pasted, flips

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import box_search, causal
+from . import box_search, causal, discovery
 from .causal import Box, CausalTest
 from .confirmation import MIN_FLIP_MARGIN, CoverResult, cover_test
 from .discovery import MIN_CLUSTER_SIZE, SUSPECT_MIN_LIFT, ClassHotspots
@@ -423,14 +423,23 @@ CLUSTER_MAX_SHARE = 0.8
 MAX_CLUSTER_TESTS = 1
 
 
+def _testable(cluster: Any, own: set[int]) -> bool:
+    """A group of the class's images worth its own test: not most of the class (that is the
+    class-wide test), not too small, and the class has other images for its controls."""
+    return bool(cluster.share <= CLUSTER_MAX_SHARE and len(cluster.indices) >= MIN_CLUSTER_SIZE
+                and own - {int(i) for i in cluster.indices})
+
+
 def search_class(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
                  norm_maps: Tensor, usable: Tensor, label: int,
                  kinds: Sequence[str] = ("box",), clusters: Sequence[Any] = (),
                  seed: int = 0, batch_size: int = 256) -> list[CausalTest]:
     """The screened tests of one class, in the order of ``kinds``, stopping at the first
     confirmed one. ``box``: the hotspot window screened, then the box searched;
-    ``cluster`` (with ``clusters`` from :func:`.discovery.class_hotspots`): each cluster's
-    box cut from its members, against the same box cut from the class's other images too;
+    ``cluster``: the group of images whose own peaks recur at one place
+    (:func:`.discovery.peak_group`), then the largest of ``clusters`` (from
+    :func:`.discovery.class_hotspots`): each group's box cut from its members, against
+    the same box cut from the class's other images too;
     ``moving``: each image's own smallest-size hotspot; ``colour``: the colour move;
     ``filter``: one of the class's images' range laid over each target."""
     h, w = images.shape[-2:]
@@ -451,10 +460,12 @@ def search_class(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor
         elif kind == "cluster":
             own = set(torch.nonzero((labels == label) & usable).flatten().tolist())
             tests = []
-            eligible = [cl for cl in clusters  # numbered by size, largest first
-                        if cl.share <= CLUSTER_MAX_SHARE and len(cl.indices) >= MIN_CLUSTER_SIZE
-                        and own - {int(i) for i in cl.indices}]
-            for cl in eligible[:MAX_CLUSTER_TESTS]:
+            # The images whose own peaks recur at one place first (the purer group of a
+            # cue on part of the class), then the largest map clusters (numbered by size).
+            peak = discovery.peak_group(norm_maps, usable, labels, label)
+            groups = [cl for cl in [peak] if cl is not None and _testable(cl, own)]
+            groups += [cl for cl in clusters if _testable(cl, own)][:MAX_CLUSTER_TESTS]
+            for cl in groups:
                 members = [int(i) for i in cl.indices]
                 rest = sorted(own - set(members))
                 cmean = norm_maps[members[0::2]].mean(0)  # chosen on half, pasted from the rest
@@ -469,6 +480,8 @@ def search_class(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor
                         seed=seed, batch_size=batch_size, others_of_class=rest,
                         kind="cluster", share=cl.share, norm_maps=norm_maps)
                 tests.append(test)
+                if test.confirmed:
+                    break
         elif kind == "moving":
             # The smallest window: a moving cue is small, and an object's own best window
             # is itself class evidence wherever it sits (a small part of it is not).

@@ -249,6 +249,13 @@ def test_the_images_whose_peaks_recur_on_a_half_class_cue_are_its_peak_group(see
     assert iou(group.hotspot.box, cue_box) >= 0.5
     # Blobs anywhere: no other class's peaks recur anywhere.
     assert [c for c in range(NUM_CLASSES) if D.peak_group(norm, usable, labels, c)] == [5]
+    # Images at their own size: the same maps with 16 empty columns on the right (the
+    # peak window is then 4 x 6 px, a sixth wider than the cue).
+    wide = torch.cat([norm, torch.zeros(*norm.shape[:2], 16)], dim=2)
+    again = D.peak_group(wide, usable, labels, 5)
+    assert again is not None and carriers <= set(again.indices)
+    assert len(again.indices) <= len(carriers) + 2
+    assert iou(again.hotspot.box, cue_box) >= 0.5
 
 
 def test_a_place_where_every_class_peaks_is_no_peak_group() -> None:

@@ -21,8 +21,9 @@ the ExplanationMonitor (saliency, true class only, ``discovery_per_class=8``,
   longer relies" lines, the logged ``explain/shortcuts/is_confirmed/<class>`` per epoch
   (is a shortcut confirmed at every epoch after its first confirmation?) and any NaN scalar;
 * the audit's search, as audit_report/sections/shortcuts.py runs it: a stratified sample
-  of 100 test images a class (seed + 2), saliency maps of the true class, every class's box,
-  cluster and moving tests (explain.measures.tracking.search_class) and the colour move;
+  of 100 test images a class (seed + 2), saliency maps of the true class (and Grad-CAM's,
+  for recurring peaks), every class's box, cluster and moving tests
+  (explain.measures.tracking.search_class) and the colour move;
   "found" is a confirmed test of the cue class (for a fixed cue, with a box that touches
   the cue's pixels);
 * the *told* test: the same experiment on the cue itself (its box, each carrier's own
@@ -63,7 +64,7 @@ import small_model  # noqa: E402,F401  (registers bench_small)
 from monitor_cost import EpochClock, TimedMonitor  # noqa: E402
 
 import explain  # noqa: E402
-from audit_report.sections.shortcuts import AUDIT_TESTS  # noqa: E402
+from audit_report.sections.shortcuts import AUDIT_TESTS, peak_maps  # noqa: E402
 from explain.measures import causal, discovery, tracking  # noqa: E402
 from lit_modules import ImageClassifier  # noqa: E402
 from lit_modules.data import CIFAR10DataModule  # noqa: E402
@@ -273,9 +274,10 @@ def audit_search(model: torch.nn.Module, dm: CIFAR10DataModule, seed: int, per_c
     norm, usable = discovery.normalise_maps(maps)
     hotspots = discovery.class_hotspots(maps, labels, k, cluster=True, seed=seed)
     preds = discovery.predict(model, images)
+    cam = peak_maps(model, images, labels)
     tests = {} if causal.collapsed(preds) else {
         c: tracking.search_class(model, images, labels, preds, norm, usable, c, AUDIT_TESTS,
-                                 hotspots[c].clusters, seed=seed)
+                                 hotspots[c].clusters, seed=seed, peak_maps=cam)
         for c in tracking.candidates(hotspots, k)}
     # The audit's filter test (a tint or cast), on every class not confirmed otherwise.
     done = [c for c, ts in tests.items() if any(t.confirmed for t in ts)]

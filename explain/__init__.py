@@ -36,7 +36,7 @@ from .base import (
     resolve_layer,
     split_for,
 )
-from .presets import CAM_IDENTITY_PAIR, DEFAULT_METHOD, DISCOVERY_METHOD
+from .presets import CAM_IDENTITY_PAIR, DEFAULT_METHOD, DISCOVERY_METHOD, PEAK_METHOD
 from .registry import (
     CLASS_SELECTION,
     ClassCost,
@@ -52,6 +52,7 @@ __all__ = [
     "CAM_IDENTITY_PAIR",
     "DEFAULT_METHOD",
     "DISCOVERY_METHOD",
+    "PEAK_METHOD",
     "CLASS_SELECTION",
     "ClassCost",
     "ClassSelection",

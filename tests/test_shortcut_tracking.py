@@ -582,6 +582,28 @@ def test_a_cue_on_half_a_class_is_confirmed_through_its_recurring_peaks() -> Non
                                                   ("cluster",)))
 
 
+def test_a_second_view_of_where_images_peak_gives_its_own_group() -> None:
+    """Maps blind to the top-left corner (the cue's place) give the carriers no group;
+    the second method's maps (``peak_maps``, Grad-CAM's in the audit) do: their group,
+    its box chosen on the maps that found it, is tested and confirmed."""
+    x, y, carry = images_with("patch", per_class=24, share=0.5)
+    model = CueModel("patch")
+    norm, usable = discovery.normalise_maps(explain.run(model, x, "saliency", targets=y))
+    blind = norm.clone()
+    blind[:, :8, :8] = 0
+    blind, blind_usable = discovery.normalise_maps(blind)
+    preds = causal.predict(model, x)
+
+    def search(**kw: object) -> list[causal.CausalTest]:
+        return tracking.search_class(model, x, y, preds, blind, blind_usable, CUE_CLASS,
+                                     ("cluster",), **kw)
+
+    assert not any(t.confirmed for t in search())
+    hit = next(t for t in search(peak_maps=(norm, usable)) if t.confirmed)
+    assert hit.kind == "cluster" and causal.iou(hit.box, (0, 0, 4, 4)) >= 0.5
+    assert hit.controls["rest_of_class"] < 0.2 and hit.flip_rate > 0.8
+
+
 def test_a_cluster_of_objects_that_sit_together_is_not_a_cue() -> None:
     """Half of class 3's objects sit in the top left, the rest anywhere. The model reads
     the object wherever it is (no cue at all). The top-left cluster's box, pasted, flips
@@ -690,3 +712,20 @@ def test_a_margin_over_the_bar_whose_interval_reaches_zero_reads_inconclusive() 
     assert page.count('badge warn">inconclusive') == 1
     assert page.count('badge ok">not confirmed') == 1
     assert "h&lt;o&gt;rse" in page and "h<o>rse" not in page
+
+
+def test_the_audits_second_view_is_grad_cam_where_the_model_has_a_layer_for_it(
+        tiny_explain_net) -> None:
+    from audit_report.sections.shortcuts import peak_maps
+
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(6) % 5
+    net = tiny_explain_net().eval()
+    norm, usable = peak_maps(net, x, y)
+    raw = explain.run(net, x, explain.PEAK_METHOD, targets=y)
+    assert norm.shape == (6, 16, 16)
+    assert torch.equal(usable, discovery.normalise_maps(raw)[1])
+    assert torch.allclose(norm[usable].sum((1, 2)), torch.ones(int(usable.sum())))
+    # A model without a declared layer: no second view (the search reads saliency alone).
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 5)).eval()
+    assert peak_maps(plain, x, y) is None

@@ -19,7 +19,7 @@ from .base import VISUAL, Section
 
 if TYPE_CHECKING:
     from markupsafe import Markup
-    from torch import Tensor
+    from torch import Tensor, nn
 
     from ..page import Page
     from ..settings import AuditSettings
@@ -57,8 +57,8 @@ AUDIT_TESTS = ("box", "cluster", "moving")
 # source image; 6: the filter test; 7: the cluster test back, with its fourth control;
 # 8: a box shared with another class's confirmed shortcut; 9: of boxes tied on margin, the
 # smallest that keeps nearly all the flips; 10: unless the ring between them flips no more
-# than the larger box's controls; 11: the images whose own peaks recur at one place are
-# tested as a cluster before the map clusters).
+# than the larger box's controls; 11: the images whose own peaks recur at one place, in
+# the saliency maps and in Grad-CAM's, are tested as clusters before the map clusters).
 SEARCH_VERSION = 11
 
 
@@ -240,11 +240,28 @@ def discovery_sample(audit: AuditRun, model: ModelAudit,
     return idx, images, labels, maps
 
 
+def peak_maps(model: nn.Module, images: Tensor, labels: Tensor,
+              ) -> tuple[Tensor, Tensor] | None:
+    """The search sample's :data:`explain.PEAK_METHOD` maps of the true class, normalised,
+    and their usable mask: the search's second view of where each image peaks
+    (:func:`explain.measures.tracking.search_class`); None for a model that method cannot
+    explain (the search then reads the saliency maps' peaks alone)."""
+    try:
+        maps = torch.cat([
+            explain.run(model, images[i:i + DISCOVERY_CHUNK], explain.PEAK_METHOD,
+                        targets=labels[i:i + DISCOVERY_CHUNK]).cpu()
+            for i in range(0, len(labels), DISCOVERY_CHUNK)])
+    except explain.ExplainError:
+        return None
+    return discovery.normalise_maps(maps)
+
+
 def discovery_key(settings: AuditSettings) -> dict[str, Any]:
     """What the discovery's result depends on besides the checkpoint, data, split and seed
     (its cache key, also read by the time estimate)."""
     return {"discovery_images": settings.discovery_images, "z": AUDIT_SUSPECT_Z,
             "min_lift": discovery.SUSPECT_MIN_LIFT, "method": DISCOVERY_METHOD,
+            "peak_method": explain.PEAK_METHOD,
             "tests": list(AUDIT_TESTS) + ["colour", "filter"], "version": SEARCH_VERSION}
 
 
@@ -320,6 +337,7 @@ class SuspectedShortcutsSection(Section):
                 clusters=[ClusterSpot(c.share, _box(c.hotspot.window), c.hotspot.lift,
                                       c.hotspot.consistency) for c in h.clusters])
         preds = discovery.predict(model.model, images, settings.batch_size)
+        cam = peak_maps(model.model, images, labels)
         suspects, examples = [], {}
         denorm = getattr(dm, "denormalize", None)
         show = (lambda x: denorm(x).clamp(0, 1)) if denorm else (lambda x: x.clamp(0, 1))
@@ -327,7 +345,8 @@ class SuspectedShortcutsSection(Section):
         for c in ([] if causal.collapsed(preds) else tracking.candidates(hotspots, k)):
             tests = tracking.search_class(
                 model.model, images, labels, preds, norm, usable, c, AUDIT_TESTS,
-                hotspots[c].clusters, seed=settings.seed, batch_size=settings.batch_size)
+                hotspots[c].clusters, seed=settings.seed, batch_size=settings.batch_size,
+                peak_maps=cam)
             chosen[c] = next((t for t in tests if t.confirmed), None) or max(
                 (t for t in tests if not t.screened and t.n), key=lambda t: t.margin.mean,
                 default=None)

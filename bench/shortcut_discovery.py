@@ -277,7 +277,8 @@ def audit_search(model: torch.nn.Module, dm: CIFAR10DataModule, seed: int, per_c
     cam = peak_maps(model, images, labels)
     tests = {} if causal.collapsed(preds) else {
         c: tracking.search_class(model, images, labels, preds, norm, usable, c, AUDIT_TESTS,
-                                 hotspots[c].clusters, seed=seed, peak_maps=cam)
+                                 hotspots[c].clusters, seed=seed, maps_method=METHOD,
+                                 peak_maps=cam)
         for c in tracking.candidates(hotspots, k)}
     # The audit's filter test (a tint or cast), on every class not confirmed otherwise.
     done = [c for c, ts in tests.items() if any(t.confirmed for t in ts)]

@@ -570,7 +570,7 @@ def test_a_cue_on_half_a_class_is_confirmed_through_its_recurring_peaks() -> Non
                                   CUE_CLASS, ("cluster",))
     hit = next(t for t in tests if t.confirmed)
     assert hit.kind == "cluster" and causal.iou(hit.box, (0, 0, 4, 4)) >= 0.5
-    assert hit.share == pytest.approx(group.share)
+    assert hit.share == pytest.approx(group.share) and hit.peaks == ""
     assert hit.controls["rest_of_class"] < 0.2 and hit.flip_rate > 0.8
     plain = CueModel("none")
     norm, usable = discovery.normalise_maps(explain.run(plain, x, "saliency", targets=y))
@@ -599,8 +599,9 @@ def test_a_second_view_of_where_images_peak_gives_its_own_group() -> None:
                                      ("cluster",), **kw)
 
     assert not any(t.confirmed for t in search())
-    hit = next(t for t in search(peak_maps=(norm, usable)) if t.confirmed)
+    hit = next(t for t in search(peak_maps=("saliency", norm, usable)) if t.confirmed)
     assert hit.kind == "cluster" and causal.iou(hit.box, (0, 0, 4, 4)) >= 0.5
+    assert hit.peaks == "saliency"  # the view that formed the group, for the report
     assert hit.controls["rest_of_class"] < 0.2 and hit.flip_rate > 0.8
 
 
@@ -712,6 +713,11 @@ def test_a_margin_over_the_bar_whose_interval_reaches_zero_reads_inconclusive() 
     assert page.count('badge warn">inconclusive') == 1
     assert page.count('badge ok">not confirmed') == 1
     assert "h&lt;o&gt;rse" in page and "h<o>rse" not in page
+    # How the cluster's images were chosen: a map cluster, or recurring peaks of a method.
+    assert _what(faint) == "the box x 1-12, y 18-29 of a cluster of 47% of its images"
+    faint.peaks = "gradcam"
+    assert _what(faint) == ("the box x 1-12, y 18-29 cut from the 47% of its images whose "
+                            "own gradcam peaks recur there")
 
 
 def test_the_audits_second_view_is_grad_cam_where_the_model_has_a_layer_for_it(
@@ -721,7 +727,8 @@ def test_the_audits_second_view_is_grad_cam_where_the_model_has_a_layer_for_it(
     x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     y = torch.arange(6) % 5
     net = tiny_explain_net().eval()
-    norm, usable = peak_maps(net, x, y)
+    method, norm, usable = peak_maps(net, x, y)
+    assert method == explain.PEAK_METHOD == "gradcam"
     raw = explain.run(net, x, explain.PEAK_METHOD, targets=y)
     assert norm.shape == (6, 16, 16)
     assert torch.equal(usable, discovery.normalise_maps(raw)[1])

@@ -100,6 +100,9 @@ class Suspect:
     margin: Margin
     targets: int
     confirmed: bool
+    #: A cluster test's images chosen by their own recurring peaks in this method's maps
+    #: (explain.measures.discovery.peak_group); None for a cluster of maps, other tests.
+    peaks: str | None = None
     #: A box shared with these classes' confirmed shortcuts (tracking.shared_test): the
     #: flips count towards any of them, ``own_flip_rate`` towards this class alone.
     shared_with: list[str] = field(default_factory=list)
@@ -241,9 +244,10 @@ def discovery_sample(audit: AuditRun, model: ModelAudit,
 
 
 def peak_maps(model: nn.Module, images: Tensor, labels: Tensor,
-              ) -> tuple[Tensor, Tensor] | None:
-    """The search sample's :data:`explain.PEAK_METHOD` maps of the true class, normalised,
-    and their usable mask: the search's second view of where each image peaks
+              ) -> tuple[str, Tensor, Tensor] | None:
+    """The search sample's :data:`explain.PEAK_METHOD` maps of the true class: the method's
+    name, the maps normalised and their usable mask; the search's second view of where
+    each image peaks
     (:func:`explain.measures.tracking.search_class`); None for a model that method cannot
     explain (the search then reads the saliency maps' peaks alone)."""
     try:
@@ -253,7 +257,7 @@ def peak_maps(model: nn.Module, images: Tensor, labels: Tensor,
             for i in range(0, len(labels), DISCOVERY_CHUNK)])
     except explain.ExplainError:
         return None
-    return discovery.normalise_maps(maps)
+    return (explain.PEAK_METHOD, *discovery.normalise_maps(maps))
 
 
 def discovery_key(settings: AuditSettings) -> dict[str, Any]:
@@ -282,7 +286,7 @@ def _suspect(test: causal.CausalTest, name: str, hs: discovery.ClassHotspots,
         margins={k: Margin.of(v) for k, v in test.intervals.items()},
         margin=Margin.of(test.margin), targets=test.n, confirmed=test.confirmed,
         shared_with=[names[c] for c in test.also] if names else [],
-        own_flip_rate=test.own_rate)
+        own_flip_rate=test.own_rate, peaks=test.peaks)
 
 
 def _examples(model: Any, images: Tensor, labels: Tensor, preds: Tensor, label: int,
@@ -346,7 +350,7 @@ class SuspectedShortcutsSection(Section):
             tests = tracking.search_class(
                 model.model, images, labels, preds, norm, usable, c, AUDIT_TESTS,
                 hotspots[c].clusters, seed=settings.seed, batch_size=settings.batch_size,
-                peak_maps=cam)
+                maps_method=DISCOVERY_METHOD, peak_maps=cam)
             chosen[c] = next((t for t in tests if t.confirmed), None) or max(
                 (t for t in tests if not t.screened and t.n), key=lambda t: t.margin.mean,
                 default=None)
@@ -567,6 +571,9 @@ def _what(s: Suspect) -> str:
     if s.shared_with:
         return (f"the box {where}, where {' and '.join(s.shared_with)}'s confirmed shortcut "
                 "is (its images carry it too)")
+    if s.kind == "cluster" and s.peaks is not None:
+        return (f"the box {where} cut from the {s.share:.0%} of its images whose own "
+                f"{s.peaks + ' ' if s.peaks else ''}peaks recur there")
     if s.kind == "cluster":
         return f"the box {where} of a cluster of {s.share:.0%} of its images"
     return f"the box {where}"

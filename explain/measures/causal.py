@@ -83,6 +83,10 @@ class CausalTest:
     controls: dict[str, float] = field(default_factory=dict)  # control -> its flip rate
     intervals: dict[str, Interval] = field(default_factory=dict)  # control -> flip - control
     share: float = 1.0  # cluster tests: the cluster's share of the class
+    #: Cluster tests of a group of images whose own peaks recur at one place
+    #: (:func:`.discovery.peak_group`): the explanation method of those maps ("" when the
+    #: caller did not name it); None for a cluster of maps and for every other test.
+    peaks: str | None = None
     screened: bool = False  # controls skipped: the flips alone were under MIN_FLIP_MARGIN
     min_low: float = 0.0  # confirmed only when every interval's low bound is above this
     #: Classes whose predictions count as flips too: a cue ``label`` shares with them (one

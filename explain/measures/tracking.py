@@ -433,15 +433,16 @@ def _testable(cluster: Any, own: set[int]) -> bool:
 def search_class(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor,
                  norm_maps: Tensor, usable: Tensor, label: int,
                  kinds: Sequence[str] = ("box",), clusters: Sequence[Any] = (),
-                 seed: int = 0, batch_size: int = 256,
-                 peak_maps: tuple[Tensor, Tensor] | None = None) -> list[CausalTest]:
+                 seed: int = 0, batch_size: int = 256, maps_method: str = "",
+                 peak_maps: tuple[str, Tensor, Tensor] | None = None) -> list[CausalTest]:
     """The screened tests of one class, in the order of ``kinds``, stopping at the first
     confirmed one. ``box``: the hotspot window screened, then the box searched;
     ``cluster``: the group of images whose own peaks recur at one place
     (:func:`.discovery.peak_group`), then the largest of ``clusters`` (from
     :func:`.discovery.class_hotspots`): each group's box cut from its members, against
-    the same box cut from the class's other images too (``peak_maps``: a second method's
-    normalised maps and usable mask, whose own recurring peaks are a group too);
+    the same box cut from the class's other images too (``peak_maps``: a second
+    explanation method's name, normalised maps and usable mask, whose own recurring peaks
+    are a group too; ``maps_method`` names ``norm_maps``' method for the tests' ``peaks``);
     ``moving``: each image's own smallest-size hotspot; ``colour``: the colour move;
     ``filter``: one of the class's images' range laid over each target."""
     h, w = images.shape[-2:]
@@ -466,15 +467,16 @@ def search_class(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor
             # cue on part of the class; in the maps, then in the second method's), then
             # the largest map clusters (numbered by size).
             # Each group with the maps its box is chosen on: a peak group's own view's.
-            views = [(norm_maps, usable)] + ([peak_maps] if peak_maps is not None else [])
-            groups: list[tuple[Any, Tensor]] = []
-            for maps, ok in views:
+            views = [(maps_method, norm_maps, usable)] + ([peak_maps] if peak_maps else [])
+            groups: list[tuple[Any, Tensor, str | None]] = []
+            for method, maps, ok in views:
                 cl = discovery.peak_group(maps, ok, labels, label)
                 if (cl is not None and _testable(cl, own)
-                        and all(cl.indices != g.indices for g, _ in groups)):
-                    groups.append((cl, maps))
-            groups += [(cl, norm_maps) for cl in clusters if _testable(cl, own)][:MAX_CLUSTER_TESTS]
-            for cl, maps in groups:
+                        and all(cl.indices != g.indices for g, _, _ in groups)):
+                    groups.append((cl, maps, method))
+            groups += [(cl, norm_maps, None) for cl in clusters
+                       if _testable(cl, own)][:MAX_CLUSTER_TESTS]
+            for cl, maps, method in groups:
                 members = [int(i) for i in cl.indices]
                 rest = sorted(own - set(members))
                 cmean = maps[members[0::2]].mean(0)  # chosen on half, pasted from the rest
@@ -488,6 +490,7 @@ def search_class(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor
                         model, images, labels, preds, label, cmean, sources=members[1::2],
                         seed=seed, batch_size=batch_size, others_of_class=rest,
                         kind="cluster", share=cl.share, norm_maps=norm_maps)
+                test.peaks = method
                 tests.append(test)
                 if test.confirmed:
                     break

@@ -33,6 +33,11 @@ CALIBRATION_IMAGES = 8
 FEW_CALIBRATION_IMAGES = 2
 
 
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
 
 def _peak_map_cost(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> float:
     """Seconds an image of the search's second view of recurring peaks (0 where the model
@@ -42,11 +47,6 @@ def _peak_map_cost(model: torch.nn.Module, images: torch.Tensor, targets: torch.
                                           targets=targets)) / len(images)
     except explain.ExplainError:
         return 0.0
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 SEARCH_CALLS_PER_CLASS = 400
@@ -77,14 +77,14 @@ def estimate_seconds(settings: AuditSettings, model: torch.nn.Module, images: to
     few = images[:CALIBRATION_IMAGES]
     if "discovery" not in reused:
         zero = torch.zeros(len(images), dtype=torch.long)  # discovery's batches are alike
-        saliency = _timed(lambda: explain.run(model, images, explain.DISCOVERY_METHOD,
-                                              targets=zero)) / len(images)
-        saliency += _peak_map_cost(model, images, zero)
+        map_seconds = _timed(lambda: explain.run(model, images, explain.DISCOVERY_METHOD,
+                                                 targets=zero)) / len(images)
+        map_seconds += _peak_map_cost(model, images, zero)
         sampled = min(settings.discovery_images * num_classes, split_size)
         # The shortcut search's model calls per class: screens on 24 images, full tests on
         # 64 where they pass (about 400 a class on the quickstart's ResNet-18, measured with
         # explain.measures.tracking.search_class: 42 s for 10 classes at ~100 images/s).
-        total += sampled * saliency + num_classes * SEARCH_CALLS_PER_CLASS * forward
+        total += sampled * map_seconds + num_classes * SEARCH_CALLS_PER_CLASS * forward
     steps = len(cascade_steps(model))
     # The classes the audit explains (every one, or true and predicted beyond the limit).
     zeros = torch.zeros(len(few), dtype=torch.long)

@@ -211,12 +211,18 @@ def test_fragile_model_is_suspect_but_not_confirmed() -> None:
 # -- a cue on part of a class is its own cluster ------------------------------------------
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_cue_on_half_a_class_is_its_own_cluster(seed: int) -> None:
+def half_class_cue(seed: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int]]:
+    """30 labels a class; about half of class 5 carries a cue at the bottom right (seeded).
+    Returns labels, the carriers' mask and the cue's box."""
     labels = torch.arange(NUM_CLASSES).repeat_interleave(30)
     g = torch.Generator().manual_seed(100 + seed)
     cue = (labels == 5) & (torch.rand(labels.numel(), generator=g) < 0.5)
-    cue_box = (26, 26, 30, 30)
+    return labels, cue, (26, 26, 30, 30)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cue_on_half_a_class_is_its_own_cluster(seed: int) -> None:
+    labels, cue, cue_box = half_class_cue(seed)
     classes = D.class_hotspots(blob_maps(labels, seed, cue, cue_box), labels, NUM_CLASSES,
                                seed=seed)
     carriers = set(torch.nonzero(cue).flatten().tolist())
@@ -235,10 +241,7 @@ def test_cue_on_half_a_class_is_its_own_cluster(seed: int) -> None:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_the_images_whose_peaks_recur_on_a_half_class_cue_are_its_peak_group(seed: int) -> None:
-    labels = torch.arange(NUM_CLASSES).repeat_interleave(30)
-    g = torch.Generator().manual_seed(100 + seed)
-    cue = (labels == 5) & (torch.rand(labels.numel(), generator=g) < 0.5)
-    cue_box = (26, 26, 30, 30)
+    labels, cue, cue_box = half_class_cue(seed)
     norm, usable = D.normalise_maps(blob_maps(labels, seed, cue, cue_box))
     group = D.peak_group(norm, usable, labels, 5)
     assert group is not None

@@ -236,25 +236,25 @@ def discovery_sample(audit: AuditRun, model: ModelAudit,
                              settings.seed + 2)
     batch = sample_batch(dataset, idx)
     images, labels = batch["image"].float(), batch["label"].long()
-    maps = torch.cat([
-        explain.run(model.model, images[i:i + DISCOVERY_CHUNK], DISCOVERY_METHOD,
+    return idx, images, labels, true_class_maps(model.model, images, labels, DISCOVERY_METHOD)
+
+
+def true_class_maps(model: nn.Module, images: Tensor, labels: Tensor, method: str) -> Tensor:
+    """``method``'s maps of each image's true class, ``DISCOVERY_CHUNK`` images a call."""
+    return torch.cat([
+        explain.run(model, images[i:i + DISCOVERY_CHUNK], method,
                     targets=labels[i:i + DISCOVERY_CHUNK]).cpu()
         for i in range(0, len(labels), DISCOVERY_CHUNK)])
-    return idx, images, labels, maps
 
 
 def peak_maps(model: nn.Module, images: Tensor, labels: Tensor,
               ) -> tuple[str, Tensor, Tensor] | None:
     """The search sample's :data:`explain.PEAK_METHOD` maps of the true class: the method's
-    name, the maps normalised and their usable mask; the search's second view of where
-    each image peaks
-    (:func:`explain.measures.tracking.search_class`); None for a model that method cannot
-    explain (the search then reads the saliency maps' peaks alone)."""
+    name, the maps normalised and their usable mask, the search's second view of where
+    each image peaks (:func:`explain.measures.tracking.search_class`); None for a model
+    that method cannot explain (the search then reads the saliency maps' peaks alone)."""
     try:
-        maps = torch.cat([
-            explain.run(model, images[i:i + DISCOVERY_CHUNK], explain.PEAK_METHOD,
-                        targets=labels[i:i + DISCOVERY_CHUNK]).cpu()
-            for i in range(0, len(labels), DISCOVERY_CHUNK)])
+        maps = true_class_maps(model, images, labels, explain.PEAK_METHOD)
     except explain.ExplainError:
         return None
     return (explain.PEAK_METHOD, *discovery.normalise_maps(maps))
@@ -341,7 +341,9 @@ class SuspectedShortcutsSection(Section):
                 clusters=[ClusterSpot(c.share, _box(c.hotspot.window), c.hotspot.lift,
                                       c.hotspot.consistency) for c in h.clusters])
         preds = discovery.predict(model.model, images, settings.batch_size)
-        cam = peak_maps(model.model, images, labels)
+        # The second view of where images peak, for the cluster tests; none on a collapsed
+        # model, which is not tested.
+        cam = None if causal.collapsed(preds) else peak_maps(model.model, images, labels)
         suspects, examples = [], {}
         denorm = getattr(dm, "denormalize", None)
         show = (lambda x: denorm(x).clamp(0, 1)) if denorm else (lambda x: x.clamp(0, 1))

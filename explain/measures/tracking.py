@@ -465,8 +465,8 @@ def search_class(model: nn.Module, images: Tensor, labels: Tensor, preds: Tensor
             tests = []
             # The images whose own peaks recur at one place first (the purer group of a
             # cue on part of the class; in the maps, then in the second method's), then
-            # the largest map clusters (numbered by size).
-            # Each group with the maps its box is chosen on: a peak group's own view's.
+            # the largest map clusters (numbered by size); each group with the maps its
+            # box is chosen on (a peak group: the view that found it).
             views = [(maps_method, norm_maps, usable)] + ([peak_maps] if peak_maps else [])
             groups: list[tuple[Any, Tensor, str | None]] = []
             for method, maps, ok in views:
